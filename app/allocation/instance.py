@@ -1,0 +1,123 @@
+"""The numeric form of a scenario that the algorithms work on.
+
+A Scenario is what people write; an Instance is the same swarm as arrays indexed by server
+and client position, with every derived constant of the paper computed once:
+L, s_m, s_c, M_j, tau_j, tau^I_j(l_in), t_cj (per-token hop cost) and t^I_cj (prefill hop cost).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+from numpy.typing import NDArray
+
+from app.allocation.scenario import Scenario
+
+FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+
+# Floating-point slack when turning memory into whole blocks or cache slots, so that a server
+# sized exactly for k slots is not rounded down to k-1 by representation error.
+MEMORY_EPSILON = 1e-9
+
+
+class Span(NamedTuple):
+    """Blocks [start, end) hosted by one server (0-based, half-open as in PETALS)."""
+
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    def hosts(self, block: int) -> bool:
+        return self.start <= block < self.end
+
+
+# One entry per server, in scenario order; None: the server hosts nothing.
+Placement = tuple[Span | None, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Instance:
+    num_blocks: int
+    block_gb: float
+    cache_gb: float
+    memory_gb: FloatArray
+    decode_ms: FloatArray
+    prefill_fixed_ms: FloatArray
+    prefill_per_token_ms: FloatArray
+    rtt_ms: FloatArray  # [client, server]
+    per_token_overhead_ms: float
+    prefill_fixed_overhead_ms: float
+    prefill_per_token_overhead_ms: float
+    per_request_ms: float
+    input_tokens: int
+    output_tokens: int
+    client_shares: FloatArray  # normalised to sum 1
+    server_ids: tuple[str, ...]
+    client_ids: tuple[str, ...]
+
+    @classmethod
+    def from_scenario(cls, scenario: Scenario) -> Instance:
+        shares = np.array([c.share for c in scenario.clients], dtype=float)
+        return cls(
+            num_blocks=scenario.model.num_blocks,
+            block_gb=scenario.model.block_memory_gb,
+            cache_gb=scenario.cache_gb_per_block,
+            memory_gb=np.array([s.memory_gb for s in scenario.servers], dtype=float),
+            decode_ms=np.array([s.decode_ms_per_block for s in scenario.servers], dtype=float),
+            prefill_fixed_ms=np.array(
+                [s.prefill_ms_per_block.fixed for s in scenario.servers], dtype=float
+            ),
+            prefill_per_token_ms=np.array(
+                [s.prefill_ms_per_block.per_token for s in scenario.servers], dtype=float
+            ),
+            rtt_ms=np.array(scenario.client_server_rtt(), dtype=float),
+            per_token_overhead_ms=scenario.overheads.per_token_ms,
+            prefill_fixed_overhead_ms=scenario.overheads.prefill_fixed_ms,
+            prefill_per_token_overhead_ms=scenario.overheads.prefill_per_token_ms,
+            per_request_ms=scenario.overheads.per_request_ms,
+            input_tokens=scenario.requests.max_input_tokens,
+            output_tokens=scenario.requests.max_output_tokens,
+            client_shares=shares / shares.sum(),
+            server_ids=tuple(s.id for s in scenario.servers),
+            client_ids=tuple(c.id for c in scenario.clients),
+        )
+
+    @property
+    def num_servers(self) -> int:
+        return len(self.server_ids)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_ids)
+
+    # --- the paper's per-hop constants ---------------------------------------------------
+
+    @property
+    def token_hop_ms(self) -> FloatArray:
+        """t_cj: network + system cost of one decode step at server j for client c."""
+        return self.rtt_ms + self.per_token_overhead_ms
+
+    def prefill_hop_ms(self, input_tokens: int | None = None) -> FloatArray:
+        """t^I_cj: network + system cost of the prefill step at server j for client c."""
+        tokens = self.input_tokens if input_tokens is None else input_tokens
+        return (
+            self.rtt_ms
+            + self.prefill_fixed_overhead_ms
+            + self.prefill_per_token_overhead_ms * tokens
+        )
+
+    def prefill_ms(self, input_tokens: int | None = None) -> FloatArray:
+        """tau^I_j(l): prefill time of one block at server j for a prompt of l tokens."""
+        tokens = self.input_tokens if input_tokens is None else input_tokens
+        return self.prefill_fixed_ms + self.prefill_per_token_ms * tokens
+
+    def cache_slots(self, server: int, span_length: int) -> int:
+        """Attention-cache slots (one request, one block each) left after the weights."""
+        free = self.memory_gb[server] - self.block_gb * span_length
+        return max(0, int(np.floor(free / self.cache_gb + MEMORY_EPSILON)))
