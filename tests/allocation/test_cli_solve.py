@@ -1,0 +1,75 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from app.cli import main
+from tests.scenarios import CLUSTERED, scenario_dict
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return int(exited.value.code or 0), captured.out, captured.err
+
+
+def test_solve_json_is_exactly_one_object(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["solve", str(CLUSTERED), "--json", "--concurrency", "10"], capsys)
+    assert code == 0
+    result = json.loads(out)
+    assert set(result) == {
+        "algorithm",
+        "concurrency",
+        "placement",
+        "objective_ms_per_token",
+        "bound_ms_per_token",
+        "optimal",
+        "solve_seconds",
+    }
+    assert result["algorithm"] == "cg" and result["concurrency"] == 10
+    assert result["optimal"] is None
+    # m = floor(86.13 / (1.3234 + 10 x 57344 x 148 / 1e9)) = 61 blocks on the first A100
+    assert result["placement"][0] == {"server": "a100-0", "start": 0, "end": 61}
+    assert result["objective_ms_per_token"] == pytest.approx(400 + 70 * 3.2197)
+    assert result["bound_ms_per_token"] >= result["objective_ms_per_token"] - 1e-9
+
+
+def test_solve_table(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["solve", str(CLUSTERED), "-R", "5"], capsys)
+    assert code == 0
+    assert "a100-0" in out and "mean per-token time 625.379 ms" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["solve", "missing.json"], "cannot read scenario file"),
+        (["solve", str(CLUSTERED), "--algorithm", "magic"], "unknown algorithm 'magic'"),
+        (["solve", str(CLUSTERED), "--concurrency", "0"], "--concurrency: must be at least 1"),
+        (["solve", str(CLUSTERED), "--concurrency", "x"], "--concurrency"),
+        (["solve", str(CLUSTERED), "--time-limit", "-1"], "--time-limit"),
+        (["solve", str(CLUSTERED), "-R", "5000"], "GB more GPU memory is missing"),
+        (["solve"], "Missing argument"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert message in err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+def test_invalid_scenario_names_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = scenario_dict()
+    data["servers"][1]["site"] = "nowhere"
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    code, _, err = run(["solve", str(path)], capsys)
+    assert code == 2 and "servers[1].site" in err
