@@ -14,7 +14,9 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -110,6 +112,12 @@ class TraceWorkload(_Strict):
     limit: Annotated[int, Field(ge=1)] | None = None
 
 
+def _workload_kind(value: Any) -> str:
+    # Pick the workload form by its keys so errors talk about the form the user meant.
+    keys = value.keys() if isinstance(value, dict) else vars(value)
+    return "trace" if "trace" in keys else "poisson"
+
+
 RttTable = dict[str, dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]]]
 
 
@@ -123,7 +131,13 @@ class Scenario(_Strict):
     servers: Annotated[list[ServerSpec], Field(min_length=1)]
     clients: Annotated[list[ClientSpec], Field(min_length=1)]
     overheads: Overheads = Overheads()
-    workload: PoissonWorkload | TraceWorkload | None = None
+    workload: (
+        Annotated[
+            Annotated[PoissonWorkload, Tag("poisson")] | Annotated[TraceWorkload, Tag("trace")],
+            Discriminator(_workload_kind),
+        ]
+        | None
+    ) = None
 
     @field_validator("sites")
     @classmethod
@@ -270,16 +284,22 @@ def _site_matrix(sites: list[str], table: list[list[float]] | RttTable) -> list[
 
 def format_validation_error(error: ValidationError) -> str:
     """One line per problem, each naming the field as a dotted path (servers[2].memory_gb)."""
+    items = error.errors()
+    # A union (site_rtt_ms: matrix or object) reports a type mismatch for the form the user did
+    # not write; drop it when the same field has a more specific complaint.
+    specific = {item["loc"][:1] for item in items if not item["type"].endswith("_type")}
+    items = [i for i in items if not (i["type"].endswith("_type") and i["loc"][:1] in specific)]
     lines = []
-    for item in error.errors():
+    for item in items:
         path = ""
-        for part in item["loc"]:
+        loc = item["loc"]
+        for position, part in enumerate(loc):
             if isinstance(part, int):
                 path += f"[{part}]"
-            elif part in {"list[...]", "dict[...]"} or str(part).startswith(
-                ("PoissonWorkload", "TraceWorkload", "list[", "dict[")
+            elif str(part).startswith(("list[", "dict[")) or (
+                position == 1 and loc[0] == "workload" and part in {"poisson", "trace"}
             ):
-                continue
+                continue  # union branch and discriminator tags are not fields
             else:
                 path += f".{part}" if path else str(part)
         message = item["msg"].removeprefix("Value error, ")
