@@ -32,6 +32,14 @@ request. The client relays every hop (the paper's fault-tolerant setting), so th
 hop is the client's RTT to that server. (PETALS itself uses server-to-server pings for middle
 hops when servers push to each other directly; the authors' code uses server-to-server RTTs
 too. The brief fixes the client-relay reading; see PetalsRouter.)
+
+Differences from the authors' MATLAB (Petals_online.m and helpers), where we follow PETALS:
+- they cap MIG slices at 4 blocks by hand; here the formula itself gives 4 on 9.1 GB;
+- they add the 10 s penalty when a server's whole-span session count is used up
+  (session_capacity - active == 0); PETALS compares free cache tokens with
+  2 x tokens x span length, i.e. free slots >= span length, which is what we do;
+- their middle hops use server-to-server RTTs (RTT_raw(i, j)); see above;
+- retries, bans and waiting belong to the simulator, not to this module.
 """
 
 from __future__ import annotations

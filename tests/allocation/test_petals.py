@@ -394,3 +394,9 @@ def test_cli_solve_petals_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert spans["a100-0"] == (0, 53) and spans["a100-1"] == (17, 70)
     assert sorted(end - start for start, end in spans.values()) == [4] * 7 + [53, 53]
     assert out["objective_ms_per_token"] > 0
+
+
+def test_router_rejects_a_placement_of_the_wrong_size() -> None:
+    scenario, instance, placement = _router_case()
+    with pytest.raises(ValueError, match="placement"):
+        petals.PetalsRouter(scenario, instance, placement[:2])
