@@ -1,0 +1,629 @@
+"""MILP-BPRR (paper eq. 13a-f) and the routing-only ILP (eq. 19a-e) on OR-Tools CP-SAT.
+
+Graph. One source node and one sink node per client and every server in between; a request of
+client c travels source -> servers -> sink on logical links (i, j). Server j hosts blocks
+[s_j, e_j) (0-based half-open; the paper's a_j = s_j + 1 and a_j + m_j = e_j + 1, m_j = e_j - s_j).
+
+Feasibility of a link used by a request (13e, 13f, Lemma 1), in project coordinates:
+    source -> j : s_j = 0              (the first server hosts block 0)
+    i -> j      : s_j <= e_i < e_j     (j hosts the block right after i's span and goes further)
+    i -> sink   : e_i = L              (the last server hosts block L - 1)
+and the request processes k = e_j - e_i blocks at j (e_source = 0). The paper linearises the
+products f a and f m with McCormick inequalities; here they are CP-SAT enforcement literals
+(``only_enforce_if``): "link used => k = e_j - e_i" replaces alpha - beta + gamma - delta, which
+is the same set of integer solutions with a smaller model.
+
+Two equivalent ways to carry the requests (``aggregate``):
+  * per request (the paper's literal model, default): one binary flow f^r_ij per request and
+    link, k^r_j tied to the incoming link; requests of the same client are ordered by the
+    index of their first server (symmetry breaking, valid since they are interchangeable).
+  * per client: one integer flow y^c_ij in 0..n_c per client and link with a use literal and
+    the product y (e_j - e_i) as a CP-SAT multiplication. Integer flows on this DAG (every
+    used link strictly increases e) decompose into n_c paths with the same cost and memory,
+    so the optimum is the same. It is smaller but its relaxation is weaker; bench/bench_milp.py
+    compares the two and the faster is the default.
+
+Memory (13b) is never rounded: the number of attention-cache slots left on server j for a span
+of m blocks is the exact integer instance.cache_slots(j, m), and the model looks it up with an
+element constraint over m in 0..L (m only where the weights fit). The only scaled quantities are
+the times in the objective (``TIME_SCALE`` integer units per millisecond); the reported objective
+is recomputed in floats by the performance model, and the reported bound subtracts the largest
+possible rounding error so that it never exceeds the true optimum.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ortools.sat.python import cp_model
+
+from app.allocation import cg
+from app.allocation.instance import MEMORY_EPSILON, Instance, Placement, Span
+from app.allocation.perf import hops_for_path
+from app.allocation.solve import PlannedRoute, Solution, mean_per_token_ms
+
+__all__ = [
+    "TIME_SCALE",
+    "MilpNoSolutionError",
+    "route_ilp",
+    "solve_milp",
+]
+
+# Objective units per millisecond: times t_cj and tau_j enter the objective as
+# round(x * TIME_SCALE). 10_000 (0.1 microsecond) makes the paper's profiled constants (four
+# decimals) and whole-millisecond RTTs exact; memory is never scaled (see module docstring).
+TIME_SCALE = 10_000
+
+SOURCE = -1  # the request's client as the origin of the first link
+SINK = -2  # the request's client as the destination of the last link
+
+Link = tuple[int, int]  # (from, to) with SOURCE / SINK / server indices
+
+
+class MilpNoSolutionError(RuntimeError):
+    """CP-SAT found no solution within the time limit (and did not prove infeasibility)."""
+
+
+# --- shared helpers -----------------------------------------------------------------------
+
+
+def _check_counts(instance: Instance, counts: Sequence[int]) -> None:
+    if len(counts) != instance.num_clients:
+        raise ValueError(
+            f"counts: {len(counts)} entries for {instance.num_clients} clients (one per client)"
+        )
+    for client, count in enumerate(counts):
+        if count < 0:
+            raise ValueError(f"counts[{client}]: {count} is negative")
+
+
+def _max_blocks(instance: Instance, server: int) -> int:
+    """The most blocks whose weights fit on ``server`` (the span may not exceed L)."""
+    fit = math.floor(float(instance.memory_gb[server]) / instance.block_gb + MEMORY_EPSILON)
+    return max(0, min(fit, instance.num_blocks))
+
+
+def _scaled(values: Sequence[float]) -> tuple[list[int], float]:
+    """Integer objective coefficients and the largest rounding error (in scaled units)."""
+    scaled = [round(float(v) * TIME_SCALE) for v in values]
+    error = max(
+        (abs(s - float(v) * TIME_SCALE) for s, v in zip(scaled, values, strict=True)), default=0.0
+    )
+    return scaled, error
+
+
+def _solver(time_limit_s: float, workers: int) -> cp_model.CpSolver:
+    if not time_limit_s > 0:
+        raise ValueError(f"time_limit_s: must be positive, got {time_limit_s}")
+    if workers < 1:
+        raise ValueError(f"workers: must be at least 1, got {workers}")
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = float(time_limit_s)
+    solver.parameters.num_workers = int(workers)
+    return solver
+
+
+def _decompose(flow: dict[Link, int], total: int) -> list[list[int]]:
+    """Split an integer source -> sink flow on a DAG into ``total`` server paths."""
+    remaining = {link: value for link, value in flow.items() if value > 0}
+    out: dict[int, list[int]] = {}
+    for a, b in remaining:
+        out.setdefault(a, []).append(b)
+    paths = []
+    for _ in range(total):
+        node, path = SOURCE, []
+        while node != SINK:
+            nxt = next((b for b in out.get(node, []) if remaining.get((node, b), 0) > 0), None)
+            if nxt is None:  # pragma: no cover - flow conservation makes this impossible
+                raise RuntimeError("solver returned a flow that does not reach the sink")
+            remaining[(node, nxt)] -= 1
+            if nxt != SINK:
+                path.append(nxt)
+            node = nxt
+            if len(path) > len(out) + 1:  # pragma: no cover - used links are acyclic
+                raise RuntimeError("solver returned a cyclic flow")
+        paths.append(path)
+    return paths
+
+
+def _planned(
+    instance: Instance, placement: Placement, paths_by_client: dict[int, list[list[int]]]
+) -> tuple[PlannedRoute, ...]:
+    routes = []
+    for client in sorted(paths_by_client):
+        tally = Counter(tuple(p) for p in paths_by_client[client])
+        for path, count in sorted(tally.items()):
+            hops = hops_for_path(placement, path, instance.num_blocks)
+            routes.append(PlannedRoute(client, count, hops))
+    return tuple(routes)
+
+
+def check_solution(
+    instance: Instance, placement: Placement, routes: Sequence[PlannedRoute]
+) -> None:
+    """Raise if the routes break Lemma 1 or a server's memory (never hand out garbage)."""
+    used = [0] * instance.num_servers
+    for route in routes:
+        path = [hop.server for hop in route.hops]
+        if tuple(route.hops) != hops_for_path(placement, path, instance.num_blocks):
+            raise RuntimeError(f"route {path}: hops disagree with the placement")
+        for hop in route.hops:
+            used[hop.server] += route.requests * hop.blocks
+    for server, span in enumerate(placement):
+        if span is None:
+            if used[server]:
+                raise RuntimeError(f"server {server}: carries requests but hosts nothing")
+            continue
+        if span.length > _max_blocks(instance, server):
+            raise RuntimeError(f"server {server}: {span.length} blocks do not fit")
+        if used[server] > instance.cache_slots(server, span.length):
+            raise RuntimeError(
+                f"server {server}: {used[server]} cache slots needed, "
+                f"{instance.cache_slots(server, span.length)} available"
+            )
+
+
+def _route_flows(routes: Sequence[PlannedRoute]) -> dict[int, list[tuple[list[int], int]]]:
+    """Client -> [(server path, requests)]."""
+    flows: dict[int, list[tuple[list[int], int]]] = {}
+    for route in routes:
+        flows.setdefault(route.client, []).append(
+            ([hop.server for hop in route.hops], route.requests)
+        )
+    return flows
+
+
+def _fits_memory(instance: Instance, placement: Placement, routes: Sequence[PlannedRoute]) -> bool:
+    try:
+        check_solution(instance, placement, routes)
+    except RuntimeError:
+        return False
+    return True
+
+
+# --- MILP-BPRR ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Commodity:
+    """One request (multiplicity 1) or all requests of one client (aggregated)."""
+
+    client: int
+    size: int
+    flow: dict[Link, cp_model.IntVar] = field(default_factory=dict)
+    used: dict[Link, cp_model.IntVar] = field(default_factory=dict)  # == flow when size 1
+    blocks_in: dict[Link, cp_model.IntVar] = field(default_factory=dict)  # d = e_j - e_i if used
+    work: dict[Link, cp_model.IntVar] = field(default_factory=dict)  # flow * d (aggregated)
+    blocks: dict[int, cp_model.IntVar] = field(default_factory=dict)  # k_j (per request)
+    enters: dict[int, cp_model.IntVar] = field(default_factory=dict)  # request visits j
+
+
+class _BprrModel:
+    def __init__(self, instance: Instance, counts: Sequence[int], aggregate: bool) -> None:
+        self.instance = instance
+        self.aggregate = aggregate
+        L = instance.num_blocks
+        n = instance.num_servers
+        self.model = cp_model.CpModel()
+        m = self.model
+        self.max_blocks = [_max_blocks(instance, j) for j in range(n)]
+        self.slot_table = [
+            [instance.cache_slots(j, k) for k in range(self.max_blocks[j] + 1)] for j in range(n)
+        ]
+        self.start = [m.new_int_var(0, L, f"s{j}") for j in range(n)]
+        self.length = [m.new_int_var(0, self.max_blocks[j], f"m{j}") for j in range(n)]
+        self.end = [m.new_int_var(0, L, f"e{j}") for j in range(n)]
+        self.slots = [m.new_int_var(0, max(self.slot_table[j]), f"slots{j}") for j in range(n)]
+        for j in range(n):
+            m.add(self.end[j] == self.start[j] + self.length[j])  # (13d): e_j <= L by domain
+            m.add_element(self.length[j], self.slot_table[j], self.slots[j])  # exact (13b)
+
+        self.links: list[Link] = [(SOURCE, j) for j in range(n)]
+        self.links += [(i, j) for i in range(n) for j in range(n) if i != j]
+        self.links += [(i, SINK) for i in range(n)]
+
+        self.commodities: list[_Commodity] = []
+        for client, count in enumerate(counts):
+            if count == 0:
+                continue
+            if aggregate:
+                self.commodities.append(_Commodity(client, count))
+            else:
+                self.commodities.extend(_Commodity(client, 1) for _ in range(count))
+        for q, commodity in enumerate(self.commodities):
+            self._add_commodity(q, commodity)
+
+        # (13b) memory in cache slots, exact integers.
+        for j in range(n):
+            m.add(sum(self._server_blocks(c, j) for c in self.commodities) <= self.slots[j])
+
+        if not aggregate:  # interchangeable requests: first servers in non-decreasing order
+            previous: tuple[int, cp_model.LinearExprT] | None = None
+            for commodity in self.commodities:
+                first = sum(j * commodity.flow[(SOURCE, j)] for j in range(n))
+                if previous is not None and previous[0] == commodity.client:
+                    m.add(previous[1] <= first)
+                previous = (commodity.client, first)
+
+        # (13a) per token (the paper's l_max factor is a constant and is left out).
+        self.hop_cost, hop_error = _scaled(instance.token_hop_ms.ravel().tolist())
+        self.block_cost, block_error = _scaled(instance.decode_ms.tolist())
+        terms: list[cp_model.LinearExprT] = []
+        for commodity in self.commodities:
+            row = commodity.client * n
+            for (_i, j), var in commodity.flow.items():
+                if j >= 0 and self.hop_cost[row + j]:
+                    terms.append(self.hop_cost[row + j] * var)
+            for j in range(n):
+                if self.block_cost[j]:
+                    terms.append(self.block_cost[j] * self._server_blocks(commodity, j))
+        m.minimize(sum(terms))
+        # Largest |scaled objective - TIME_SCALE x true objective| per request: at most
+        # min(n, L) hops and exactly L blocks.
+        self.error_per_request = min(n, L) * hop_error + L * block_error
+
+    def _add_commodity(self, q: int, c: _Commodity) -> None:
+        m = self.model
+        L = self.instance.num_blocks
+        n = self.instance.num_servers
+        for link in self.links:
+            i, j = link
+            if c.size == 1:
+                f = m.new_bool_var(f"f{q}_{i}_{j}")
+                c.flow[link] = f
+                c.used[link] = f
+            else:
+                y = m.new_int_var(0, c.size, f"y{q}_{i}_{j}")
+                u = m.new_bool_var(f"u{q}_{i}_{j}")
+                m.add(y <= c.size * u)
+                m.add(y >= u)
+                c.flow[link] = y
+                c.used[link] = u
+            use = c.used[link]
+            # (13e), (13f): Lemma 1 on every used link.
+            if i == SOURCE:
+                m.add(self.start[j] == 0).only_enforce_if(use)
+            elif j == SINK:
+                m.add(self.end[i] == L).only_enforce_if(use)
+            else:
+                m.add(self.start[j] <= self.end[i]).only_enforce_if(use)
+                m.add(self.end[i] + 1 <= self.end[j]).only_enforce_if(use)
+            if c.size > 1 and j != SINK:
+                d = m.new_int_var(0, L, f"d{q}_{i}_{j}")
+                entry = 0 if i == SOURCE else self.end[i]
+                m.add(d == self.end[j] - entry).only_enforce_if(use)
+                m.add(d == 0).only_enforce_if(~use)
+                w = m.new_int_var(0, c.size * L, f"w{q}_{i}_{j}")
+                m.add_multiplication_equality(w, [c.flow[link], d])
+                c.blocks_in[link] = d
+                c.work[link] = w
+        # (13c) flow conservation.
+        m.add(sum(c.flow[(SOURCE, j)] for j in range(n)) == c.size)
+        m.add(sum(c.flow[(i, SINK)] for i in range(n)) == c.size)
+        for j in range(n):
+            inflow = [c.flow[link] for link in self.links if link[1] == j]
+            outflow = [c.flow[link] for link in self.links if link[0] == j]
+            m.add(sum(inflow) == sum(outflow))
+        if c.size == 1:
+            for j in range(n):
+                enters = m.new_bool_var(f"in{q}_{j}")
+                k = m.new_int_var(0, L, f"k{q}_{j}")
+                incoming = [link for link in self.links if link[1] == j]
+                m.add(sum(c.flow[link] for link in incoming) == enters)
+                for link in incoming:
+                    entry = 0 if link[0] == SOURCE else self.end[link[0]]
+                    m.add(k == self.end[j] - entry).only_enforce_if(c.flow[link])
+                m.add(k == 0).only_enforce_if(~enters)
+                c.enters[j] = enters
+                c.blocks[j] = k
+        # Redundant but tightening: every request processes exactly L blocks.
+        m.add(sum(self._server_blocks(c, j) for j in range(n)) == c.size * L)
+
+    def _server_blocks(self, c: _Commodity, j: int) -> cp_model.LinearExprT:
+        """Blocks processed at server j by the commodity (sum over its requests of k_j)."""
+        if c.size == 1:
+            return c.blocks[j]
+        return sum(w for (_, b), w in c.work.items() if b == j)
+
+    # --- warm start ---
+
+    def hint(self, placement: Placement, routes: Sequence[PlannedRoute]) -> None:
+        """A complete hint: a value for every variable of the model."""
+        n = self.instance.num_servers
+        L = self.instance.num_blocks
+        m = self.model
+        ends = []
+        for j, span in enumerate(placement):
+            s, e = (0, 0) if span is None else (span.start, span.end)
+            m.add_hint(self.start[j], s)
+            m.add_hint(self.length[j], e - s)
+            m.add_hint(self.end[j], e)
+            m.add_hint(self.slots[j], self.slot_table[j][e - s])
+            ends.append(e)
+        # Requests per client, one path each, in the order the symmetry breaking wants.
+        per_client: dict[int, list[list[int]]] = {}
+        for client, flows in _route_flows(routes).items():
+            paths = [path for path, count in flows for _ in range(count)]
+            per_client[client] = sorted(paths, key=lambda p: p[0])
+        taken: dict[int, int] = {}
+        for commodity in self.commodities:
+            paths = per_client[commodity.client]
+            first = taken.get(commodity.client, 0)
+            mine = paths[first : first + commodity.size]
+            taken[commodity.client] = first + commodity.size
+            flow: Counter[Link] = Counter()
+            blocks = [0] * n
+            for path in mine:
+                nodes = [SOURCE, *path, SINK]
+                for a, b in itertools.pairwise(nodes):
+                    flow[(a, b)] += 1
+                boundary = 0
+                for j in path:
+                    blocks[j] += ends[j] - boundary
+                    boundary = ends[j]
+                if boundary != L:  # pragma: no cover - routes come from hops_for_path
+                    raise RuntimeError("hint route does not cover the model")
+            for link, var in commodity.flow.items():
+                m.add_hint(var, flow[link])
+                if commodity.size > 1:
+                    m.add_hint(commodity.used[link], 1 if flow[link] else 0)
+                    if link in commodity.work:
+                        d = (
+                            (ends[link[1]] - (0 if link[0] == SOURCE else ends[link[0]]))
+                            if (flow[link])
+                            else 0
+                        )
+                        m.add_hint(commodity.blocks_in[link], d)
+                        m.add_hint(commodity.work[link], flow[link] * d)
+            if commodity.size == 1:
+                for j in range(n):
+                    m.add_hint(commodity.enters[j], 1 if blocks[j] else 0)
+                    m.add_hint(commodity.blocks[j], blocks[j])
+
+    # --- reading the answer ---
+
+    def extract(self, solver: cp_model.CpSolver) -> tuple[Placement, tuple[PlannedRoute, ...]]:
+        spans: list[Span | None] = []
+        for j in range(self.instance.num_servers):
+            length = solver.value(self.length[j])
+            spans.append(
+                Span(solver.value(self.start[j]), solver.value(self.end[j])) if length else None
+            )
+        placement: Placement = tuple(spans)
+        paths: dict[int, list[list[int]]] = {}
+        for commodity in self.commodities:
+            flow = {link: int(solver.value(var)) for link, var in commodity.flow.items()}
+            paths.setdefault(commodity.client, []).extend(_decompose(flow, commodity.size))
+        return placement, _planned(self.instance, placement, paths)
+
+
+def default_hint(
+    instance: Instance, concurrency: int, counts: Sequence[int]
+) -> tuple[Placement, tuple[PlannedRoute, ...]] | None:
+    """CG-BPRR's placement and shortest routes, or None where CG is infeasible for |R|."""
+    try:
+        placement = cg.place(instance, concurrency).placement
+        shortest = cg.shortest_routes(instance, placement)
+    except cg.InfeasibleError:
+        return None
+    routes = tuple(
+        PlannedRoute(client, count, shortest[client].hops)
+        for client, count in enumerate(counts)
+        if count > 0
+    )
+    return placement, routes
+
+
+def solve_milp(
+    instance: Instance,
+    concurrency: int,
+    counts: list[int],
+    time_limit_s: float = 30.0,
+    workers: int = 2,
+    hint: Placement | None = None,
+    *,
+    aggregate: bool = True,
+    use_default_hint: bool = True,
+) -> Solution:
+    """Solve MILP-BPRR for |R| = ``concurrency`` requests split over clients as ``counts``.
+
+    ``hint``: a placement to warm-start from (its routes come from the routing ILP); by
+    default CG-BPRR's placement and shortest routes when CG is feasible for |R|.
+    Raises cg.InfeasibleError when CP-SAT proves the instance infeasible and
+    MilpNoSolutionError when it finds no solution within the time limit.
+    """
+    started = time.perf_counter()
+    _check_counts(instance, counts)
+    if concurrency < 1:
+        raise ValueError(f"concurrency: must be at least 1, got {concurrency}")
+    if sum(counts) != concurrency:
+        raise ValueError(f"counts: they sum to {sum(counts)}, not to concurrency {concurrency}")
+    solver = _solver(time_limit_s, workers)
+
+    warm: tuple[Placement, tuple[PlannedRoute, ...]] | None = None
+    hint_source = "none"
+    if hint is not None:
+        if len(hint) != instance.num_servers:
+            raise ValueError(
+                f"hint: {len(hint)} spans for {instance.num_servers} servers (one per server)"
+            )
+        try:
+            warm = (hint, route_ilp(instance, hint, counts, time_limit_s=time_limit_s / 4))
+            hint_source = "given"
+        except (cg.InfeasibleError, MilpNoSolutionError):
+            warm = None
+            hint_source = "given placement unroutable"
+    elif use_default_hint:
+        warm = default_hint(instance, concurrency, counts)
+        hint_source = "cg" if warm is not None else "none (cg infeasible)"
+
+    built = _BprrModel(instance, counts, aggregate)
+    if warm is not None:
+        built.hint(*warm)
+    build_seconds = time.perf_counter() - started
+    status = solver.solve(built.model)
+    if status == cp_model.INFEASIBLE:
+        raise cg.InfeasibleError(
+            f"infeasible: no placement and routing of {concurrency} concurrent requests fits the "
+            "servers' memory (proven by CP-SAT)"
+        )
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        raise MilpNoSolutionError(
+            f"MILP-BPRR found no solution within {time_limit_s:g} s "
+            f"(CP-SAT status {solver.status_name(status)}); raise the time limit or use cg"
+        )
+    placement, routes = built.extract(solver)
+    check_solution(instance, placement, routes)
+    objective = mean_per_token_ms(instance, routes)
+    kept_hint = False
+    if warm is not None:
+        hint_objective = mean_per_token_ms(instance, warm[1])
+        if hint_objective < objective:  # only possible through rounding of the objective
+            placement, routes, objective, kept_hint = warm[0], warm[1], hint_objective, True
+    optimal = status == cp_model.OPTIMAL
+    scaled_bound = solver.best_objective_bound - concurrency * built.error_per_request
+    bound = max(0.0, scaled_bound / (TIME_SCALE * concurrency))
+    bound = min(bound * (1 - 1e-12), objective)
+    gap = (objective - bound) / objective if objective > 0 else 0.0
+    return Solution(
+        algorithm="milp",
+        concurrency=concurrency,
+        placement=placement,
+        routes=routes,
+        objective_ms_per_token=objective,
+        bound_ms_per_token=bound,
+        optimal=optimal,
+        status="optimal" if optimal else "feasible",
+        solve_seconds=time.perf_counter() - started,
+        gap=gap,
+        details={
+            "model": "per-client" if aggregate else "per-request",
+            "hint": hint_source,
+            "kept_hint": kept_hint,
+            "time_scale_per_ms": TIME_SCALE,
+            "cp_sat_status": solver.status_name(status),
+            "cp_sat_objective": solver.objective_value,
+            "cp_sat_bound": solver.best_objective_bound,
+            "build_seconds": build_seconds,
+            "wall_seconds": solver.wall_time,
+            "workers": workers,
+        },
+    )
+
+
+# --- routing-only ILP (19a-e) -------------------------------------------------------------
+
+
+def route_ilp(
+    instance: Instance,
+    placement: Placement,
+    counts: Sequence[int],
+    time_limit_s: float = 10.0,
+    workers: int = 2,
+) -> tuple[PlannedRoute, ...]:
+    """Optimal routing of ``counts[c]`` requests per client for a fixed placement (19a-e).
+
+    Integer per-client flows on the feasible links of the placement, cost
+    sum (t_cj + tau_j k_ij) per request (the paper's l_max factor is a constant), memory
+    sum_c sum_i k_ij f^c_ij <= cache_slots(j, m_j). Raises cg.InfeasibleError when no routing
+    fits and MilpNoSolutionError when CP-SAT finds none in time.
+    """
+    _check_counts(instance, counts)
+    if len(placement) != instance.num_servers:
+        raise ValueError(
+            f"placement: {len(placement)} spans for {instance.num_servers} servers (one per server)"
+        )
+    L = instance.num_blocks
+    spans: dict[int, Span] = {}
+    for j, span in enumerate(placement):
+        if span is None:
+            continue
+        if not 0 <= span.start < span.end <= L:
+            raise ValueError(f"placement[{j}]: span [{span.start}, {span.end}) is out of range")
+        if span.length > _max_blocks(instance, j):
+            raise cg.InfeasibleError(
+                f"placement[{j}]: the weights of {span.length} blocks do not fit in "
+                f"{instance.memory_gb[j]} GB"
+            )
+        spans[j] = span
+    solver = _solver(time_limit_s, workers)
+    # Feasible links (Lemma 1) and the blocks k_ij processed at j when entering from i.
+    blocks: dict[Link, int] = {}
+    for j, sj in spans.items():
+        if sj.start == 0:
+            blocks[(SOURCE, j)] = sj.end
+        if sj.end == L:
+            blocks[(j, SINK)] = 0
+        for i, si in spans.items():
+            if i != j and sj.start <= si.end < sj.end:
+                blocks[(i, j)] = sj.end - si.end
+    hop_cost, _ = _scaled(instance.token_hop_ms.ravel().tolist())
+    block_cost, _ = _scaled(instance.decode_ms.tolist())
+    n = instance.num_servers
+    model = cp_model.CpModel()
+    flows: dict[int, dict[Link, cp_model.IntVar]] = {}
+    objective: list[cp_model.LinearExprT] = []
+    for client, count in enumerate(counts):
+        if count == 0:
+            continue
+        flow = {
+            link: model.new_int_var(0, count, f"y{client}_{link[0]}_{link[1]}") for link in blocks
+        }
+        flows[client] = flow
+        model.add(sum(v for (i, _), v in flow.items() if i == SOURCE) == count)  # (19b)
+        model.add(sum(v for (_, j), v in flow.items() if j == SINK) == count)
+        for j in spans:
+            model.add(
+                sum(v for (_, b), v in flow.items() if b == j)
+                == sum(v for (a, _), v in flow.items() if a == j)
+            )
+        for (i, j), var in flow.items():
+            if j >= 0:
+                cost = hop_cost[client * n + j] + block_cost[j] * blocks[(i, j)]
+                objective.append(cost * var)  # (19a)
+    for j, span in spans.items():  # (19c) memory in cache slots
+        load = [
+            blocks[link] * flow[link] for flow in flows.values() for link in flow if link[1] == j
+        ]
+        model.add(sum(load) <= instance.cache_slots(j, span.length))
+    model.minimize(sum(objective))
+    # Every client needs a chain; warm-start from the shortest paths when they fit in memory.
+    try:
+        shortest = cg.shortest_routes(instance, placement)
+    except cg.InfeasibleError:
+        raise cg.InfeasibleError(
+            "infeasible: the placement does not cover every block (no chain from block 0 to L)"
+        ) from None
+    greedy = tuple(
+        PlannedRoute(client, count, shortest[client].hops)
+        for client, count in enumerate(counts)
+        if count > 0
+    )
+    if _fits_memory(instance, placement, greedy):
+        for route in greedy:
+            nodes = [SOURCE, *(hop.server for hop in route.hops), SINK]
+            on_path = set(itertools.pairwise(nodes))
+            for link, var in flows[route.client].items():
+                model.add_hint(var, route.requests if link in on_path else 0)
+    status = solver.solve(model)
+    if status == cp_model.INFEASIBLE:
+        raise cg.InfeasibleError(
+            f"infeasible: {sum(counts)} concurrent requests do not fit the placement's free memory"
+        )
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        raise MilpNoSolutionError(
+            f"routing ILP found no solution within {time_limit_s:g} s "
+            f"(CP-SAT status {solver.status_name(status)})"
+        )
+    paths = {
+        client: _decompose({link: int(solver.value(v)) for link, v in flow.items()}, counts[client])
+        for client, flow in flows.items()
+    }
+    routes = _planned(instance, placement, paths)
+    check_solution(instance, placement, routes)
+    return routes
