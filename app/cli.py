@@ -119,6 +119,11 @@ def _group() -> None:
     """Block placement and request routing for geo-distributed LLM inference."""
 
 
+from app.simulation.commands import register as register_simulation  # noqa: E402
+
+register_simulation(cli)
+
+
 def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(cli)
     try:

@@ -1,0 +1,306 @@
+"""Named studies for ``bprr experiment``: sweeps of scenarios x policies x seeds.
+
+Each study is a list of points (a scenario generator's arguments and a label for the x axis),
+the policies to compare, and the seeds. Running one writes, under the output folder:
+``runs.csv`` (one row per run: point, policy, seed and every summary number),
+``scenarios/`` (the generated scenario files, so each run can be replayed with
+``bprr simulate``), ``<study>.png`` (mean per-token time per policy) and prints a table of
+means over seeds with cg-wsrr's reduction against PETALS.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from app.allocation.scenario import Scenario
+from app.simulation import generators
+from app.simulation.run import simulate
+
+CORE_POLICIES = ("petals", "cg-sp", "cg-wsrr")
+ABLATIONS = ("petals-order", "petals-number", "petals-rr")
+
+
+@dataclass(frozen=True)
+class Point:
+    label: str  # shown in tables and on the x axis
+    x: float
+    make: Callable[[int, int], Scenario]  # (num_requests, seed) -> scenario
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    description: str
+    x_name: str
+    points: tuple[Point, ...]
+    policies: tuple[str, ...]
+    requests: int
+    quick_requests: int
+    seeds: int
+    bars: bool = False  # categorical points: grouped bars instead of lines
+
+
+def _clustered_points() -> tuple[Point, ...]:
+    points: list[Point] = []
+    for l_max in (64, 128):
+        for rate in (0.1, 0.5):
+            make = functools.partial(_clustered_at, l_max, rate)
+            points.append(Point(f"lmax={l_max} rate={rate:g}", len(points), make))
+    return tuple(points)
+
+
+def _clustered_at(l_max: int, rate: float, count: int, seed: int) -> Scenario:
+    return generators.clustered(l_max, rate, count, seed)
+
+
+def _sweep(
+    values: tuple[float, ...], label: str, make: Callable[[float, int, int], Scenario]
+) -> tuple[Point, ...]:
+    return tuple(Point(f"{label}={v:g}", v, functools.partial(make, v)) for v in values)
+
+
+STUDIES: dict[str, Study] = {
+    study.name: study
+    for study in (
+        Study(
+            "clustered",
+            "the paper's clustered testbed: l_max 64/128 x rate 0.1/0.5, all policies",
+            "scenario",
+            _clustered_points(),
+            ("petals", "cg-sp", "cg-wsrr", "milp-wsrr", *ABLATIONS),
+            requests=300,
+            quick_requests=12,
+            seeds=3,
+            bars=True,
+        ),
+        Study(
+            "rate",
+            "clustered testbed, l_max 128, arrival rate 0.1 .. 1.0 req/s",
+            "arrival rate (req/s)",
+            _sweep(
+                (0.1, 0.2, 0.35, 0.5, 0.75, 1.0),
+                "rate",
+                lambda v, n, s: generators.clustered(128, v, n, s),
+            ),
+            (*CORE_POLICIES, "petals-rr"),
+            requests=300,
+            quick_requests=12,
+            seeds=3,
+        ),
+        Study(
+            "servers",
+            "random clustered swarms, 20% A100, 10 .. 200 servers, rate = n / 25 req/s",
+            "servers",
+            _sweep(
+                (10, 25, 50, 100, 200),
+                "n",
+                lambda v, n, s: generators.random_clustered(int(v), 0.2, v / 25, n, s),
+            ),
+            (*CORE_POLICIES, "petals-rr"),
+            requests=500,
+            quick_requests=12,
+            seeds=3,
+        ),
+        Study(
+            "a100",
+            "random clustered swarms of 40 servers, A100 share 5% .. 60%, rate 1.5 req/s",
+            "fraction of A100s",
+            _sweep(
+                (0.05, 0.1, 0.2, 0.4, 0.6),
+                "a100",
+                lambda v, n, s: generators.random_clustered(40, v, 1.5, n, s),
+            ),
+            (*CORE_POLICIES, "petals-rr"),
+            requests=400,
+            quick_requests=12,
+            seeds=3,
+        ),
+        Study(
+            "lmax",
+            "clustered testbed, rate 0.3 req/s, l_max 32 .. 256",
+            "l_max (output tokens)",
+            _sweep(
+                (32, 64, 128, 256),
+                "lmax",
+                lambda v, n, s: generators.clustered(int(v), 0.3, n, s),
+            ),
+            (*CORE_POLICIES, "petals-rr"),
+            requests=300,
+            quick_requests=12,
+            seeds=3,
+        ),
+        Study(
+            "geo",
+            "geo-distributed: 12 Azure regions (real RTTs), 40 mixed GPUs, 4 clients",
+            "arrival rate (req/s)",
+            _sweep(
+                (0.5, 1.0, 2.0, 4.0),
+                "rate",
+                lambda v, n, s: generators.geo(rate_per_s=v, num_requests=n, seed=s),
+            ),
+            (*CORE_POLICIES, *ABLATIONS),
+            requests=400,
+            quick_requests=12,
+            seeds=3,
+        ),
+    )
+}
+
+CSV_FIELDS = (
+    "study",
+    "point",
+    "x",
+    "policy",
+    "seed",
+    "requests",
+    "mean_ms_per_token",
+    "mean_ttft_ms",
+    "mean_e2e_ms",
+    "p50_e2e_ms",
+    "p95_e2e_ms",
+    "p99_e2e_ms",
+    "mean_wait_ms",
+    "waited_fraction",
+    "mean_attempts",
+    "throughput_rps",
+    "design_concurrency",
+    "peak_concurrency",
+    "placement_seconds",
+    "wall_seconds",
+    "events",
+)
+
+
+def run_study(
+    study: Study,
+    out: Path,
+    *,
+    quick: bool = False,
+    seeds: int | None = None,
+    console: Console | None = None,
+    milp_time_limit_s: float = 5.0,
+) -> list[dict[str, Any]]:
+    """Run every (point, policy, seed); write runs.csv, scenarios/ and the plot; print a table."""
+    console = console or Console()
+    count = study.quick_requests if quick else study.requests
+    seed_count = seeds if seeds is not None else (1 if quick else study.seeds)
+    milp_limit = 1.0 if quick else milp_time_limit_s
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scenarios").mkdir(exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    total = len(study.points) * seed_count * len(study.policies)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"{study.name}", total=total)
+        for point in study.points:
+            for seed in range(1, seed_count + 1):
+                scenario = point.make(count, seed)
+                slug = point.label.replace("=", "-").replace(" ", "_")
+                (out / "scenarios" / f"{slug}-seed{seed}.json").write_text(
+                    scenario.to_json(), encoding="utf-8"
+                )
+                for policy in study.policies:
+                    result = simulate(scenario, policy, milp_time_limit_s=milp_limit)
+                    summary = result.summary()
+                    row = {key: summary.get(key, "") for key in CSV_FIELDS}
+                    row.update(
+                        study=study.name, point=point.label, x=point.x, policy=policy, seed=seed
+                    )
+                    rows.append(row)
+                    progress.advance(task)
+    with (out / "runs.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    means = mean_table(rows)
+    plot(study, means, out / f"{study.name}.png")
+    console.print(render_table(study, means))
+    console.print(f"wrote {out / 'runs.csv'}, {out / (study.name + '.png')}, {out / 'scenarios'}")
+    return rows
+
+
+Means = dict[tuple[str, str], dict[str, float]]
+
+
+def mean_table(rows: list[dict[str, Any]]) -> Means:
+    """(point, policy) -> mean over seeds of each number."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["point"], row["policy"]), []).append(row)
+    means: Means = {}
+    for key, members in groups.items():
+        means[key] = {
+            name: sum(float(m[name]) for m in members) / len(members)
+            for name in ("x", "mean_ms_per_token", "mean_ttft_ms", "mean_wait_ms", "p95_e2e_ms")
+        }
+    return means
+
+
+def reduction(petals: float, ours: float) -> float:
+    """Relative reduction of ``ours`` against ``petals`` in percent."""
+    return math.nan if petals <= 0 else 100.0 * (petals - ours) / petals
+
+
+def render_table(study: Study, means: Means) -> Table:
+    table = Table(title=f"{study.name}: mean per-token time (ms), waiting included")
+    table.add_column(study.x_name)
+    for policy in study.policies:
+        table.add_column(policy, justify="right")
+    compare = "petals" in study.policies and "cg-wsrr" in study.policies
+    if compare:
+        table.add_column("cg-wsrr vs petals", justify="right")
+    for point in study.points:
+        cells = [point.label]
+        for policy in study.policies:
+            value = means.get((point.label, policy))
+            cells.append("-" if value is None else f"{value['mean_ms_per_token']:.1f}")
+        if compare:
+            ours = means[(point.label, "cg-wsrr")]["mean_ms_per_token"]
+            theirs = means[(point.label, "petals")]["mean_ms_per_token"]
+            cells.append(f"{reduction(theirs, ours):.1f}%")
+        table.add_row(*cells)
+    return table
+
+
+def plot(study: Study, means: Means, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for axis, metric, title in (
+        (axes[0], "mean_ms_per_token", "mean time per token (ms)"),
+        (axes[1], "mean_ttft_ms", "mean time to first token (ms)"),
+    ):
+        if study.bars:
+            width = 0.8 / len(study.policies)
+            for i, policy in enumerate(study.policies):
+                xs = [p.x + (i - len(study.policies) / 2 + 0.5) * width for p in study.points]
+                ys = [means[(p.label, policy)][metric] for p in study.points]
+                axis.bar(xs, ys, width=width, label=policy)
+            axis.set_xticks([p.x for p in study.points])
+            axis.set_xticklabels([p.label for p in study.points], fontsize=8)
+        else:
+            for policy in study.policies:
+                xs = [p.x for p in study.points]
+                ys = [means[(p.label, policy)][metric] for p in study.points]
+                axis.plot(xs, ys, marker="o", label=policy)
+            axis.set_xlabel(study.x_name)
+        axis.set_ylabel(title)
+        axis.set_yscale("log")
+        axis.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"bprr experiment {study.name}: {study.description}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
