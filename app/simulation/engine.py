@@ -95,6 +95,7 @@ class SimResult:
     completions: NDArray[np.int64]
     events: int
     wall_seconds: float
+    routes: list[tuple[Hop, ...]] = field(default_factory=list)  # each request's hops
     placement_seconds: float = 0.0
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -330,5 +331,6 @@ class Simulator:
             completions=np.array(self._completions, dtype=np.int64),
             events=self.events,
             wall_seconds=wall,
+            routes=list(self._hops),
             extra=extra,
         )
