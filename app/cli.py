@@ -123,6 +123,10 @@ from app.simulation.commands import register as register_simulation  # noqa: E40
 
 register_simulation(cli)
 
+from app.api.commands import register as register_coordinator  # noqa: E402
+
+register_coordinator(cli)
+
 
 def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(cli)

@@ -1,0 +1,67 @@
+"""``bprr serve``: run the coordinator (uvicorn) on the configured database."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+
+def register(cli: typer.Typer) -> None:
+    @cli.command("serve")
+    def serve(
+        host: Annotated[str | None, typer.Option(help="Address to bind (BPRR_HOST).")] = None,
+        port: Annotated[int | None, typer.Option(help="Port (BPRR_PORT).")] = None,
+        database_url: Annotated[
+            str | None,
+            typer.Option(
+                "--database-url",
+                help="SQLAlchemy URL (BPRR_DATABASE_URL); default: SQLite file bprr.db.",
+            ),
+        ] = None,
+        workers: Annotated[int, typer.Option(help="Coordinator processes (PostgreSQL).")] = 1,
+    ) -> None:
+        """Start the coordinator: REST API, leases, placements, routes and sessions."""
+        import uvicorn
+        from pydantic import ValidationError
+
+        from app.cli import UserError
+        from app.settings import Settings
+        from app.store.db import SchemaBehindError, ensure_schema, make_engine
+
+        if database_url is not None:
+            os.environ["BPRR_DATABASE_URL"] = database_url
+        try:
+            settings = Settings()
+        except ValidationError as error:
+            first = error.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            raise UserError(f"BPRR_{field.upper()}: {first['msg']}") from None
+        if workers < 1:
+            raise UserError("--workers: must be at least 1")
+        if port is not None and not 0 <= port <= 65535:
+            raise UserError("--port: must be between 0 and 65535")
+        if workers > 1 and settings.database_url.startswith("sqlite"):
+            raise UserError("--workers: several processes need PostgreSQL (BPRR_DATABASE_URL)")
+        engine = make_engine(settings.database_url)
+        try:
+            ensure_schema(engine, settings.auto_migrate)
+        except SchemaBehindError as error:
+            raise UserError(str(error)) from None
+        except Exception as error:
+            raise UserError(
+                f"cannot open the database {engine.url.render_as_string(hide_password=True)}: "
+                f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            ) from None
+        finally:
+            engine.dispose()
+        uvicorn.run(
+            "app.api.app:create_app",
+            factory=True,
+            host=host or settings.host,
+            port=settings.port if port is None else port,
+            workers=workers,
+            log_level="warning",
+            access_log=False,
+        )

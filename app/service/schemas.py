@@ -1,0 +1,210 @@
+"""Request and response bodies of the coordinator (pydantic v2).
+
+Every number is bounded and finite, so that bad input is a 422 naming the field and never
+reaches the database as NaN, infinity or an integer that overflows a column.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:@-]+$")]
+NonNegative = Annotated[float, Field(ge=0, le=1e12, allow_inf_nan=False)]
+Positive = Annotated[float, Field(gt=0, le=1e12, allow_inf_nan=False)]
+Epoch = Annotated[int, Field(ge=0, le=2**62)]
+Tokens = Annotated[int, Field(ge=0, le=10_000_000)]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+class Overheads(Body):
+    per_token_ms: NonNegative = 0.0
+    prefill_fixed_ms: NonNegative = 0.0
+    prefill_per_token_ms: NonNegative = 0.0
+    per_request_ms: NonNegative = 0.0
+
+
+class ModelIn(Body):
+    name: Name
+    num_blocks: Annotated[int, Field(ge=1, le=100_000)]
+    block_memory_gb: Positive
+    kv_bytes_per_token_per_block: Positive
+    max_input_tokens: Tokens
+    max_output_tokens: Annotated[int, Field(ge=1, le=10_000_000)]
+    hidden_size: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
+    petals_cache_tokens: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
+    overheads: Overheads = Overheads()
+    concurrency: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    rate_per_s: Positive | None = None
+
+
+class ModelOut(ModelIn):
+    model_config = ConfigDict(extra="ignore")
+    updated_at: float
+
+
+class PrefillSpeed(Body):
+    fixed: NonNegative = 0.0
+    per_token: NonNegative = 0.0
+
+
+class SpanModel(Body):
+    start: Annotated[int, Field(ge=0, le=100_000)]
+    end: Annotated[int, Field(ge=1, le=100_000)]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SpanModel:
+        if self.end <= self.start:
+            raise ValueError(f"end ({self.end}) must be greater than start ({self.start})")
+        return self
+
+
+class ServerRegistration(Body):
+    id: Name | None = None
+    site: Name
+    gpu: Annotated[str, Field(max_length=200)] | None = None
+    memory_gb: Positive
+    decode_ms_per_block: Positive
+    prefill_ms_per_block: PrefillSpeed = PrefillSpeed()
+    network_mbps: Positive | None = None
+    address: Annotated[str, Field(min_length=1, max_length=500)]
+    boot_epoch: Epoch
+
+
+class RegistrationOut(BaseModel):
+    id: str
+    token: str
+    lease_ttl_s: float
+    heartbeat_interval_s: float
+
+
+class Heartbeat(Body):
+    boot_epoch: Epoch
+    state: Literal["joining", "online", "draining"]
+    loaded_span: SpanModel | None = None
+    free_cache_slots: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    decode_ms_per_block: Positive | None = None
+    prefill_ms_per_block: PrefillSpeed | None = None
+    rtts: Annotated[dict[Name, NonNegative], Field(max_length=10_000)] = {}
+
+
+class HeartbeatOut(BaseModel):
+    server_id: str
+    generation: int
+    assigned_span: SpanModel | None
+    lease_expires_in_s: float
+    heartbeat_interval_s: float
+
+
+class ServerOut(BaseModel):
+    id: str
+    site: str
+    gpu: str | None
+    memory_gb: float
+    decode_ms_per_block: float
+    prefill_ms_per_block: PrefillSpeed
+    network_mbps: float | None
+    address: str
+    boot_epoch: int
+    state: str
+    lease: Literal["live", "expired"]
+    lease_expires_in_s: float
+    loaded_span: SpanModel | None
+    assigned_span: SpanModel | None
+    cache_slots: int
+    reserved_slots: int
+    free_cache_slots: int | None
+
+
+class RttEntry(Body):
+    a: Name
+    b: Name
+    rtt_ms: NonNegative
+
+
+class RttsIn(Body):
+    entries: Annotated[list[RttEntry], Field(min_length=1, max_length=100_000)]
+
+
+class RttsOut(BaseModel):
+    updated: int
+
+
+class PlacementRequest(Body):
+    algorithm: Literal["cg", "milp", "petals"] = "cg"
+    concurrency: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    time_limit_s: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)] | None = None
+
+
+class PlacedSpan(BaseModel):
+    server_id: str
+    start: int
+    end: int
+
+
+class PlacementOut(BaseModel):
+    generation: int
+    algorithm: str
+    concurrency: int
+    objective_ms_per_token: float
+    bound_ms_per_token: float | None
+    status: str
+    solve_seconds: float
+    reason: str
+    created_at: float
+    spans: list[PlacedSpan]
+    inputs: dict[str, Any]
+
+
+class RouteHop(BaseModel):
+    server_id: str
+    address: str
+    start: int
+    end: int
+
+
+class RouteOut(BaseModel):
+    generation: int
+    client_site: str
+    hops: list[RouteHop]
+    first_token_ms: float
+    per_token_ms: float
+    total_ms: float
+    wait_ms: float
+
+
+class SessionIn(Body):
+    client_site: Name
+    input_tokens: Tokens
+    output_tokens: Annotated[int, Field(ge=1, le=10_000_000)]
+
+
+class SessionOut(BaseModel):
+    id: str
+    expires_in_s: float
+    route: RouteOut
+
+
+class LoadedServer(BaseModel):
+    id: str
+    token: str
+
+
+class ScenarioLoadOut(BaseModel):
+    servers: list[LoadedServer]
+    generation: int
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not ready"]
+    database: bool
+    schema_at_head: bool
+    detail: str | None = None

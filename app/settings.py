@@ -1,0 +1,49 @@
+"""Coordinator settings, read from the environment with the ``BPRR_`` prefix.
+
+``BPRR_DATABASE_URL`` selects the database (SQLite file by default, PostgreSQL through
+``postgresql+psycopg://...``); ``BPRR_ADMIN_TOKEN`` and ``BPRR_JOIN_TOKEN`` guard the operator
+routes and server registration.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BPRR_", extra="ignore")
+
+    database_url: str = "sqlite:///bprr.db"
+    auto_migrate: bool = True
+    admin_token: SecretStr | None = None
+    # None: registration is open (a warning is logged at start).
+    join_token: SecretStr | None = None
+
+    lease_ttl_s: Annotated[float, Field(gt=0)] = 15.0
+    heartbeat_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    # A session is released at its predicted completion plus this grace period.
+    session_grace_s: Annotated[float, Field(ge=0)] = 30.0
+    # RTT used between two sites nobody measured yet (PETALS assumes 150 ms when unknown).
+    default_site_rtt_ms: Annotated[float, Field(ge=0)] = 150.0
+    # Exponentially weighted moving average weight of a new RTT sample.
+    rtt_ewma_alpha: Annotated[float, Field(gt=0, le=1)] = 0.3
+
+    # Planner: how often the leader looks for a reason to re-plan (0 disables the thread).
+    planner_interval_s: Annotated[float, Field(ge=0)] = 2.0
+    planner_algorithm: str = "cg"
+    planner_time_limit_s: Annotated[float, Field(gt=0)] = 30.0
+    # Hysteresis: a re-plan replaces the current placement only when it improves the
+    # predicted per-token time by at least this fraction (unless coverage is lost).
+    replan_min_gain: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    # Measurements drifting by more than this fraction (RTT or speed) trigger a re-plan check.
+    replan_drift: Annotated[float, Field(gt=0)] = 0.25
+    # Design concurrency |R| when none is set on the model (0: one request per client site).
+    default_concurrency: Annotated[int, Field(ge=0)] = 0
+    leader_lease_s: Annotated[float, Field(gt=0)] = 10.0
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    log_json: bool = False

@@ -1,0 +1,1 @@
+"""SQL state of the coordinator: typed SQLAlchemy models, engine set-up, repositories."""

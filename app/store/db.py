@@ -1,0 +1,115 @@
+"""Engines, transactions and schema migrations.
+
+SQLite runs in WAL mode and every transaction starts with ``BEGIN IMMEDIATE`` so that two
+writers never deadlock on a lock upgrade; PostgreSQL runs at READ COMMITTED, where the
+conditional updates used for reservations re-check their condition under the row lock.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import Connection, make_url
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+# Any constant works; it only has to be the same for every coordinator process.
+MIGRATION_LOCK_ID = 0x62707272
+
+
+class SchemaBehindError(RuntimeError):
+    """The database schema is older than the code and auto-migration is off."""
+
+
+def make_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=20,
+            max_overflow=20,
+        )
+        _sqlite_setup(engine)
+        return engine
+    return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event emit BEGIN itself (pysqlite's own is deferred).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """alembic upgrade, serialised across processes on PostgreSQL by an advisory lock."""
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+        command.upgrade(alembic_config(connection), revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), revision)
+
+
+def check(engine: Engine) -> None:
+    """alembic check: raises if the models and the migrated schema differ."""
+    with engine.begin() as connection:
+        command.check(alembic_config(connection))
+
+
+def ensure_schema(engine: Engine, auto_migrate: bool) -> None:
+    """Bring the schema to head, or refuse to start with a clear message."""
+    head = head_revision()
+    current = current_revision(engine)
+    if current == head:
+        return
+    if not auto_migrate:
+        raise SchemaBehindError(
+            f"database schema is at revision {current or 'none'} but the code needs {head}; "
+            "run `alembic upgrade head` (or set BPRR_AUTO_MIGRATE=true)"
+        )
+    upgrade(engine)
+
+
+def schema_at_head(engine: Engine) -> bool:
+    return current_revision(engine) == head_revision()
