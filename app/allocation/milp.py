@@ -286,19 +286,21 @@ class _BprrModel:
                 c.used[link] = u
             use = c.used[link]
             # (13e), (13f): Lemma 1 on every used link.
-            if i == SOURCE:
+            if i == SOURCE:  # (13e) a_j <= 1 and (13f) 1 <= a_j + m_j - 1
                 m.add(self.start[j] == 0).only_enforce_if(use)
+                m.add(self.end[j] >= 1).only_enforce_if(use)
             elif j == SINK:
                 m.add(self.end[i] == L).only_enforce_if(use)
             else:
                 m.add(self.start[j] <= self.end[i]).only_enforce_if(use)
                 m.add(self.end[i] + 1 <= self.end[j]).only_enforce_if(use)
             if c.size > 1 and j != SINK:
-                d = m.new_int_var(0, L, f"d{q}_{i}_{j}")
+                top = self.max_blocks[j]  # k <= m_j: tightens the relaxation
+                d = m.new_int_var(0, top, f"d{q}_{i}_{j}")
                 entry = 0 if i == SOURCE else self.end[i]
                 m.add(d == self.end[j] - entry).only_enforce_if(use)
                 m.add(d == 0).only_enforce_if(~use)
-                w = m.new_int_var(0, c.size * L, f"w{q}_{i}_{j}")
+                w = m.new_int_var(0, c.size * top, f"w{q}_{i}_{j}")
                 m.add_multiplication_equality(w, [c.flow[link], d])
                 c.blocks_in[link] = d
                 c.work[link] = w
@@ -312,7 +314,7 @@ class _BprrModel:
         if c.size == 1:
             for j in range(n):
                 enters = m.new_bool_var(f"in{q}_{j}")
-                k = m.new_int_var(0, L, f"k{q}_{j}")
+                k = m.new_int_var(0, self.max_blocks[j], f"k{q}_{j}")
                 incoming = [link for link in self.links if link[1] == j]
                 m.add(sum(c.flow[link] for link in incoming) == enters)
                 for link in incoming:

@@ -240,6 +240,27 @@ def test_memory_binds_and_milp_splits_traffic() -> None:
     assert solution.objective_ms_per_token > 12.0 + 1e-9
 
 
+@pytest.mark.parametrize("aggregate", [True, False], ids=["per-client", "per-request"])
+def test_no_request_enters_a_server_that_hosts_nothing(aggregate: bool) -> None:
+    """Regression: source -> j must make j process at least one block (13f on client links)."""
+    scenario = build(
+        num_blocks=2,
+        servers=[server(f"s{j}", "a", memory=4.3, decode=1.0) for j in range(3)],
+        sites=["a"],
+        site_rtt=[[0.0]],
+    )
+    instance = Instance.from_scenario(scenario)
+    counts = [2]
+    assert milp.solve_milp(instance, 2, counts, time_limit_s=10).optimal
+    for j in range(instance.num_servers):
+        built = milp._BprrModel(instance, counts, aggregate)
+        built.model.add(built.length[j] == 0)
+        built.model.add(sum(c.flow[(milp.SOURCE, j)] for c in built.commodities) >= 1)
+        solver = cp_model.CpSolver()
+        solver.parameters.num_workers = 1
+        assert solver.solve(built.model) == cp_model.INFEASIBLE
+
+
 # --- memory is never rounded, time scaling is stated and bounded ----------------------------
 
 
