@@ -1008,13 +1008,12 @@ class _Contended(Exception):
 
 
 def _insert_ignore(db: Session, model: Any, values: dict[str, Any]) -> bool:
+    """INSERT ... ON CONFLICT DO NOTHING; True when the row was inserted."""
     table = model.__table__
-    if db.get_bind().dialect.name == "postgresql":
-        statement: Any = postgresql.insert(table).values(**values).on_conflict_do_nothing()
-    else:
-        statement = sqlite.insert(table).values(**values).on_conflict_do_nothing()
-    result = db.execute(statement)
-    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+    dialect = postgresql if db.get_bind().dialect.name == "postgresql" else sqlite
+    key = next(iter(table.primary_key.columns))
+    statement: Any = dialect.insert(table).values(**values).on_conflict_do_nothing()
+    return db.execute(statement.returning(key)).first() is not None
 
 
 def _ensure_site(db: Session, site: str) -> None:

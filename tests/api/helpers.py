@@ -1,0 +1,68 @@
+"""Small swarms for the coordinator tests, driven through the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from tests.api.conftest import JOIN, admin, bearer
+
+SMALL_MODEL: dict[str, Any] = {
+    "name": "tiny",
+    "num_blocks": 8,
+    "block_memory_gb": 1.0,
+    "kv_bytes_per_token_per_block": 1_000_000,  # s_c = 0.2 GB at 100 + 100 tokens
+    "max_input_tokens": 100,
+    "max_output_tokens": 100,
+    "overheads": {"per_token_ms": 10},
+}
+
+
+def server_body(
+    index: int, site: str = "east", memory_gb: float = 6.0, **extra: Any
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": f"s{index}",
+        "site": site,
+        "gpu": "A100",
+        "memory_gb": memory_gb,
+        "decode_ms_per_block": 2.0 + index,
+        "prefill_ms_per_block": {"fixed": 10.0, "per_token": 0.1},
+        "address": f"10.0.0.{index}:31337",
+        "boot_epoch": 1,
+    }
+    body.update(extra)
+    return body
+
+
+def register(client: TestClient, body: dict[str, Any]) -> str:
+    response = client.post("/v1/servers", json=body, headers=bearer(JOIN))
+    assert response.status_code == 201, response.text
+    token: str = response.json()["token"]
+    return token
+
+
+def heartbeat(
+    client: TestClient, server_id: str, token: str, span: dict[str, int] | None, **extra: Any
+) -> Any:
+    body: dict[str, Any] = {"boot_epoch": 1, "state": "online", "loaded_span": span}
+    body.update(extra)
+    return client.post(f"/v1/servers/{server_id}/heartbeat", json=body, headers=bearer(token))
+
+
+def small_swarm(client: TestClient, count: int = 3, memory_gb: float = 6.0) -> dict[str, str]:
+    """Model, ``count`` servers registered, a placement published, every server loaded."""
+    assert client.put("/v1/model", json=SMALL_MODEL, headers=admin()).status_code == 200
+    tokens = {f"s{i}": register(client, server_body(i, memory_gb=memory_gb)) for i in range(count)}
+    placed = client.post("/v1/placements", json={"algorithm": "cg"}, headers=admin())
+    assert placed.status_code == 201, placed.text
+    spans = {s["server_id"]: {"start": s["start"], "end": s["end"]} for s in placed.json()["spans"]}
+    for server_id, token in tokens.items():
+        reply = heartbeat(client, server_id, token, spans.get(server_id))
+        assert reply.status_code == 200, reply.text
+    return tokens
+
+
+def route_params(site: str = "east", inputs: int = 50, outputs: int = 50) -> dict[str, Any]:
+    return {"client_site": site, "input_tokens": inputs, "output_tokens": outputs}
