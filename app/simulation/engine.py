@@ -20,6 +20,7 @@ each group in the order it was scheduled. Time is in milliseconds.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import time
@@ -198,7 +199,7 @@ class Simulator:
             return 0.0
         if slots > self.capacity[server]:
             return math.inf
-        for end, _, held in sorted(self.bookings[server]):
+        for end, _, held in self.bookings[server]:  # kept sorted by completion time
             free += held
             if free >= slots:
                 return max(0.0, end - now)
@@ -281,7 +282,7 @@ class Simulator:
         self._first[request] = at + first
         self._end[request] = at + total
         for server, start, end in hops:
-            heapq.heappush(self.bookings[server], (at + total, request, end - start))
+            bisect.insort(self.bookings[server], (at + total, request, end - start))
         if at == now:
             self.events += 1  # the START happens now; no need to queue it
             self._begin(request, at)
@@ -309,8 +310,9 @@ class Simulator:
             self.committed[server] -= end - start
             self.active[server] -= 1
             books = self.bookings[server]
-            while books and books[0][0] <= now:
-                heapq.heappop(books)
+            done = bisect.bisect_right(books, (now, math.inf))
+            if done:
+                del books[:done]
 
     def _result(self, wall: float) -> SimResult:
         extra: dict[str, object] = {}
