@@ -223,6 +223,11 @@ class _BprrModel:
             m.add(self.end[j] == self.start[j] + self.length[j])  # (13d): e_j <= L by domain
             m.add_element(self.length[j], self.slot_table[j], self.slots[j])  # exact (13b)
 
+        covered, self.min_hops = 0, 0
+        for top in sorted(self.max_blocks, reverse=True):
+            if covered >= L:
+                break
+            covered, self.min_hops = covered + top, self.min_hops + 1
         self.links: list[Link] = [(SOURCE, j) for j in range(n)]
         self.links += [(i, j) for i in range(n) for j in range(n) if i != j]
         self.links += [(i, SINK) for i in range(n)]
@@ -302,6 +307,8 @@ class _BprrModel:
                 m.add(d == 0).only_enforce_if(~use)
                 w = m.new_int_var(0, c.size * top, f"w{q}_{i}_{j}")
                 m.add_multiplication_equality(w, [c.flow[link], d])
+                m.add(w <= top * c.flow[link])  # linear McCormick side of the product
+                m.add(w >= c.flow[link])  # a used link processes at least one block
                 c.blocks_in[link] = d
                 c.work[link] = w
         # (13c) flow conservation.
@@ -323,8 +330,11 @@ class _BprrModel:
                 m.add(k == 0).only_enforce_if(~enters)
                 c.enters[j] = enters
                 c.blocks[j] = k
-        # Redundant but tightening: every request processes exactly L blocks.
+        # Redundant but tightening: every request processes exactly L blocks, and needs at
+        # least as many hops as it takes the largest spans that fit to cover L blocks.
         m.add(sum(self._server_blocks(c, j) for j in range(n)) == c.size * L)
+        hops = sum(v for (_, j), v in c.flow.items() if j != SINK)
+        m.add(hops >= c.size * self.min_hops)
 
     def _server_blocks(self, c: _Commodity, j: int) -> cp_model.LinearExprT:
         """Blocks processed at server j by the commodity (sum over its requests of k_j)."""
