@@ -1,0 +1,157 @@
+"""Restarts, migrations, the planner (auto re-plan with hysteresis) and `bprr serve` errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import inspect
+
+from app.cli import main
+from app.store import db as store_db
+from tests.api.conftest import AppFactory, FakeClock, admin
+from tests.api.helpers import heartbeat, register, route_params, server_body, small_swarm
+
+
+def test_state_survives_a_restart(make_client: AppFactory, sqlite_url: str) -> None:
+    first = make_client(sqlite_url)
+    tokens = small_swarm(first)
+    session = first.post("/v1/sessions", json=route_params()).json()
+    generation = first.get("/v1/placements/current").json()["generation"]
+    first.__exit__(None, None, None)
+    second = make_client(sqlite_url)
+    assert {s["id"] for s in second.get("/v1/servers").json()} == set(tokens)
+    assert second.get("/v1/placements/current").json()["generation"] == generation
+    # The old tokens still authenticate, and the booked session is still there to release.
+    assert heartbeat(second, "s0", tokens["s0"], None).status_code == 200
+    assert second.delete(f"/v1/sessions/{session['id']}").status_code == 204
+
+
+def test_migrations_upgrade_downgrade_and_match_the_models(database_url: str) -> None:
+    engine = store_db.make_engine(database_url)
+    try:
+        store_db.upgrade(engine)
+        assert store_db.schema_at_head(engine)
+        store_db.check(engine)  # alembic check: models and migrations agree
+        tables = set(inspect(engine).get_table_names())
+        assert {"servers", "sessions", "reservations", "placements"} <= tables
+        store_db.downgrade(engine, "base")
+        assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
+        assert store_db.current_revision(engine) is None
+        store_db.upgrade(engine)
+        assert store_db.schema_at_head(engine)
+    finally:
+        engine.dispose()
+
+
+def test_refuses_to_start_behind_without_auto_migrate(
+    make_client: AppFactory, sqlite_url: str
+) -> None:
+    with pytest.raises(store_db.SchemaBehindError, match="alembic upgrade head"):
+        make_client(sqlite_url, auto_migrate=False)
+
+
+def test_serve_reports_a_schema_behind_in_one_line(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("BPRR_AUTO_MIGRATE", "false")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--database-url", sqlite_url])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: database schema is at revision none")
+
+
+def test_readyz_and_livez(client: TestClient) -> None:
+    assert client.get("/livez").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["schema_at_head"] is True
+    metrics = client.get("/metrics").text
+    assert "bprr_live_servers" in metrics and "http_requests_total" in metrics
+
+
+def _tick(client: TestClient) -> str:
+    outcome: str = client.app.state.coordinator.planner_tick()  # type: ignore[attr-defined]
+    return outcome
+
+
+def _load_assigned(client: TestClient, tokens: dict[str, str]) -> None:
+    placement = client.get("/v1/placements/current").json()
+    spans = {s["server_id"]: {"start": s["start"], "end": s["end"]} for s in placement["spans"]}
+    for server_id, token in tokens.items():
+        assert heartbeat(client, server_id, token, spans.get(server_id)).status_code == 200
+
+
+def test_planner_replans_on_join_and_keeps_spans(client: TestClient) -> None:
+    tokens = small_swarm(client, count=3)
+    # small_swarm registered servers, which requested a re-plan: the current plan is fine.
+    assert _tick(client).startswith("kept")
+    assert _tick(client) == "steady"
+    before = {
+        s["server_id"]: (s["start"], s["end"])
+        for s in client.get("/v1/placements/current").json()["spans"]
+    }
+    tokens["s3"] = register(client, server_body(3))
+    outcome = _tick(client)
+    assert outcome.startswith(("published", "kept"))
+    after = {
+        s["server_id"]: (s["start"], s["end"])
+        for s in client.get("/v1/placements/current").json()["spans"]
+    }
+    # Hysteresis: no existing server's span moved just because another one joined.
+    assert all(after.get(server) == span for server, span in before.items())
+    _load_assigned(client, tokens)
+    assert _tick(client) == "steady"
+
+
+def test_planner_replans_when_coverage_is_lost(client: TestClient, clock: FakeClock) -> None:
+    tokens = small_swarm(client, count=4, memory_gb=6.0)
+    _tick(client)
+    placement = client.get("/v1/placements/current").json()
+    # Every server hosting block 0 goes silent.
+    victims = {s["server_id"] for s in placement["spans"] if s["start"] == 0}
+    assert len(victims) < len(tokens)
+    clock.advance(10)
+    _load_assigned(client, {k: v for k, v in tokens.items() if k not in victims})
+    clock.advance(6)  # the victims' leases expire
+    outcome = _tick(client)
+    assert outcome.startswith("published"), outcome
+    fresh = client.get("/v1/placements/current").json()
+    assert not victims & {s["server_id"] for s in fresh["spans"]}
+    assert "coverage lost" in fresh["reason"]
+    covered = set()
+    for span in fresh["spans"]:
+        covered.update(range(span["start"], span["end"]))
+    assert covered == set(range(8))
+
+
+def test_planner_notices_drift(client: TestClient) -> None:
+    tokens = small_swarm(client, count=3)
+    _tick(client)
+    assert _tick(client) == "steady"
+    # One server reports a much slower decode speed, repeatedly (EWMA).
+    placement = client.get("/v1/placements/current").json()
+    spans = {s["server_id"]: {"start": s["start"], "end": s["end"]} for s in placement["spans"]}
+    server = placement["spans"][0]["server_id"]
+    for _ in range(15):
+        heartbeat(client, server, tokens[server], spans.get(server), decode_ms_per_block=500.0)
+    outcome = _tick(client)
+    assert outcome != "steady"
+    latest = client.get("/v1/placements/current").json()
+    if outcome.startswith("published"):
+        assert "drifted" in latest["reason"]
+
+
+def test_no_admin_token_disables_admin_routes(make_client: AppFactory, sqlite_url: str) -> None:
+    client = make_client(sqlite_url, admin_token=None)
+    response = client.put("/v1/model", json={}, headers=admin())
+    assert response.status_code in {403, 422}
+    from tests.api.helpers import SMALL_MODEL
+
+    response = client.put("/v1/model", json=SMALL_MODEL, headers=admin())
+    assert response.status_code == 403 and "BPRR_ADMIN_TOKEN" in response.json()["detail"]
+
+
+def test_example_file_exists() -> None:
+    assert (Path(__file__).resolve().parents[2] / "examples" / "paper-clustered-9.json").exists()
