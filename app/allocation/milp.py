@@ -181,7 +181,7 @@ def _route_flows(routes: Sequence[PlannedRoute]) -> dict[int, list[tuple[list[in
 def _fits_memory(instance: Instance, placement: Placement, routes: Sequence[PlannedRoute]) -> bool:
     try:
         check_solution(instance, placement, routes)
-    except RuntimeError:
+    except (RuntimeError, ValueError):  # perf.InfeasiblePath is a ValueError
         return False
     return True
 
@@ -470,6 +470,8 @@ def solve_milp(
         except (cg.InfeasibleError, MilpNoSolutionError):
             warm = None
             hint_source = "given placement unroutable"
+        except ValueError as error:
+            raise ValueError(f"hint: {error}") from None
     elif use_default_hint:
         warm = default_hint(instance, concurrency, counts)
         hint_source = "cg" if warm is not None else "none (cg infeasible)"
