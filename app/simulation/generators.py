@@ -58,19 +58,28 @@ def _poisson(rate: float, count: int, seed: int) -> dict[str, Any]:
     return {"arrival": "poisson", "rate_per_s": rate, "num_requests": count, "seed": seed}
 
 
+CLUSTERED_SITES = ("cluster0", "cluster1", "cluster2")
+CLIENT_POSITIONS = {0: "no servers", 1: "with the A100s", 2: "with the MIGs"}
+
+
 def clustered(
     l_max: int = 128,
     rate_per_s: float = 0.5,
     num_requests: int = 100,
     seed: int = 1,
     input_tokens: int = 20,
+    client_cluster: int = 0,
 ) -> Scenario:
     """The paper's testbed: 2 A100s and 7 MIG slices, 5 ms inside a cluster, 100 ms between.
 
-    The client is in cluster 0, both A100s in cluster 1, the MIGs in cluster 2
-    (examples/paper-clustered-9.json is this scenario with the defaults).
+    Both A100s are in cluster 1, the MIGs in cluster 2, and the single client in cluster
+    ``client_cluster``, the authors' ``client_position`` (test_general_case_online.m):
+    0 = cluster 0, no servers, 100 ms to all; 1 = with the A100s; 2 = with the MIGs (their
+    default). examples/paper-clustered-9.json is this scenario with the defaults (cluster 0).
     """
-    sites = ["cluster0", "cluster1", "cluster2"]
+    if client_cluster not in CLIENT_POSITIONS:
+        raise ValueError(f"client_cluster: must be one of {sorted(CLIENT_POSITIONS)}")
+    sites = list(CLUSTERED_SITES)
     servers: list[dict[str, Any]] = [
         {"id": "a100-0", "site": "cluster1", **A100},
         {"id": "a100-1", "site": "cluster1", **A100},
@@ -78,13 +87,13 @@ def clustered(
     servers += [{"id": f"mig-{i}", "site": "cluster2", **MIG} for i in range(7)]
     return parse_scenario(
         {
-            "name": f"clustered-lmax{l_max}-rate{rate_per_s:g}",
+            "name": f"clustered-lmax{l_max}-rate{rate_per_s:g}-client{client_cluster}",
             "model": BLOOM,
             "requests": {"max_input_tokens": input_tokens, "max_output_tokens": l_max},
             "sites": sites,
             "site_rtt_ms": [[5 if a == b else 100 for b in sites] for a in sites],
             "servers": servers,
-            "clients": [{"id": "c0", "site": "cluster0", "share": 1.0}],
+            "clients": [{"id": "c0", "site": sites[client_cluster], "share": 1.0}],
             "overheads": OVERHEADS,
             "workload": _poisson(rate_per_s, num_requests, seed),
         }

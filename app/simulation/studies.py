@@ -4,8 +4,9 @@ Each study is a list of points (a scenario generator's arguments and a label for
 the policies to compare, and the seeds. Running one writes, under the output folder:
 ``runs.csv`` (one row per run: point, policy, seed and every summary number),
 ``scenarios/`` (the generated scenario files, so each run can be replayed with
-``bprr simulate``), ``<study>.png`` (mean per-token time per policy) and prints a table of
-means over seeds with cg-wsrr's reduction against PETALS.
+``bprr simulate``), ``<study>.png`` (mean per-token time and TTFT per policy), ``summary.md``
+(markdown tables of the means over seeds: per-token time with cg-wsrr's reduction against
+PETALS, TTFT, waiting) and prints the per-token table.
 """
 
 from __future__ import annotations
@@ -51,16 +52,19 @@ class Study:
 
 
 def _clustered_points() -> tuple[Point, ...]:
+    """Client position (the authors' 0/1/2) x l_max 64/128 x rate 0.1/0.5, client outermost."""
     points: list[Point] = []
-    for l_max in (64, 128):
-        for rate in (0.1, 0.5):
-            make = functools.partial(_clustered_at, l_max, rate)
-            points.append(Point(f"lmax={l_max} rate={rate:g}", len(points), make))
+    for client in generators.CLIENT_POSITIONS:
+        for l_max in (64, 128):
+            for rate in (0.1, 0.5):
+                make = functools.partial(_clustered_at, client, l_max, rate)
+                label = f"client={generators.CLUSTERED_SITES[client]} lmax={l_max} rate={rate:g}"
+                points.append(Point(label, len(points), make))
     return tuple(points)
 
 
-def _clustered_at(l_max: int, rate: float, count: int, seed: int) -> Scenario:
-    return generators.clustered(l_max, rate, count, seed)
+def _clustered_at(client: int, l_max: int, rate: float, count: int, seed: int) -> Scenario:
+    return generators.clustered(l_max, rate, count, seed, client_cluster=client)
 
 
 def _sweep(
@@ -74,7 +78,8 @@ STUDIES: dict[str, Study] = {
     for study in (
         Study(
             "clustered",
-            "the paper's clustered testbed: l_max 64/128 x rate 0.1/0.5, all policies",
+            "the paper's clustered testbed: client in cluster 0/1/2 x l_max 64/128 x "
+            "rate 0.1/0.5, all policies",
             "scenario",
             _clustered_points(),
             ("petals", "cg-sp", "cg-wsrr", "milp-wsrr", *ABLATIONS),
@@ -223,12 +228,26 @@ def run_study(
         writer.writerows(rows)
     means = mean_table(rows)
     plot(study, means, out / f"{study.name}.png")
+    (out / "summary.md").write_text(
+        markdown_summary(study, means, count, seed_count), encoding="utf-8"
+    )
     console.print(render_table(study, means))
-    console.print(f"wrote {out / 'runs.csv'}, {out / (study.name + '.png')}, {out / 'scenarios'}")
+    console.print(
+        f"wrote {out / 'runs.csv'}, {out / (study.name + '.png')}, {out / 'summary.md'}, "
+        f"{out / 'scenarios'}"
+    )
     return rows
 
 
 Means = dict[tuple[str, str], dict[str, float]]
+MEAN_FIELDS = (
+    "x",
+    "mean_ms_per_token",
+    "mean_ttft_ms",
+    "mean_wait_ms",
+    "p95_e2e_ms",
+    "mean_attempts",
+)
 
 
 def mean_table(rows: list[dict[str, Any]]) -> Means:
@@ -239,8 +258,7 @@ def mean_table(rows: list[dict[str, Any]]) -> Means:
     means: Means = {}
     for key, members in groups.items():
         means[key] = {
-            name: sum(float(m[name]) for m in members) / len(members)
-            for name in ("x", "mean_ms_per_token", "mean_ttft_ms", "mean_wait_ms", "p95_e2e_ms")
+            name: sum(float(m[name]) for m in members) / len(members) for name in MEAN_FIELDS
         }
     return means
 
@@ -271,13 +289,50 @@ def render_table(study: Study, means: Means) -> Table:
     return table
 
 
+def markdown_summary(study: Study, means: Means, requests: int, seeds: int) -> str:
+    """Markdown tables of the means over seeds: ms/token (+ reduction), TTFT, waiting."""
+    compare = "petals" in study.policies and "cg-wsrr" in study.policies
+    lines = [
+        f"Study `{study.name}`: {study.description}; {requests} requests per run, "
+        f"means over {seeds} seed(s).",
+        "",
+    ]
+    for metric, title in (
+        ("mean_ms_per_token", "Mean time per token (ms), waiting included"),
+        ("mean_ttft_ms", "Mean time to first token (ms)"),
+        ("mean_wait_ms", "Mean wait before the request starts (ms; PETALS: retries included)"),
+    ):
+        header = [study.x_name, *study.policies]
+        with_reduction = compare and metric == "mean_ms_per_token"
+        if with_reduction:
+            header.append("cg-wsrr vs petals")
+        lines += [f"**{title}**", "", "| " + " | ".join(header) + " |"]
+        lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+        for point in study.points:
+            cells = [point.label]
+            for policy in study.policies:
+                value = means.get((point.label, policy))
+                cells.append("-" if value is None else f"{value[metric]:.1f}")
+            if with_reduction:
+                ours = means[(point.label, "cg-wsrr")][metric]
+                theirs = means[(point.label, "petals")][metric]
+                cells.append(f"{reduction(theirs, ours):.1f}%")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def plot(study: Study, means: Means, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    if study.bars:  # one panel per row, wide enough for every group of bars
+        width_in = max(12.0, 1.1 * len(study.points))
+        fig, axes = plt.subplots(2, 1, figsize=(width_in, 9))
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for axis, metric, title in (
         (axes[0], "mean_ms_per_token", "mean time per token (ms)"),
         (axes[1], "mean_ttft_ms", "mean time to first token (ms)"),
@@ -289,7 +344,7 @@ def plot(study: Study, means: Means, path: Path) -> None:
                 ys = [means[(p.label, policy)][metric] for p in study.points]
                 axis.bar(xs, ys, width=width, label=policy)
             axis.set_xticks([p.x for p in study.points])
-            axis.set_xticklabels([p.label for p in study.points], fontsize=8)
+            axis.set_xticklabels([p.label.replace(" ", "\n") for p in study.points], fontsize=8)
         else:
             for policy in study.policies:
                 xs = [p.x for p in study.points]

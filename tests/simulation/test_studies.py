@@ -1,0 +1,88 @@
+"""The clustered study's client positions, and the study outputs (CSV, summary tables)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from app.simulation import generators
+from app.simulation.run import simulate
+from app.simulation.studies import STUDIES, reduction, run_study
+
+
+@pytest.mark.parametrize(
+    ("client", "to_a100", "to_mig"),
+    [(0, 100.0, 100.0), (1, 5.0, 100.0), (2, 100.0, 5.0)],
+)
+def test_clustered_client_position_sets_the_client_rtts(
+    client: int, to_a100: float, to_mig: float
+) -> None:
+    # The authors' client_position: 0 = no servers, 1 = with the A100s, 2 = with the MIGs.
+    scenario = generators.clustered(client_cluster=client)
+    assert scenario.clients[0].site == f"cluster{client}"
+    (row,) = scenario.client_server_rtt()
+    kinds = [server.id.split("-")[0] for server in scenario.servers]
+    assert [r for r, k in zip(row, kinds, strict=True) if k == "a100"] == [to_a100] * 2
+    assert [r for r, k in zip(row, kinds, strict=True) if k == "mig"] == [to_mig] * 7
+    # Servers do not move: A100-A100 and MIG-MIG stay 5 ms, A100-MIG 100 ms.
+    assert scenario.site_rtt_ms[1][1] == 5 and scenario.site_rtt_ms[1][2] == 100
+
+
+def test_clustered_default_is_the_shipped_example() -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "paper-clustered-9.json"
+    shipped = json.loads(example.read_text(encoding="utf-8"))
+    generated = json.loads(generators.clustered().to_json())
+    for key in ("model", "requests", "sites", "site_rtt_ms", "servers", "clients", "overheads"):
+        assert generated[key] == shipped[key], key
+
+
+def test_clustered_client_position_is_checked() -> None:
+    with pytest.raises(ValueError, match="client_cluster"):
+        generators.clustered(client_cluster=3)
+
+
+def test_client_next_to_the_a100s_is_faster_for_cg_wsrr() -> None:
+    far = simulate(generators.clustered(64, 0.1, 40, 1, client_cluster=0), "cg-wsrr")
+    near = simulate(generators.clustered(64, 0.1, 40, 1, client_cluster=1), "cg-wsrr")
+    # Same arrivals; the first and last hops lose 95 ms of RTT per token each way.
+    assert near.arrival_ms.tobytes() == far.arrival_ms.tobytes()
+    far_s, near_s = far.summary(), near.summary()
+    assert float(near_s["mean_ms_per_token"]) < float(far_s["mean_ms_per_token"]) - 50
+
+
+def test_clustered_study_covers_every_client_position() -> None:
+    study = STUDIES["clustered"]
+    labels = [p.label for p in study.points]
+    assert len(labels) == len(set(labels)) == 3 * 2 * 2
+    for site in generators.CLUSTERED_SITES:
+        assert sum(f"client={site} " in label for label in labels) == 4
+    # Each point's scenario really has its client there (and the point's l_max and rate).
+    for point in study.points:
+        scenario = point.make(5, 1)
+        assert f"client={scenario.clients[0].site} " in point.label
+        assert f"lmax={scenario.requests.max_output_tokens} " in point.label
+
+
+def test_clustered_study_outputs_are_coherent(tmp_path: Path) -> None:
+    # All 12 points, two policies, a few requests: every output names every point once.
+    study = dataclasses.replace(STUDIES["clustered"], policies=("petals", "cg-wsrr"))
+    rows = run_study(study, tmp_path, quick=True, console=Console(file=None, quiet=True))
+    assert len(rows) == 12 * 2
+    with (tmp_path / "runs.csv").open(encoding="utf-8") as handle:
+        written = list(csv.DictReader(handle))
+    assert [r["point"] for r in written] == [r["point"] for r in rows]
+    assert len(list((tmp_path / "scenarios").glob("*.json"))) == 12  # no slug collisions
+    assert (tmp_path / "clustered.png").read_bytes().startswith(b"\x89PNG")
+    summary = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    by_key = {(r["point"], r["policy"]): float(r["mean_ms_per_token"]) for r in written}
+    for point in study.points:
+        line = next(x for x in summary.splitlines() if x.startswith(f"| {point.label} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        petals, ours = by_key[(point.label, "petals")], by_key[(point.label, "cg-wsrr")]
+        assert cells[1:] == [f"{petals:.1f}", f"{ours:.1f}", f"{reduction(petals, ours):.1f}%"]
+    assert summary.count("| client=cluster2 lmax=128 rate=0.5 |") == 3  # ms/token, TTFT, wait
