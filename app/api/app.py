@@ -17,9 +17,12 @@ import structlog
 from fastapi import Body, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry
 from prometheus_fastapi_instrumentator import Instrumentator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.metrics import SwarmCollector
@@ -44,6 +47,7 @@ from app.service.schemas import (
     ServerRegistration,
     SessionIn,
     SessionOut,
+    ValidationErrorOut,
 )
 from app.settings import Settings
 
@@ -53,7 +57,9 @@ IdPath = Annotated[str, Path(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorOut} for code in codes}
+    declared: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in codes}
+    declared[422] = {"model": ValidationErrorOut}
+    return declared
 
 
 class RequestIdMiddleware:
@@ -141,6 +147,22 @@ def create_app(
     async def _service_error(_: Request, error: ServiceError) -> JSONResponse:
         return JSONResponse(
             {"detail": error.message}, status_code=error.status_code, headers=error.headers
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> Response:
+        headers = dict(error.headers or {})
+        if error.status_code == 400:  # an unparsable body: a validation error like any other
+            return JSONResponse({"detail": f"body: {error.detail}"}, status_code=422)
+        if error.status_code == 405:
+            # Starlette lists only the first matching route's methods; list them all.
+            methods: set[str] = set()
+            for route in app.router.routes:
+                if isinstance(route, APIRoute) and route.matches(request.scope)[0] != Match.NONE:
+                    methods.update(route.methods or ())
+            headers["Allow"] = ", ".join(sorted(methods))
+        return JSONResponse(
+            {"detail": error.detail}, status_code=error.status_code, headers=headers
         )
 
     @app.exception_handler(RequestValidationError)

@@ -438,9 +438,12 @@ class Coordinator:
         state = load_state(db)
         if state.model is None:
             raise Conflict("no model is set yet (PUT /v1/model)")
-        live = [s for s in state.servers if s.lease_expires_at > now and s.state != "draining"]
+        live = _plannable(state, now)
         if not live:
-            raise Conflict("no server with a live lease to place blocks on")
+            raise Conflict(
+                "no server with a live lease (and memory for one block and one cache) "
+                "to place blocks on"
+            )
         return state, live
 
     def _concurrency(
@@ -738,7 +741,10 @@ class Coordinator:
         if not servers:
             raise Conflict("no server with a live lease (use include_expired=true for all)")
         data = scenario_dict(state, servers, self.settings.default_site_rtt_ms)
-        parse_scenario(data)  # what we export must read back
+        try:
+            parse_scenario(data)  # what we export must read back
+        except ScenarioError as error:
+            raise Conflict(f"the live state is not a valid scenario: {error}") from None
         return data
 
     def load_scenario(self, raw: Any, online: bool, lease_s: float) -> ScenarioLoadOut:
@@ -908,7 +914,7 @@ class Coordinator:
                 state = load_state(db)
             if state.model is None:
                 return "no model"
-            live = [s for s in state.servers if s.lease_expires_at > now and s.state != "draining"]
+            live = _plannable(state, now)
             if not live:
                 return "no live servers"
             current = state.assigned_spans()
@@ -1077,6 +1083,24 @@ def _release(db: Session, session_id: str) -> list[tuple[str, int, float]] | Non
             )
         )
     return held
+
+
+def _plannable(state: LiveState, now: float) -> list[ServerRow]:
+    """Servers the planner may use: live lease, not draining, room for one block + one cache."""
+    model = state.model
+    if model is None:
+        return []
+    one_block = (
+        model.block_memory_gb
+        + model.kv_bytes_per_token_per_block
+        * (model.max_input_tokens + model.max_output_tokens)
+        / 1e9
+    )
+    return [
+        s
+        for s in state.servers
+        if s.lease_expires_at > now and s.state != "draining" and s.memory_gb >= one_block
+    ]
 
 
 def _coverage_lost(state: LiveState, live: list[ServerRow], current: dict[str, Span]) -> bool:

@@ -21,6 +21,9 @@ from app.allocation.routing import RouteIndex
 from app.service.state import LiveState
 
 
+MAX_SLOTS = 2**31 - 1
+
+
 @dataclass(frozen=True)
 class RoutePlan:
     hops: tuple[Hop, ...]
@@ -38,8 +41,11 @@ class ServerEntry:
 
 
 def cache_slots(memory_gb: float, block_gb: float, cache_gb: float, blocks: int) -> int:
+    """Cache slots left after the weights, capped to fit a 32-bit column."""
     free = memory_gb - block_gb * blocks
-    return max(0, math.floor(free / cache_gb + 1e-9)) if cache_gb > 0 else 0
+    if cache_gb <= 0 or free <= 0:
+        return 0
+    return min(MAX_SLOTS, max(0, math.floor(free / cache_gb + 1e-9)))
 
 
 class RouteView:

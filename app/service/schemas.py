@@ -8,21 +8,42 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's integer: 3 and 3.0 are both integers; strings and booleans are not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+_Int0 = Annotated[int, Field(ge=0, le=2**62), BeforeValidator(_integral)]
+_Int1 = Annotated[int, Field(ge=0, le=10_000_000), BeforeValidator(_integral)]
+_Int2 = Annotated[int, Field(ge=1, le=100_000), BeforeValidator(_integral)]
+_Int3 = Annotated[int, Field(ge=1, le=10_000_000), BeforeValidator(_integral)]
+_Int4 = Annotated[int, Field(ge=1, le=1_000_000), BeforeValidator(_integral)]
+_Int5 = Annotated[int, Field(ge=0, le=100_000), BeforeValidator(_integral)]
+_Int6 = Annotated[int, Field(ge=0, le=2**31 - 1), BeforeValidator(_integral)]
 Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:@-]+$")]
 NonNegative = Annotated[float, Field(ge=0, le=1e12, allow_inf_nan=False)]
 Positive = Annotated[float, Field(gt=0, le=1e12, allow_inf_nan=False)]
-Epoch = Annotated[int, Field(ge=0, le=2**62)]
-Tokens = Annotated[int, Field(ge=0, le=10_000_000)]
+Epoch = _Int0
+Tokens = _Int1
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ErrorOut(BaseModel):
     detail: str
+
+
+class ValidationErrorOut(BaseModel):
+    """422: a message naming the field, or FastAPI's list of field errors."""
+
+    detail: str | list[dict[str, Any]]
 
 
 class Overheads(Body):
@@ -34,15 +55,15 @@ class Overheads(Body):
 
 class ModelIn(Body):
     name: Name
-    num_blocks: Annotated[int, Field(ge=1, le=100_000)]
+    num_blocks: _Int2
     block_memory_gb: Positive
     kv_bytes_per_token_per_block: Positive
     max_input_tokens: Tokens
-    max_output_tokens: Annotated[int, Field(ge=1, le=10_000_000)]
-    hidden_size: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
-    petals_cache_tokens: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
+    max_output_tokens: _Int3
+    hidden_size: _Int3 | None = None
+    petals_cache_tokens: _Int3 | None = None
     overheads: Overheads = Overheads()
-    concurrency: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    concurrency: _Int4 | None = None
     rate_per_s: Positive | None = None
 
 
@@ -57,8 +78,8 @@ class PrefillSpeed(Body):
 
 
 class SpanModel(Body):
-    start: Annotated[int, Field(ge=0, le=100_000)]
-    end: Annotated[int, Field(ge=1, le=100_000)]
+    start: _Int5
+    end: _Int2
 
     @model_validator(mode="after")
     def _ordered(self) -> SpanModel:
@@ -90,7 +111,7 @@ class Heartbeat(Body):
     boot_epoch: Epoch
     state: Literal["joining", "online", "draining"]
     loaded_span: SpanModel | None = None
-    free_cache_slots: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    free_cache_slots: _Int6 | None = None
     decode_ms_per_block: Positive | None = None
     prefill_ms_per_block: PrefillSpeed | None = None
     rtts: Annotated[dict[Name, NonNegative], Field(max_length=10_000)] = {}
@@ -140,7 +161,7 @@ class RttsOut(BaseModel):
 
 class PlacementRequest(Body):
     algorithm: Literal["cg", "milp", "petals"] = "cg"
-    concurrency: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    concurrency: _Int2 | None = None
     time_limit_s: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)] | None = None
 
 
@@ -184,7 +205,7 @@ class RouteOut(BaseModel):
 class SessionIn(Body):
     client_site: Name
     input_tokens: Tokens
-    output_tokens: Annotated[int, Field(ge=1, le=10_000_000)]
+    output_tokens: _Int3
 
 
 class SessionOut(BaseModel):
