@@ -20,7 +20,6 @@ from app.allocation.perf import Hop, RequestTiming, request_timing
 from app.allocation.routing import RouteIndex
 from app.service.state import LiveState
 
-
 MAX_SLOTS = 2**31 - 1
 
 
