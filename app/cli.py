@@ -17,7 +17,7 @@ from rich.table import Table
 
 from app.allocation.cg import InfeasibleError
 from app.allocation.scenario import ScenarioError, load_scenario
-from app.allocation.solve import ALGORITHMS, Solution, solve
+from app.allocation.solve import ALGORITHMS, NoSolutionError, Solution, solve
 
 cli = typer.Typer(
     name="bprr",
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         message = getattr(error, "format_message", error.__str__)()
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
-    except (UserError, ScenarioError, InfeasibleError) as error:
+    except (UserError, ScenarioError, InfeasibleError, NoSolutionError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

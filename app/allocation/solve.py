@@ -20,6 +20,10 @@ Algorithm = Literal["cg", "milp", "petals"]
 ALGORITHMS: tuple[Algorithm, ...] = ("cg", "milp", "petals")
 
 
+class NoSolutionError(RuntimeError):
+    """The solver found no placement within its limits (neither proven infeasible nor solved)."""
+
+
 @dataclass(frozen=True)
 class PlannedRoute:
     """``requests`` requests of client ``client`` follow ``hops``."""
@@ -98,7 +102,10 @@ def solve(
     if algorithm == "milp":
         from app.allocation import milp  # CP-SAT loads only when asked for
 
-        return milp.solve_milp(instance, concurrency, counts, time_limit_s=time_limit_s)
+        try:
+            return milp.solve_milp(instance, concurrency, counts, time_limit_s=time_limit_s)
+        except milp.MilpNoSolutionError as error:
+            raise NoSolutionError(str(error)) from None
     if algorithm == "petals":
         from app.allocation import petals
 

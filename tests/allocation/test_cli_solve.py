@@ -73,3 +73,17 @@ def test_invalid_scenario_names_the_field(
     path.write_text(json.dumps(data))
     code, _, err = run(["solve", str(path)], capsys)
     assert code == 2 and "servers[1].site" in err
+
+
+def test_milp_without_a_solution_in_time_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from app.allocation import milp
+
+    def no_solution(*args: object, **kwargs: object) -> None:
+        raise milp.MilpNoSolutionError("no solution within the 0.1 s time limit")
+
+    monkeypatch.setattr(milp, "solve_milp", no_solution)
+    code, _, err = run(["solve", str(CLUSTERED), "-a", "milp", "--time-limit", "0.1"], capsys)
+    assert code == 2
+    assert err == "error: no solution within the 0.1 s time limit\n"

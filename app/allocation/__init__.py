@@ -1,0 +1,1 @@
+"""The pure allocation domain: scenarios, the performance model and the solvers."""
