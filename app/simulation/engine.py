@@ -188,29 +188,39 @@ class Simulator:
         """Slots on ``server`` neither used nor booked."""
         return self.capacity[server] - self.committed[server]
 
-    def wait_ms(self, server: int, slots: int, now: float) -> float:
-        """How long until ``slots`` slots are free on ``server`` for good (inf: never).
+    def free_at_ms(self, server: int, slots: int, now: float) -> float:
+        """The instant from which ``slots`` slots are free on ``server`` for good (inf: never).
 
         Scans the server's bookings in completion order, as WS-RR does; counting booked
-        requests as held from now on makes the answer safe to book against.
+        requests as held from now on makes the answer safe to book against. The answer is
+        ``now`` or exactly a booking's completion time (never ``now + (end - now)``, which
+        can round one ulp below ``end`` and start the request before that END event).
         """
         free = self.capacity[server] - self.committed[server]
         if free >= slots:
-            return 0.0
+            return now
         if slots > self.capacity[server]:
             return math.inf
         for end, _, held in self.bookings[server]:  # kept sorted by completion time
             free += held
             if free >= slots:
-                return max(0.0, end - now)
+                return max(now, end)
         return math.inf  # pragma: no cover - bookings always sum to committed
 
+    def wait_ms(self, server: int, slots: int, now: float) -> float:
+        """How long until ``slots`` slots are free on ``server`` for good (inf: never)."""
+        return self.free_at_ms(server, slots, now) - now
+
     def earliest_start(self, hops: Sequence[Hop], now: float) -> float:
-        """The first instant from which every hop's slots are free: now + max wait."""
-        wait = 0.0
+        """The first instant from which every hop's slots are free (a server visited twice
+        needs the slots of both of its hops)."""
+        needed: dict[int, int] = {}
         for server, start, end in hops:
-            wait = max(wait, self.wait_ms(server, end - start, now))
-        return now + wait
+            needed[server] = needed.get(server, 0) + end - start
+        at = now
+        for server, slots in needed.items():
+            at = max(at, self.free_at_ms(server, slots, now))
+        return at
 
     # --- the loop ------------------------------------------------------------------------
 

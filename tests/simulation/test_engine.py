@@ -66,6 +66,17 @@ def test_release_at_the_same_instant_admits_the_next_request() -> None:
     assert result.start_ms.tolist() == [0.0, 82.0]
 
 
+@pytest.mark.parametrize("kind", ["sp", "wsrr"])
+def test_booked_start_is_exactly_the_release_instant(kind: str) -> None:
+    # r0 ends at 17.52 + 82 = 99.52; r1 arriving at 33.51 books that instant. In floating
+    # point 33.51 + (99.52 - 33.51) = 99.51999999999998: a start computed as now + wait
+    # would come one ulp before r0's release and find its slots still held.
+    assert 33.51 + ((17.52 + 82.0) - 33.51) < 17.52 + 82.0
+    result = run_two_server(kind, [17.52, 33.51])
+    assert result.start_ms[1] == result.end_ms[0] == 17.52 + 82.0
+    assert result.completions.tolist() == [1, 1]
+
+
 def test_overcommitting_policy_is_caught() -> None:
     scenario = two_server_scenario()
     instance = Instance.from_scenario(scenario)
