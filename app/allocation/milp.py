@@ -42,6 +42,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ortools.sat.python import cp_model
 
@@ -51,7 +52,9 @@ from app.allocation.perf import hops_for_path
 from app.allocation.solve import PlannedRoute, Solution, mean_per_token_ms
 
 __all__ = [
+    "DEFAULT_LINEARIZATION",
     "TIME_SCALE",
+    "Linearization",
     "MilpNoSolutionError",
     "route_ilp",
     "solve_milp",
@@ -66,6 +69,11 @@ SOURCE = -1  # the request's client as the origin of the first link
 SINK = -2  # the request's client as the destination of the last link
 
 Link = tuple[int, int]  # (from, to) with SOURCE / SINK / server indices
+
+# How the products of a link's use f with the span variables are linearised (module docstring).
+Linearization = Literal["enforce", "mccormick"]
+LINEARIZATIONS: tuple[Linearization, ...] = ("enforce", "mccormick")
+DEFAULT_LINEARIZATION: Linearization = "enforce"
 
 
 class MilpNoSolutionError(RuntimeError):
@@ -202,14 +210,30 @@ class _Commodity:
     used: dict[Link, cp_model.IntVar] = field(default_factory=dict)  # == flow when size 1
     blocks_in: dict[Link, cp_model.IntVar] = field(default_factory=dict)  # d = e_j - e_i if used
     work: dict[Link, cp_model.IntVar] = field(default_factory=dict)  # flow * d (aggregated)
+    # McCormick only: head = f e_j, tail = f e_i, lead = f s_j; bits (z_b, z_b d) of the flow.
+    head: dict[Link, cp_model.IntVar] = field(default_factory=dict)
+    tail: dict[Link, cp_model.IntVar] = field(default_factory=dict)
+    lead: dict[Link, cp_model.IntVar] = field(default_factory=dict)
+    bits: dict[Link, list[tuple[cp_model.IntVar, cp_model.IntVar]]] = field(default_factory=dict)
     blocks: dict[int, cp_model.IntVar] = field(default_factory=dict)  # k_j (per request)
     enters: dict[int, cp_model.IntVar] = field(default_factory=dict)  # request visits j
 
 
 class _BprrModel:
-    def __init__(self, instance: Instance, counts: Sequence[int], aggregate: bool) -> None:
+    def __init__(
+        self,
+        instance: Instance,
+        counts: Sequence[int],
+        aggregate: bool,
+        linearization: Linearization = DEFAULT_LINEARIZATION,
+    ) -> None:
+        if linearization not in LINEARIZATIONS:
+            raise ValueError(
+                f"linearization: {linearization!r} is not one of {', '.join(LINEARIZATIONS)}"
+            )
         self.instance = instance
         self.aggregate = aggregate
+        self.linearization = linearization
         L = instance.num_blocks
         n = instance.num_servers
         self.model = cp_model.CpModel()
@@ -293,6 +317,9 @@ class _BprrModel:
                 c.flow[link] = y
                 c.used[link] = u
             use = c.used[link]
+            if self.linearization == "mccormick":
+                self._link_mccormick(q, c, link)
+                continue
             # (13e), (13f): Lemma 1 on every used link.
             if i == SOURCE:  # (13e) a_j <= 1 and (13f) 1 <= a_j + m_j - 1
                 m.add(self.start[j] == 0).only_enforce_if(use)
@@ -327,10 +354,13 @@ class _BprrModel:
                 k = m.new_int_var(0, self.max_blocks[j], f"k{q}_{j}")
                 incoming = [link for link in self.links if link[1] == j]
                 m.add(sum(c.flow[link] for link in incoming) == enters)
-                for link in incoming:
-                    entry = 0 if link[0] == SOURCE else self.end[link[0]]
-                    m.add(k == self.end[j] - entry).only_enforce_if(c.flow[link])
-                m.add(k == 0).only_enforce_if(~enters)
+                if self.linearization == "mccormick":  # k_j = sum_i f (e_j - e_i)
+                    m.add(k == sum(c.head[a] - c.tail.get(a, 0) for a in incoming))
+                else:
+                    for link in incoming:
+                        entry = 0 if link[0] == SOURCE else self.end[link[0]]
+                        m.add(k == self.end[j] - entry).only_enforce_if(c.flow[link])
+                    m.add(k == 0).only_enforce_if(~enters)
                 c.enters[j] = enters
                 c.blocks[j] = k
         # Redundant but tightening: every request processes exactly L blocks, and needs at
@@ -338,6 +368,65 @@ class _BprrModel:
         m.add(sum(self._server_blocks(c, j) for j in range(n)) == c.size * L)
         hops = sum(v for (_, j), v in c.flow.items() if j != SINK)
         m.add(hops >= c.size * self.min_hops)
+
+    def _product(
+        self, f: cp_model.IntVar, x: cp_model.IntVar, top: int, name: str
+    ) -> cp_model.IntVar:
+        """p = f x for a binary f and an integer x in 0..top: McCormick's four inequalities.
+
+        At f in {0, 1} they pin p to 0 or x exactly (big-M = top, the bound of x).
+        """
+        m = self.model
+        p = m.new_int_var(0, top, name)  # p >= 0
+        m.add(p <= top * f)
+        m.add(p <= x)
+        m.add(p >= x - top * (1 - f))
+        return p
+
+    def _link_mccormick(self, q: int, c: _Commodity, link: Link) -> None:
+        """(13e), (13f) and the blocks a link carries, linear in McCormick products.
+
+        head = f e_j, tail = f e_i, lead = f s_j (the paper's alpha .. delta with e = s + m, one
+        product per span end instead of two: the same integer points, an envelope at least as
+        tight). Aggregated flows y in 0..n_c are not binary, and McCormick on an integer times
+        an integer is not exact (y = 1, e = 1 with bounds 2, 2 allows p in 0..2), so the flow is
+        written in binary, y = sum 2^b z_b, and each bit gets an exact product z_b d.
+        """
+        m = self.model
+        L = self.instance.num_blocks
+        i, j = link
+        f = c.used[link]
+        tag = f"{q}_{i}_{j}"
+        if i >= 0:
+            c.tail[link] = self._product(f, self.end[i], L, f"tail{tag}")
+        if j == SINK:
+            m.add(c.tail[link] >= L * f)  # f e_i = L f: the last server ends at L
+            return
+        c.head[link] = self._product(f, self.end[j], L, f"head{tag}")
+        c.lead[link] = self._product(f, self.start[j], L, f"lead{tag}")
+        if i == SOURCE:  # (13e) s_j = 0 and (13f) e_j >= 1 when used
+            m.add(c.lead[link] == 0)
+            m.add(c.head[link] >= f)
+        else:
+            m.add(c.lead[link] <= c.tail[link])  # (13e) s_j <= e_i when used
+            m.add(c.tail[link] + f <= c.head[link])  # (13f) e_i + 1 <= e_j when used
+        if c.size == 1:
+            return
+        top = self.max_blocks[j]
+        d = m.new_int_var(0, top, f"d{tag}")  # f (e_j - e_i): k <= m_j by the domain
+        m.add(d == c.head[link] - c.tail.get(link, 0))
+        bits = []
+        for b in range(c.size.bit_length()):
+            z = m.new_bool_var(f"z{tag}_{b}")
+            bits.append((z, self._product(z, d, top, f"p{tag}_{b}")))
+        m.add(c.flow[link] == sum((1 << b) * z for b, (z, _) in enumerate(bits)))
+        w = m.new_int_var(0, c.size * top, f"w{tag}")
+        m.add(w == sum((1 << b) * p for b, (_, p) in enumerate(bits)))
+        m.add(w <= top * c.flow[link])
+        m.add(w >= c.flow[link])
+        c.blocks_in[link] = d
+        c.work[link] = w
+        c.bits[link] = bits
 
     def _server_blocks(self, c: _Commodity, j: int) -> cp_model.LinearExprT:
         """Blocks processed at server j by the commodity (sum over its requests of k_j)."""
@@ -352,9 +441,10 @@ class _BprrModel:
         n = self.instance.num_servers
         L = self.instance.num_blocks
         m = self.model
-        ends = []
+        ends, starts = [], []
         for j, span in enumerate(placement):
             s, e = (0, 0) if span is None else (span.start, span.end)
+            starts.append(s)
             m.add_hint(self.start[j], s)
             m.add_hint(self.length[j], e - s)
             m.add_hint(self.end[j], e)
@@ -385,6 +475,17 @@ class _BprrModel:
                     raise RuntimeError("hint route does not cover the model")
             for link, var in commodity.flow.items():
                 m.add_hint(var, flow[link])
+                use = 1 if flow[link] else 0
+                a, b = link
+                if link in commodity.tail:
+                    m.add_hint(commodity.tail[link], use * ends[a])
+                if link in commodity.head:
+                    m.add_hint(commodity.head[link], use * ends[b])
+                    m.add_hint(commodity.lead[link], use * starts[b])
+                for bit, (z, product) in enumerate(commodity.bits.get(link, [])):
+                    on = (flow[link] >> bit) & 1
+                    m.add_hint(z, on)
+                    m.add_hint(product, on * (ends[b] - (0 if a == SOURCE else ends[a])))
                 if commodity.size > 1:
                     m.add_hint(commodity.used[link], 1 if flow[link] else 0)
                     if link in commodity.work:
@@ -444,9 +545,12 @@ def solve_milp(
     *,
     aggregate: bool = True,
     use_default_hint: bool = True,
+    linearization: Linearization = DEFAULT_LINEARIZATION,
 ) -> Solution:
     """Solve MILP-BPRR for |R| = ``concurrency`` requests split over clients as ``counts``.
 
+    ``linearization``: "enforce" (enforcement literals) or "mccormick" (explicit product
+    variables with McCormick inequalities); the same optimum, see DEFAULT_LINEARIZATION.
     ``hint``: a placement to warm-start from (its routes come from the routing ILP); by
     default CG-BPRR's placement and shortest routes when CG is feasible for |R|.
     Raises cg.InfeasibleError when CP-SAT proves the instance infeasible and
@@ -458,6 +562,10 @@ def solve_milp(
         raise ValueError(f"concurrency: must be at least 1, got {concurrency}")
     if sum(counts) != concurrency:
         raise ValueError(f"counts: they sum to {sum(counts)}, not to concurrency {concurrency}")
+    if linearization not in LINEARIZATIONS:
+        raise ValueError(
+            f"linearization: {linearization!r} is not one of {', '.join(LINEARIZATIONS)}"
+        )
     solver = _solver(time_limit_s, workers)
 
     warm: tuple[Placement, tuple[PlannedRoute, ...]] | None = None
@@ -479,7 +587,7 @@ def solve_milp(
         warm = default_hint(instance, concurrency, counts)
         hint_source = "cg" if warm is not None else "none (cg infeasible)"
 
-    built = _BprrModel(instance, counts, aggregate)
+    built = _BprrModel(instance, counts, aggregate, linearization)
     if warm is not None:
         built.hint(*warm)
     build_seconds = time.perf_counter() - started
@@ -520,6 +628,7 @@ def solve_milp(
         gap=gap,
         details={
             "model": "per-client" if aggregate else "per-request",
+            "linearization": linearization,
             "hint": hint_source,
             "kept_hint": kept_hint,
             "time_scale_per_ms": TIME_SCALE,

@@ -184,13 +184,22 @@ def assert_valid(instance: Instance, placement: Placement, routes: Sequence[Plan
 # --- MILP versus brute force ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("linearization", milp.LINEARIZATIONS)
 @pytest.mark.parametrize("aggregate", [True, False], ids=["per-client", "per-request"])
 @pytest.mark.parametrize("case", TINY, ids=[f"seed{c[0]}" for c in TINY])
 def test_milp_matches_brute_force(
-    case: tuple[int, Instance, list[int], float], aggregate: bool
+    case: tuple[int, Instance, list[int], float], aggregate: bool, linearization: milp.Linearization
 ) -> None:
     _, instance, counts, optimum = case
-    solution = milp.solve_milp(instance, sum(counts), counts, time_limit_s=20, aggregate=aggregate)
+    solution = milp.solve_milp(
+        instance,
+        sum(counts),
+        counts,
+        time_limit_s=20,
+        aggregate=aggregate,
+        linearization=linearization,
+    )
+    assert solution.details["linearization"] == linearization
     assert solution.status == "optimal" and solution.optimal
     assert solution.objective_ms_per_token == pytest.approx(optimum, rel=1e-6)
     assert solution.bound_ms_per_token is not None
@@ -204,19 +213,26 @@ def test_milp_matches_brute_force(
     assert_valid(instance, solution.placement, solution.routes)
 
 
+@pytest.mark.parametrize("linearization", milp.LINEARIZATIONS)
 @pytest.mark.parametrize("case", TINY[:6], ids=[f"seed{c[0]}" for c in TINY[:6]])
 def test_milp_without_hint_matches_brute_force(
-    case: tuple[int, Instance, list[int], float],
+    case: tuple[int, Instance, list[int], float], linearization: milp.Linearization
 ) -> None:
     _, instance, counts, optimum = case
     solution = milp.solve_milp(
-        instance, sum(counts), counts, time_limit_s=20, use_default_hint=False
+        instance,
+        sum(counts),
+        counts,
+        time_limit_s=20,
+        use_default_hint=False,
+        linearization=linearization,
     )
     assert solution.details["hint"] == "none"
     assert solution.objective_ms_per_token == pytest.approx(optimum, rel=1e-6)
 
 
-def test_memory_binds_and_milp_splits_traffic() -> None:
+@pytest.mark.parametrize("linearization", milp.LINEARIZATIONS)
+def test_memory_binds_and_milp_splits_traffic(linearization: milp.Linearization) -> None:
     """One fast server that cannot carry both requests: the MILP must split them."""
     scenario = build(
         num_blocks=2,
@@ -230,7 +246,7 @@ def test_memory_binds_and_milp_splits_traffic() -> None:
     )
     instance = Instance.from_scenario(scenario)
     counts = [2]
-    solution = milp.solve_milp(instance, 2, counts, time_limit_s=20)
+    solution = milp.solve_milp(instance, 2, counts, time_limit_s=20, linearization=linearization)
     optimum = brute_force(instance, counts)
     assert optimum is not None
     assert solution.objective_ms_per_token == pytest.approx(optimum, rel=1e-6)
@@ -241,7 +257,10 @@ def test_memory_binds_and_milp_splits_traffic() -> None:
 
 
 @pytest.mark.parametrize("aggregate", [True, False], ids=["per-client", "per-request"])
-def test_no_request_enters_a_server_that_hosts_nothing(aggregate: bool) -> None:
+@pytest.mark.parametrize("linearization", milp.LINEARIZATIONS)
+def test_no_request_enters_a_server_that_hosts_nothing(
+    aggregate: bool, linearization: milp.Linearization
+) -> None:
     """Regression: source -> j must make j process at least one block (13f on client links)."""
     scenario = build(
         num_blocks=2,
@@ -253,7 +272,7 @@ def test_no_request_enters_a_server_that_hosts_nothing(aggregate: bool) -> None:
     counts = [2]
     assert milp.solve_milp(instance, 2, counts, time_limit_s=10).optimal
     for j in range(instance.num_servers):
-        built = milp._BprrModel(instance, counts, aggregate)
+        built = milp._BprrModel(instance, counts, aggregate, linearization)
         built.model.add(built.length[j] == 0)
         built.model.add(sum(c.flow[(milp.SOURCE, j)] for c in built.commodities) >= 1)
         solver = cp_model.CpSolver()
@@ -315,15 +334,16 @@ def test_unscaled_times_give_a_conservative_bound() -> None:
 # --- warm start -----------------------------------------------------------------------------
 
 
-def test_cg_hint_is_complete_and_feasible() -> None:
+@pytest.mark.parametrize("linearization", milp.LINEARIZATIONS)
+def test_cg_hint_is_complete_and_feasible(linearization: milp.Linearization) -> None:
     """Fixing every variable to its hinted value leaves a feasible model with CG's cost."""
     scenario = load_scenario(CLUSTERED)
     instance = Instance.from_scenario(scenario)
-    for aggregate, R in [(True, 6), (False, 3)]:
+    for aggregate, R in [(True, 6), (True, 13), (False, 3)]:  # 13 = 0b1101: several flow bits
         counts = scenario.client_request_counts(R)
         warm = milp.default_hint(instance, R, counts)
         assert warm is not None
-        built = milp._BprrModel(instance, counts, aggregate)
+        built = milp._BprrModel(instance, counts, aggregate, linearization)
         built.hint(*warm)
         proto = built.model.proto
         hinted = set(proto.solution_hint.vars)
@@ -490,6 +510,8 @@ def test_bad_arguments_name_the_field() -> None:
         milp.solve_milp(instance, R, counts, time_limit_s=0)
     with pytest.raises(ValueError, match="workers"):
         milp.solve_milp(instance, R, counts, workers=0)
+    with pytest.raises(ValueError, match="linearization"):
+        milp.solve_milp(instance, R, counts, linearization="bigm")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="placement"):
         milp.route_ilp(instance, (None,), counts)
 
@@ -516,3 +538,21 @@ def test_clustered_small_r_optimal_and_not_worse_than_cg() -> None:
     # Two A100 hops from cluster 0: 2 x (100 + 100) ms + 70 blocks x 3.2197 ms.
     assert solution.objective_ms_per_token == pytest.approx(2 * 200 + 70 * 3.2197, rel=1e-12)
     assert_valid(Instance.from_scenario(scenario), solution.placement, solution.routes)
+
+
+@pytest.mark.parametrize("aggregate", [True, False], ids=["per-client", "per-request"])
+def test_mccormick_model_is_linear(aggregate: bool) -> None:
+    """McCormick: no enforcement literal and no product constraint; enforce uses both kinds."""
+    scenario = load_scenario(CLUSTERED)
+    instance = Instance.from_scenario(scenario)
+    counts = scenario.client_request_counts(5)
+
+    def kinds(linearization: milp.Linearization) -> tuple[int, int]:
+        proto = milp._BprrModel(instance, counts, aggregate, linearization).model.proto
+        enforced = sum(bool(c.enforcement_literal) for c in proto.constraints)
+        products = sum(c.has_int_prod() for c in proto.constraints)
+        return enforced, products
+
+    assert kinds("mccormick") == (0, 0)
+    enforced, products = kinds("enforce")
+    assert enforced > 0 and (products > 0) == aggregate
