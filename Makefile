@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/bprr solve $(SCENARIO)
+	$(BIN)/bprr serve
 
 lint: $(STAMP)
 	$(BIN)/ruff check app tests bench

@@ -122,6 +122,8 @@ class Coordinator:
         self.clock = clock
         self.engine = engine or store_db.make_engine(settings.database_url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.read_sessions = sessionmaker(store_db.read_only(self.engine), expire_on_commit=False)
+        self._rebuild_lock = threading.Lock()
         self.instance_id = uuid.uuid4().hex
         self.view_refresh_s = view_refresh_s
         self.counters = Counters()
@@ -161,6 +163,12 @@ class Coordinator:
         with self.sessions() as db, db.begin():
             yield db
 
+    @contextmanager
+    def read_tx(self) -> Iterator[Session]:
+        """A transaction that only reads (on SQLite it does not take the write lock)."""
+        with self.read_sessions() as db, db.begin():
+            yield db
+
     # --- authentication ------------------------------------------------------------------------
 
     def check_admin(self, token: str | None) -> None:
@@ -186,7 +194,7 @@ class Coordinator:
             return
         if token is None:
             raise Unauthorized("missing bearer token (admin or a server's token is required)")
-        with self.tx() as db:
+        with self.read_tx() as db:
             found = db.scalar(
                 select(ServerRow.id).where(ServerRow.token_hash == hash_token(token)).limit(1)
             )
@@ -206,22 +214,35 @@ class Coordinator:
             self._view = None
 
     def view(self) -> RouteView:
+        """The route view, rebuilt by one thread at a time: while a periodic refresh runs,
+        other requests keep answering from the previous view."""
         now = self.clock()
         with self._view_lock:
             view = self._view
-            if view is not None and now - view.built_at < self.view_refresh_s:
-                return view
-        with self.tx() as db:
-            state = load_state(db, with_reservations=True)
-        fresh = RouteView(state, self.settings.default_site_rtt_ms, now)
-        with self._view_lock:
-            self._view = fresh
-        return fresh
+        if view is not None and now - view.built_at < self.view_refresh_s:
+            return view
+        stale_ok = view is not None
+        if not self._rebuild_lock.acquire(blocking=not stale_ok):
+            assert view is not None
+            return view
+        try:
+            with self._view_lock:
+                current = self._view
+            if current is not None and current is not view and current.built_at >= now:
+                return current  # another thread rebuilt it while we waited
+            with self.read_tx() as db:
+                state = load_state(db, with_reservations=True)
+            fresh = RouteView(state, self.settings.default_site_rtt_ms, now)
+            with self._view_lock:
+                self._view = fresh
+            return fresh
+        finally:
+            self._rebuild_lock.release()
 
     # --- model -----------------------------------------------------------------------------------
 
     def get_model(self) -> ModelOut:
-        with self.tx() as db:
+        with self.read_tx() as db:
             row = db.get(ModelRow, 1)
             if row is None:
                 raise NotFound("no model is set yet (PUT /v1/model)")
@@ -386,7 +407,7 @@ class Coordinator:
 
     def list_servers(self) -> list[ServerOut]:
         now = self.clock()
-        with self.tx() as db:
+        with self.read_tx() as db:
             rows = list(
                 db.scalars(select(ServerRow).order_by(ServerRow.registered_at, ServerRow.id))
             )
@@ -395,7 +416,7 @@ class Coordinator:
 
     def get_server(self, server_id: str) -> ServerOut:
         now = self.clock()
-        with self.tx() as db:
+        with self.read_tx() as db:
             row = db.get(ServerRow, server_id)
             if row is None:
                 raise NotFound(f"server {server_id!r} is not registered")
@@ -557,7 +578,7 @@ class Coordinator:
         return out
 
     def get_placement(self, generation: int | None) -> PlacementOut:
-        with self.tx() as db:
+        with self.read_tx() as db:
             if generation is None:
                 row = current_placement(db)
                 if row is None:
@@ -613,8 +634,6 @@ class Coordinator:
             now = self.clock()
             if view.earliest_expiry() <= now:
                 self.sweep_sessions()
-                self.invalidate()
-                view = self.view()
             with self._view_lock:
                 plan = view.query(body.client_site, body.input_tokens, body.output_tokens, now)
             if plan is None or not math.isfinite(plan.wait_ms):
@@ -713,27 +732,33 @@ class Coordinator:
     def sweep_sessions(self) -> int:
         """Release every session past its expiry (predicted completion plus grace)."""
         now = self.clock()
-        with self.tx() as db:
+        with self.read_tx() as db:
             expired = list(
                 db.scalars(select(SessionRow.id).where(SessionRow.expires_at <= now).limit(1000))
             )
-            count = 0
+        if not expired:
+            return 0
+        released: list[tuple[str, int, float]] = []
+        with self.tx() as db:
             for session_id in expired:
-                if _release(db, session_id) is not None:
-                    count += 1
-        if count:
-            self.invalidate()
-        return count
+                held = _release(db, session_id)
+                if held is not None:
+                    released.extend(held)
+        with self._view_lock:
+            if self._view is not None:
+                for server_id, slots, expires_at in released:
+                    self._view.remove_reservation(server_id, slots, expires_at)
+        return len(expired)
 
     def active_sessions(self) -> int:
-        with self.tx() as db:
+        with self.read_tx() as db:
             return int(db.scalar(select(func.count()).select_from(SessionRow)) or 0)
 
     # --- scenario snapshot ---------------------------------------------------------------------
 
     def export_scenario(self, include_expired: bool) -> dict[str, Any]:
         now = self.clock()
-        with self.tx() as db:
+        with self.read_tx() as db:
             state = load_state(db)
         if state.model is None:
             raise Conflict("no model is set yet (PUT /v1/model or POST /v1/scenario)")

@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection, make_url
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 # Any constant works; it only has to be the same for every coordinator process.
 MIGRATION_LOCK_ID = 0x62707272
+READ_ONLY_OPTION = "bprr_read_only"
 
 
 class SchemaBehindError(RuntimeError):
@@ -54,7 +55,16 @@ def _sqlite_setup(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Read-only work (``read_only(engine)``) may share the database with a writer.
+        if connection.get_execution_options().get(READ_ONLY_OPTION):
+            connection.exec_driver_sql("BEGIN")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def read_only(engine: Engine) -> Engine:
+    """The same engine (and pool), marked for read-only transactions."""
+    return engine.execution_options(**{READ_ONLY_OPTION: True})
 
 
 def is_sqlite(engine: Engine) -> bool:
