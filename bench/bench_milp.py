@@ -2,10 +2,12 @@
 objective after a time limit versus CG-BPRR on a 26-server scenario.
 
     .venv/bin/python bench/bench_milp.py                # all figures (several minutes)
-    .venv/bin/python bench/bench_milp.py --quick        # fewer runs, shorter limits
+    .venv/bin/python bench/bench_milp.py --quick        # per-client model only, 10 s limits
+    .venv/bin/python bench/bench_milp.py --quick --linearization mccormick  # one of the two
     .venv/bin/python bench/bench_milp.py --write-example  # (re)write examples/clustered-26.json
 
-Every figure is printed; medians over ``--runs`` runs where a run is cheap.
+Every figure is printed, for both linearisations of the products f e (``enforce``: CP-SAT
+enforcement literals, ``mccormick``: explicit product variables); medians over ``--runs`` runs.
 """
 
 from __future__ import annotations
@@ -76,23 +78,35 @@ def clustered_26(seed: int = 26) -> dict[str, Any]:
     }
 
 
-def label(aggregate: bool) -> str:
-    return "per-client " if aggregate else "per-request"
+def label(aggregate: bool, linearization: milp.Linearization) -> str:
+    return f"{'per-client ' if aggregate else 'per-request'} {linearization:9s}"
 
 
-def time_to_optimum(scenario: Scenario, R: int, runs: int, limit: float, aggregate: bool) -> None:
-    """Median wall time of solve_milp (build + CP-SAT); repeats only while a run is cheap."""
+def time_to_optimum(
+    scenario: Scenario,
+    R: int,
+    runs: int,
+    limit: float,
+    aggregate: bool,
+    linearization: milp.Linearization,
+) -> None:
+    """Median wall time of solve_milp (build + CP-SAT) over ``runs`` runs."""
     instance = Instance.from_scenario(scenario)
     counts = scenario.client_request_counts(R)
     times: list[float] = []
     results = []
     while len(times) < runs:
         started = time.perf_counter()
-        solution = milp.solve_milp(instance, R, counts, time_limit_s=limit, aggregate=aggregate)
+        solution = milp.solve_milp(
+            instance,
+            R,
+            counts,
+            time_limit_s=limit,
+            aggregate=aggregate,
+            linearization=linearization,
+        )
         times.append(time.perf_counter() - started)
         results.append(solution)
-        if times[-1] > 5.0:
-            break
     last = results[-1]
     try:
         cg_text = f"{solve_cg(instance, R, counts).objective_ms_per_token:.4f}"
@@ -101,15 +115,22 @@ def time_to_optimum(scenario: Scenario, R: int, runs: int, limit: float, aggrega
         cg_text, ratio = "infeasible", "n/a"
     proven = sum(s.optimal is True for s in results)
     print(
-        f"  R={R:3d} {label(aggregate)}: median {statistics.median(times):7.2f} s over "
-        f"{len(times)} run(s), proven optimal {proven}/{len(times)} (limit {limit:g} s); "
-        f"objective {last.objective_ms_per_token:.4f} bound {last.bound_ms_per_token:.4f} "
-        f"gap {last.gap:.2%}; CG {cg_text}; MILP/CG {ratio}",
+        f"  R={R:3d} {label(aggregate, linearization)}: median {statistics.median(times):7.2f} s "
+        f"(runs {' '.join(f'{t:.2f}' for t in times)}), proven optimal {proven}/{len(times)} "
+        f"(limit {limit:g} s); objective {last.objective_ms_per_token:.4f} "
+        f"bound {last.bound_ms_per_token:.4f} gap {last.gap:.2%}; CG {cg_text}; MILP/CG {ratio}",
         flush=True,
     )
 
 
-def after_limit(scenario: Scenario, R: int, runs: int, limit: float, aggregate: bool) -> None:
+def after_limit(
+    scenario: Scenario,
+    R: int,
+    runs: int,
+    limit: float,
+    aggregate: bool,
+    linearization: milp.Linearization,
+) -> None:
     """Objective of solve_milp after ``limit`` seconds versus CG-BPRR's, same process."""
     instance = Instance.from_scenario(scenario)
     counts = scenario.client_request_counts(R)
@@ -121,7 +142,14 @@ def after_limit(scenario: Scenario, R: int, runs: int, limit: float, aggregate: 
     for _ in range(runs):
         started = time.perf_counter()
         try:
-            solution = milp.solve_milp(instance, R, counts, time_limit_s=limit, aggregate=aggregate)
+            solution = milp.solve_milp(
+                instance,
+                R,
+                counts,
+                time_limit_s=limit,
+                aggregate=aggregate,
+                linearization=linearization,
+            )
         except milp.MilpNoSolutionError:
             statuses.append("none")
             continue
@@ -131,11 +159,15 @@ def after_limit(scenario: Scenario, R: int, runs: int, limit: float, aggregate: 
         gaps.append(solution.gap or 0.0)
         statuses.append(solution.status)
     if not values:
-        print(f"  R={R:3d} {label(aggregate)}: no solution within {limit:g} s ({runs} runs)")
+        print(
+            f"  R={R:3d} {label(aggregate, linearization)}: no solution within {limit:g} s "
+            f"({runs} runs)"
+        )
         return
     value = statistics.median(values)
     print(
-        f"  R={R:3d} {label(aggregate)}: MILP {value:.4f} ms/token after {limit:g} s "
+        f"  R={R:3d} {label(aggregate, linearization)}: MILP {value:.4f} ms/token after "
+        f"{limit:g} s "
         f"(median of {len(values)}, wall {statistics.median(walls):.1f} s, "
         f"{'/'.join(statuses)}, gap {statistics.median(gaps):.2%}); CG {reference:.4f}; "
         f"MILP/CG {value / reference:.4f}",
@@ -145,7 +177,8 @@ def after_limit(scenario: Scenario, R: int, runs: int, limit: float, aggregate: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="one run each, 10 s limits")
+    parser.add_argument("--quick", action="store_true", help="per-client model only, 10 s limits")
+    parser.add_argument("--linearization", choices=["both", *milp.LINEARIZATIONS], default="both")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--limit", type=float, default=30.0, help="26-server time limit (s)")
     parser.add_argument("--write-example", action="store_true")
@@ -154,10 +187,16 @@ def main() -> None:
         CLUSTERED_26.write_text(parse_scenario(clustered_26()).to_json() + "\n")
         print(f"wrote {CLUSTERED_26}")
         return
-    runs = 1 if args.quick else args.runs
+    runs = args.runs
     limit = 10.0 if args.quick else args.limit
-    optimum_limit = 20.0 if args.quick else 60.0
-    print(f"OR-Tools {version('ortools')}, 2 workers, TIME_SCALE {milp.TIME_SCALE}/ms")
+    optimum_limit = 10.0 if args.quick else 60.0
+    linearizations: tuple[milp.Linearization, ...] = (
+        milp.LINEARIZATIONS if args.linearization == "both" else (args.linearization,)
+    )
+    print(
+        f"OR-Tools {version('ortools')}, 2 workers, TIME_SCALE {milp.TIME_SCALE}/ms, "
+        f"default linearization {milp.DEFAULT_LINEARIZATION}"
+    )
 
     nine = load_scenario(CLUSTERED_9)
     instance9 = Instance.from_scenario(nine)
@@ -168,9 +207,11 @@ def main() -> None:
         f"CG feasible up to R={high9}"
     )
     for R in sorted({1, 10, default9, high9}):
-        time_to_optimum(nine, R, runs, optimum_limit, True)
-        if R <= 60:  # the per-request model grows with |R| x links
-            time_to_optimum(nine, R, runs, optimum_limit, False)
+        for linearization in linearizations:
+            time_to_optimum(nine, R, runs, optimum_limit, True, linearization)
+        if R <= 60 and not args.quick:  # the per-request model grows with |R| x links
+            for linearization in linearizations:
+                time_to_optimum(nine, R, 1, optimum_limit, False, linearization)
 
     scenario26 = load_scenario(CLUSTERED_26)
     instance26 = Instance.from_scenario(scenario26)
@@ -179,9 +220,12 @@ def main() -> None:
         f"clustered-26 (6 A100 + 20 MIG, 4 sites, 3 clients): objective after {limit:g} s vs CG; "
         f"default R={default26}"
     )
-    after_limit(scenario26, default26, runs, limit, True)
-    after_limit(scenario26, default26, 1, limit, False)
-    after_limit(scenario26, 10 * default26, 1, limit, True)
+    for linearization in linearizations:
+        after_limit(scenario26, default26, runs, limit, True, linearization)
+    if not args.quick:
+        for linearization in linearizations:
+            after_limit(scenario26, default26, 1, limit, False, linearization)
+            after_limit(scenario26, 10 * default26, 1, limit, True, linearization)
 
 
 if __name__ == "__main__":

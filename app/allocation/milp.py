@@ -9,9 +9,15 @@ Feasibility of a link used by a request (13e, 13f, Lemma 1), in project coordina
     i -> j      : s_j <= e_i < e_j     (j hosts the block right after i's span and goes further)
     i -> sink   : e_i = L              (the last server hosts block L - 1)
 and the request processes k = e_j - e_i blocks at j (e_source = 0). The paper linearises the
-products f a and f m with McCormick inequalities; here they are CP-SAT enforcement literals
-(``only_enforce_if``): "link used => k = e_j - e_i" replaces alpha - beta + gamma - delta, which
-is the same set of integer solutions with a smaller model.
+products f a and f m with McCormick inequalities; both are available (``linearization``):
+  * "enforce" (default, faster, see DEFAULT_LINEARIZATION): CP-SAT enforcement literals
+    (``only_enforce_if``): "link used => k = e_j - e_i" replaces alpha - beta + gamma - delta,
+    the same set of integer solutions with a smaller model; aggregated flows y times the
+    blocks d of a link are a CP-SAT multiplication.
+  * "mccormick": explicit product variables f e_j, f e_i, f s_j with the four McCormick
+    inequalities (big-M = L, the bound of e and s), and every constraint linear. An integer
+    flow y in 0..n_c times d is not exact under McCormick, so y is written in binary and each
+    bit times d is an exact McCormick product (big-M = the most blocks j holds).
 
 Two equivalent ways to carry the requests (``aggregate``):
   * per request (the paper's literal model): one binary flow f^r_ij per request and
@@ -73,6 +79,15 @@ Link = tuple[int, int]  # (from, to) with SOURCE / SINK / server indices
 # How the products of a link's use f with the span variables are linearised (module docstring).
 Linearization = Literal["enforce", "mccormick"]
 LINEARIZATIONS: tuple[Linearization, ...] = ("enforce", "mccormick")
+# "enforce" is the faster one. `bench/bench_milp.py --quick --runs 3` (OR-Tools 9.15, 2 workers
+# on 2 shared cores, medians of 3, wall time of solve_milp incl. the CG hint), per-client model:
+#   paper-clustered-9, time to proven optimum, enforce vs mccormick:
+#     R=1 0.15 s vs 0.17 s; R=10 0.48 s vs 0.85 s; R=48 0.12 s vs 0.47 s;
+#     R=206 neither proves it in 10 s (objective 1586 vs 1709 ms/token, CG 2208; gap 61% vs 63%).
+#   clustered-26, R=40, after 10 s: enforce 522.08 ms/token (= CG), gap 15%; mccormick no
+#     solution (its model is 32k variables / 63k constraints against 8k / 19k, and presolve
+#     alone outlasts 10 s even with the complete CG hint). After 30 s (1 run): 522.08, gap
+#     14.5% vs 521.88, gap 93.8%.
 DEFAULT_LINEARIZATION: Linearization = "enforce"
 
 
