@@ -1,0 +1,258 @@
+"""``bprr-agent``: run a server agent, or query routes and sessions.
+
+    bprr-agent [--coordinator URL] run --site S --memory-gb G --decode-ms-per-block D \\
+        --address HOST:PORT [--site-target SITE=HOST:PORT ...] [--petals-model M] [-- PETALS ARGS]
+    bprr-agent route --client-site S --input-tokens N --output-tokens N
+    bprr-agent book  --client-site S --input-tokens N --output-tokens N
+    bprr-agent release SESSION_ID
+    bprr-agent servers
+
+Replies are printed as JSON. Bad arguments or a request the coordinator rejects as invalid:
+one ``error:`` line, exit 2; the coordinator unreachable or unable to serve: exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from bprr_client.agent import ServerAgent, SpanHost
+from bprr_client.http import CoordinatorError, CoordinatorUnreachable, raise_for_status
+from bprr_client.models import PrefillSpeed, Server, ServerInfo
+from bprr_client.petals import PetalsOptions, ProcessSupervisor, petals_command
+from bprr_client.probes import HttpProber, Prober, TcpProber
+from bprr_client.routes import RouteClient
+
+PROG = "bprr-agent"
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _number(kind: Callable[[str], Any], low: float, strict: bool) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            bound = f"> {low:g}" if strict else f">= {low:g}"
+            raise argparse.ArgumentTypeError(f"{text!r} must be {bound}")
+        return value
+
+    return parse
+
+
+positive = _number(float, 0, strict=True)
+non_negative = _number(float, 0, strict=False)
+count = _number(int, 0, strict=False)
+output_count = _number(int, 1, strict=False)
+
+
+def _pair(text: str) -> tuple[str, str]:
+    name, sep, address = text.partition("=")
+    if not sep or not name or not address:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=HOST:PORT")
+    return name, address
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="bprr server agent and route client")
+    parser.add_argument(
+        "--coordinator",
+        default=os.environ.get("BPRR_COORDINATOR", "http://127.0.0.1:8080"),
+        help="coordinator URL (BPRR_COORDINATOR; default http://127.0.0.1:8080)",
+    )
+    parser.add_argument("--timeout", type=positive, default=10.0, help="HTTP timeout (s)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a server agent until SIGTERM")
+    run.add_argument("--site", required=True)
+    run.add_argument("--memory-gb", type=positive, required=True)
+    run.add_argument("--decode-ms-per-block", type=positive, required=True)
+    run.add_argument("--address", required=True, help="public HOST:PORT of this server")
+    run.add_argument("--id", help="server id (default: the coordinator names it)")
+    run.add_argument("--gpu")
+    run.add_argument("--prefill-fixed-ms", type=non_negative, default=0.0)
+    run.add_argument("--prefill-per-token-ms", type=non_negative, default=0.0)
+    run.add_argument("--network-mbps", type=positive)
+    run.add_argument(
+        "--join-token",
+        default=os.environ.get("BPRR_JOIN_TOKEN"),
+        help="registration token (BPRR_JOIN_TOKEN)",
+    )
+    run.add_argument(
+        "--site-target",
+        type=_pair,
+        action="append",
+        default=[],
+        metavar="SITE=HOST:PORT",
+        help="a client site and an address to probe for it (repeatable)",
+    )
+    run.add_argument("--no-peers", action="store_true", help="do not probe the other servers")
+    run.add_argument("--probe", choices=["tcp", "http"], default="tcp")
+    run.add_argument("--probe-interval", type=positive, default=30.0, help="seconds")
+    run.add_argument("--petals-model", help="run PETALS for the assigned span")
+    run.add_argument("--petals-initial-peer", action="append", default=[], metavar="MULTIADDR")
+    run.add_argument("--petals-port", type=int)
+    run.add_argument("--petals-public-ip")
+    run.add_argument("--petals-new-swarm", action="store_true")
+    run.add_argument(
+        "--petals-ready-after", type=non_negative, default=60.0, help="seconds to load blocks"
+    )
+
+    for name, text in (("route", "the best route right now"), ("book", "book a session")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--client-site", required=True)
+        sub.add_argument("--input-tokens", type=count, required=True)
+        sub.add_argument("--output-tokens", type=output_count, required=True)
+    release = commands.add_parser("release", help="release a session")
+    release.add_argument("session_id")
+    commands.add_parser("servers", help="list the registered servers")
+    return parser
+
+
+def _field_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]).replace("_", "-")
+    return f"--{field}: {first['msg']}"
+
+
+def _print(model: BaseModel | list[Server]) -> None:
+    if isinstance(model, list):
+        print(json.dumps([m.model_dump(mode="json") for m in model], indent=2))
+    else:
+        print(model.model_dump_json(indent=2))
+
+
+def _agent(
+    args: argparse.Namespace, extra: Sequence[str], transport: httpx.BaseTransport | None
+) -> ServerAgent:
+    try:
+        server = ServerInfo(
+            id=args.id,
+            site=args.site,
+            gpu=args.gpu,
+            memory_gb=args.memory_gb,
+            decode_ms_per_block=args.decode_ms_per_block,
+            prefill_ms_per_block=PrefillSpeed(
+                fixed=args.prefill_fixed_ms, per_token=args.prefill_per_token_ms
+            ),
+            network_mbps=args.network_mbps,
+            address=args.address,
+        )
+    except ValidationError as error:
+        raise UsageError(_field_error(error)) from None
+    host: SpanHost | None = None
+    if args.petals_model:
+        try:
+            options = PetalsOptions(
+                model=args.petals_model,
+                initial_peers=tuple(args.petals_initial_peer),
+                port=args.petals_port,
+                public_ip=args.petals_public_ip,
+                new_swarm=args.petals_new_swarm,
+                extra_args=tuple(extra),
+            )
+        except ValueError as error:
+            raise UsageError(f"--petals-{error}") from None
+        host = ProcessSupervisor(
+            lambda span: petals_command(options, span), ready_after_s=args.petals_ready_after
+        )
+    elif extra:
+        raise UsageError("arguments after -- are PETALS arguments: give --petals-model too")
+    prober: Prober = TcpProber(timeout_s=1.0) if args.probe == "tcp" else HttpProber()
+    return ServerAgent(
+        args.coordinator,
+        server,
+        join_token=args.join_token,
+        host=host,
+        prober=prober,
+        site_targets=dict(args.site_target),
+        probe_peers=not args.no_peers,
+        probe_interval_s=args.probe_interval,
+        timeout=httpx.Timeout(args.timeout, connect=min(args.timeout, 3.0)),
+        transport=transport,
+    )
+
+
+def _execute(
+    args: argparse.Namespace, extra: Sequence[str], transport: httpx.BaseTransport | None
+) -> int:
+    if args.command == "run":
+        agent = _agent(args, extra, transport)
+        agent.install_signal_handlers()
+        agent.run()
+        if agent.error is not None:
+            print(f"error: {agent.error}", file=sys.stderr)
+            return 1
+        return 0
+    if extra:
+        raise UsageError(f"unexpected arguments after --: {' '.join(extra)}")
+    timeout = httpx.Timeout(args.timeout, connect=min(args.timeout, 3.0))
+    with RouteClient(args.coordinator, timeout=timeout, transport=transport) as client:
+        if args.command == "route":
+            _print(client.route(args.input_tokens, args.output_tokens, args.client_site))
+        elif args.command == "book":
+            _print(client.book(args.input_tokens, args.output_tokens, args.client_site))
+        elif args.command == "release":
+            if not client.release(args.session_id):
+                print(f"error: session {args.session_id!r} does not exist", file=sys.stderr)
+                return 1
+            print(json.dumps({"released": args.session_id}))
+        else:
+            with httpx.Client(base_url=args.coordinator, timeout=timeout, transport=transport) as h:
+                try:
+                    response = h.get("/v1/servers")
+                except httpx.TransportError as error:
+                    raise CoordinatorUnreachable(f"GET /v1/servers: {error}") from error
+                raise_for_status(response)
+                _print([Server.model_validate(item) for item in response.json()])
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, *, transport: httpx.BaseTransport | None = None) -> int:
+    """Entry point; ``transport`` lets tests talk to an in-process coordinator."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in arguments:
+        cut = arguments.index("--")
+        arguments, extra = arguments[:cut], arguments[cut + 1 :]
+    try:
+        args = build_parser().parse_args(arguments)
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        return _execute(args, extra, transport)
+    except UsageError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except CoordinatorError as error:
+        print(f"error: {error.detail}", file=sys.stderr)
+        if error.status_code in (400, 404, 409, 422):
+            return 2
+        return 1
+    except CoordinatorUnreachable as error:
+        print(f"error: coordinator unreachable: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""``RouteClient``: ask the coordinator for a route, book and release sessions."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from bprr_client.http import (
+    DEFAULT_TIMEOUT,
+    BearerAuth,
+    RetryPolicy,
+    raise_for_status,
+    request,
+)
+from bprr_client.models import Route, Session, SessionRequest
+
+
+class RouteClient:
+    """A client of the coordinator's routes and sessions, over one ``httpx.Client``.
+
+    ``client_site`` is the default site of the requests (each call may name another).
+    ``http_client`` lets a caller bring its own client (a test client, a shared pool); paths
+    are then resolved against its ``base_url``, and the client is not closed here.
+    Every call retries what can be retried (see ``bprr_client.http.request``) and raises
+    ``CoordinatorError`` (an error status) or ``CoordinatorUnreachable``.
+    """
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8080",
+        *,
+        client_site: str | None = None,
+        token: str | None = None,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        transport: httpx.BaseTransport | None = None,
+        http_client: httpx.Client | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.client_site = client_site
+        self.retry = retry or RetryPolicy()
+        self._auth = BearerAuth(token) if token else None
+        self._owns_client = http_client is None
+        self._http = http_client or httpx.Client(
+            base_url=base_url, timeout=timeout, transport=transport
+        )
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    def _send(self, method: str, url: str, *, idempotent: bool, **kwargs: Any) -> httpx.Response:
+        if self._auth is not None:
+            kwargs["auth"] = self._auth
+        return request(
+            self._http,
+            method,
+            url,
+            policy=self.retry,
+            idempotent=idempotent,
+            sleep=self._sleep,
+            rng=self._rng,
+            **kwargs,
+        )
+
+    def _site(self, client_site: str | None) -> str:
+        site = client_site or self.client_site
+        if not site:
+            raise ValueError("client_site: name the client's site (here or in RouteClient())")
+        return site
+
+    # --- API ----------------------------------------------------------------------------------
+
+    def route(self, input_tokens: int, output_tokens: int, client_site: str | None = None) -> Route:
+        """The best chain right now (read-only; nothing is reserved)."""
+        params = {
+            "client_site": self._site(client_site),
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+        }
+        response = self._send("GET", "/v1/routes", idempotent=True, params=params)
+        raise_for_status(response)
+        return Route.model_validate(response.json())
+
+    def book(
+        self, input_tokens: int, output_tokens: int, client_site: str | None = None
+    ) -> Session:
+        """Book a session: the coordinator reserves cache on every hop of the returned path.
+
+        A 503 (nothing fits now) is retried after its Retry-After; the request itself is
+        not repeated after a timeout once sent (it may have booked)."""
+        body = SessionRequest(
+            client_site=self._site(client_site),
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+        )
+        response = self._send(
+            "POST", "/v1/sessions", idempotent=False, json=body.model_dump(mode="json")
+        )
+        raise_for_status(response)
+        return Session.model_validate(response.json())
+
+    def release(self, session: Session | str) -> bool:
+        """Release a session; False when it was already gone (released or expired)."""
+        session_id = session if isinstance(session, str) else session.id
+        response = self._send("DELETE", f"/v1/sessions/{session_id}", idempotent=True)
+        if response.status_code == 404:
+            return False
+        raise_for_status(response)
+        return True
+
+    @contextmanager
+    def session(
+        self, input_tokens: int, output_tokens: int, client_site: str | None = None
+    ) -> Iterator[Session]:
+        """Book a session for the ``with`` block and release it on the way out."""
+        booked = self.book(input_tokens, output_tokens, client_site)
+        try:
+            yield booked
+        finally:
+            self.release(booked)
+
+    def close(self) -> None:
+        if self._owns_client:
+            self._http.close()
+
+    def __enter__(self) -> RouteClient:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
