@@ -31,6 +31,7 @@ from app.allocation.scenario import ScenarioError, parse_scenario
 from app.allocation.solve import Solution, default_concurrency
 from app.logging import get_logger
 from app.service import planner
+from app.service.activity import RouteLog
 from app.service.errors import (
     Conflict,
     Forbidden,
@@ -127,6 +128,7 @@ class Coordinator:
         self.instance_id = uuid.uuid4().hex
         self.view_refresh_s = view_refresh_s
         self.counters = Counters()
+        self.activity = RouteLog()  # recent decisions, for the dashboard
         self.on_solve: Callable[[float], None] | None = None
         self.on_reject: Callable[[], None] | None = None
         self._view: RouteView | None = None
@@ -624,7 +626,9 @@ class Coordinator:
                 "no chain of live servers covers every block right now",
                 retry_after_s=self.settings.heartbeat_interval_s,
             )
-        return _route_out(view, client_site, plan)
+        out = _route_out(view, client_site, plan)
+        self.activity.routed(now, out)
+        return out
 
     def book(self, body: SessionIn) -> SessionOut:
         """WS-RR: route with waiting times, then reserve cache on every hop in one transaction."""
@@ -637,13 +641,13 @@ class Coordinator:
             with self._view_lock:
                 plan = view.query(body.client_site, body.input_tokens, body.output_tokens, now)
             if plan is None or not math.isfinite(plan.wait_ms):
-                self._rejected()
+                self._rejected(body.client_site, None, "no chain with enough cache")
                 raise Unavailable(
                     "no chain of live servers with enough attention cache covers every block",
                     retry_after_s=self.settings.heartbeat_interval_s,
                 )
             if plan.wait_ms > 0:
-                self._rejected()
+                self._rejected(body.client_site, plan.wait_ms, "every chain is full")
                 raise Unavailable(
                     f"every chain is full; the first frees in {plan.wait_ms / 1000:.1f} s",
                     retry_after_s=plan.wait_ms / 1000,
@@ -651,13 +655,15 @@ class Coordinator:
             session = self._reserve(view, body, plan, now)
             if session is not None:
                 self.counters.sessions_booked += 1
+                self.activity.booked(now, session.route, session.id)
                 return session
             self.invalidate()  # another process took the slots: look again with fresh counts
-        self._rejected()
+        self._rejected(body.client_site, None, "cache slots contended")
         raise Unavailable("cache slots are contended; retry", retry_after_s=1.0)
 
-    def _rejected(self) -> None:
+    def _rejected(self, client_site: str, wait_ms: float | None, detail: str) -> None:
         self.counters.sessions_rejected += 1
+        self.activity.rejected(self.clock(), client_site, wait_ms, detail)
         if self.on_reject is not None:
             self.on_reject()
 

@@ -1,0 +1,264 @@
+"""The operator dashboard rendered by headless Chromium against a live coordinator.
+
+A uvicorn subprocess on 127.0.0.1 (temporary SQLite) gets the paper's clustered scenario, two
+extra servers that register and heartbeat (one online, one draining), a CG placement and a
+booked session; Chromium loads ``/`` and the test asserts on the rendered DOM, then saves a
+screenshot to out/dashboard/dashboard.png (printed; gitignored) for a person to look at.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.api.conftest import ADMIN, JOIN, ROOT, example_scenario
+
+SCREENSHOT = ROOT / "out" / "dashboard" / "dashboard.png"
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.fail(
+            "headless Chromium is needed: `apt-get install -y chromium` "
+            "(make test installs it when run as root)"
+        )
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "BPRR_DATABASE_URL": f"sqlite:///{tmp_path / 'bprr.db'}",
+        "BPRR_ADMIN_TOKEN": ADMIN,
+        "BPRR_JOIN_TOKEN": JOIN,
+        "BPRR_PLANNER_INTERVAL_S": "0",  # no automatic re-plan: the test publishes itself
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                output = process.stdout.read().decode() if process.stdout else ""
+                pytest.fail(f"the coordinator exited with {process.returncode}:\n{output}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("the coordinator did not become ready within 60 s")
+            time.sleep(0.2)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def populate(base: str) -> dict[str, Any]:
+    """A swarm with servers in several states, a CG placement and one booked session."""
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with httpx.Client(base_url=base, timeout=60) as api:
+        loaded = api.post(
+            "/v1/scenario", params={"lease_s": 3600}, json=example_scenario(), headers=admin
+        )
+        assert loaded.status_code == 201, loaded.text
+        tokens = {s["id"]: s["token"] for s in loaded.json()["servers"]}
+        for server_id, memory in (("edge-a100", 80.0), ("edge-drain", 40.0)):
+            body = {
+                "id": server_id,
+                "site": "cluster0",
+                "gpu": "A100-80GB",
+                "memory_gb": memory,
+                "decode_ms_per_block": 5.0,
+                "prefill_ms_per_block": {"fixed": 10.0, "per_token": 0.1},
+                "address": f"{server_id}.example:31337",
+                "boot_epoch": 1,
+            }
+            joined = api.post("/v1/servers", json=body, headers={"Authorization": f"Bearer {JOIN}"})
+            assert joined.status_code == 201, joined.text
+            tokens[server_id] = joined.json()["token"]
+        placed = api.post("/v1/placements", json={"algorithm": "cg"}, headers=admin)
+        assert placed.status_code == 201, placed.text
+        placement = placed.json()
+        spans = {s["server_id"]: {"start": s["start"], "end": s["end"]} for s in placement["spans"]}
+        for server_id, token in tokens.items():
+            state = "draining" if server_id == "edge-drain" else "online"
+            beat = api.post(
+                f"/v1/servers/{server_id}/heartbeat",
+                json={"boot_epoch": 1, "state": state, "loaded_span": spans.get(server_id)},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert beat.status_code == 200, beat.text
+        route = api.get(
+            "/v1/routes",
+            params={"client_site": "cluster0", "input_tokens": 20, "output_tokens": 64},
+        )
+        assert route.status_code == 200, route.text
+        booked = api.post(
+            "/v1/sessions",
+            json={"client_site": "cluster0", "input_tokens": 20, "output_tokens": 64},
+        )
+        assert booked.status_code == 201, booked.text
+        servers = api.get("/v1/servers").json()
+    return {"placement": placement, "session": booked.json(), "servers": servers}
+
+
+def run_chromium(*args: str) -> subprocess.CompletedProcess[str]:
+    with tempfile.TemporaryDirectory(prefix="bprr-chromium-") as profile:
+        command = [
+            chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=5000",
+            *args,
+        ]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
+class _Dom(HTMLParser):
+    """Elements by id (their text) and every element's attributes, from the dumped DOM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements: list[tuple[str, dict[str, str]]] = []
+        self.text_by_id: dict[str, str] = {}
+        self._open: list[str | None] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = {k: v or "" for k, v in attrs}
+        self.elements.append((tag, values))
+        if tag not in {"meta", "link", "br", "img", "input", "line", "circle", "rect"}:
+            self._open.append(values.get("id"))
+            if values.get("id"):
+                self.text_by_id.setdefault(values["id"], "")
+
+    def handle_endtag(self, tag: str) -> None:
+        if self._open and tag not in {"line", "circle", "rect"}:
+            self._open.pop()
+
+    def handle_data(self, data: str) -> None:
+        for element_id in self._open:
+            if element_id:
+                self.text_by_id[element_id] += data
+
+    def with_class(self, tag: str, *classes: str) -> list[dict[str, str]]:
+        return [
+            attrs
+            for name, attrs in self.elements
+            if name == tag and set(classes) <= set(attrs.get("class", "").split())
+        ]
+
+
+def test_dashboard_renders_the_live_swarm(coordinator: str) -> None:
+    swarm = populate(coordinator)
+    placement = swarm["placement"]
+
+    dumped = run_chromium("--dump-dom", f"{coordinator}/")
+    assert dumped.returncode == 0, dumped.stderr[-2000:]
+    dom = _Dom()
+    dom.feed(dumped.stdout)
+    body = [attrs for tag, attrs in dom.elements if tag == "body"]
+    assert body and body[0].get("data-loaded") == "true", "the page never finished a refresh"
+    assert dom.text_by_id["status"].startswith("live")
+
+    # Cards: the generation, its algorithm and objective, the booked session.
+    assert dom.text_by_id["generation"].strip() == str(placement["generation"])
+    assert dom.text_by_id["algorithm"].startswith("cg ")
+    assert dom.text_by_id["objective"].strip() == f"{placement['objective_ms_per_token']:.1f}"
+    assert dom.text_by_id["sessions"].strip() == "1"
+    assert dom.text_by_id["bookings"].strip() == "1 / 0"
+    assert "bloom-176b" in dom.text_by_id["model"]
+
+    # Every server has a row in the table and a label in the site diagram.
+    rows = {
+        attrs["data-server"]
+        for tag, attrs in dom.elements
+        if tag == "tr" and "data-server" in attrs
+    }
+    assert rows == {s["id"] for s in swarm["servers"]}
+    sites = {
+        attrs["data-site"] for tag, attrs in dom.elements if tag == "g" and "data-site" in attrs
+    }
+    assert sites == {"cluster0", "cluster1", "cluster2"}
+    assert len(dom.with_class("line", "rtt-line")) == 3
+
+    # Block coverage: one loaded bar per loaded server, coloured by its state, at its span.
+    loaded = {
+        attrs["data-server"]: (int(attrs["data-start"]), int(attrs["data-end"]), attrs["class"])
+        for attrs in dom.with_class("rect", "span", "loaded")
+    }
+    expected = {
+        s["id"]: (s["loaded_span"]["start"], s["loaded_span"]["end"])
+        for s in swarm["servers"]
+        if s["loaded_span"] is not None
+    }
+    assert {k: v[:2] for k, v in loaded.items()} == expected
+    assert all("online" in v[2] for k, v in loaded.items() if k != "edge-drain")
+    if "edge-drain" in loaded:
+        assert "draining" in loaded["edge-drain"][2]
+    assigned = dom.with_class("rect", "span", "assigned")
+    assert len(assigned) == len(placement["spans"])
+    cover = dom.with_class("rect", "cover")
+    assert len(cover) == 70 and all(int(c["data-count"]) >= 1 for c in cover)
+    draining_pills = [a for a in dom.with_class("span", "pill", "draining")]
+    assert len(draining_pills) == 1
+
+    # Recent routes: the booking (newest first) and the route query before it, with the path.
+    kinds = [
+        attrs["data-kind"] for tag, attrs in dom.elements if tag == "tr" and "data-kind" in attrs
+    ]
+    assert kinds[:2] == ["booked", "route"]
+    first_hop = swarm["session"]["route"]["hops"][0]
+    assert (
+        f"{first_hop['server_id']}[{first_hop['start']}:{first_hop['end']}]"
+        in dom.text_by_id["routes"]
+    )
+
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    SCREENSHOT.unlink(missing_ok=True)
+    shot = run_chromium(f"--screenshot={SCREENSHOT}", "--window-size=1400,1000", f"{coordinator}/")
+    assert shot.returncode == 0, shot.stderr[-2000:]
+    assert SCREENSHOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert SCREENSHOT.stat().st_size > 20_000  # a rendered page, not a blank one
+    print(f"dashboard screenshot: {SCREENSHOT}")
