@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SCENARIO ?= examples/paper-clustered-9.json
 
-.PHONY: run test lint typecheck bench clean
+.PHONY: run test lint typecheck chromium bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy app
 
-test: lint typecheck
+# Headless Chromium for the dashboard test (tests/dashboard): installed with apt-get when it is
+# missing and we are root (CI's fresh machine); otherwise that test says how to install it.
+chromium:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing chromium (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	fi
+
+test: lint typecheck chromium
 	$(BIN)/pytest -q -n 2
 
 bench: $(STAMP)

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.dashboard import router as dashboard_router
+from app.api import dashboard
 from app.api.metrics import SwarmCollector
 from app.logging import configure_logging, get_logger
 from app.service.coordinator import Coordinator
@@ -350,7 +350,7 @@ def create_app(
         coordinator.check_admin(_token(credentials))
         return coordinator.load_scenario(scenario, online, lease_s)
 
-    app.include_router(dashboard_router)  # GET /, /v1/overview, /v1/routes/recent
+    dashboard.install(app)  # GET /, /v1/overview, /v1/routes/recent
     return app
 
 

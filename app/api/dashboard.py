@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse
 
 from app.service.activity import RecentRouteOut
@@ -23,8 +23,6 @@ ASSETS = {
     "dashboard.css": "text/css; charset=utf-8",
 }
 
-router = APIRouter()
-
 
 def _coordinator(request: Request) -> Coordinator:
     coordinator: Coordinator = request.app.state.coordinator
@@ -34,7 +32,6 @@ def _coordinator(request: Request) -> Coordinator:
 CoordinatorDep = Annotated[Coordinator, Depends(_coordinator)]
 
 
-@router.get("/", include_in_schema=False, response_class=HTMLResponse)
 def dashboard_page() -> HTMLResponse:
     return HTMLResponse(
         (STATIC_DIR / "index.html").read_text(encoding="utf-8"),
@@ -42,24 +39,20 @@ def dashboard_page() -> HTMLResponse:
     )
 
 
-@router.get("/dashboard/dashboard.js", include_in_schema=False)
 def dashboard_script() -> FileResponse:
     return FileResponse(STATIC_DIR / "dashboard.js", media_type=ASSETS["dashboard.js"])
 
 
-@router.get("/dashboard/dashboard.css", include_in_schema=False)
 def dashboard_style() -> FileResponse:
     return FileResponse(STATIC_DIR / "dashboard.css", media_type=ASSETS["dashboard.css"])
 
 
-@router.get("/v1/overview", tags=["dashboard"], response_model=OverviewOut)
 def get_overview(coordinator: CoordinatorDep) -> OverviewOut:
     """The swarm at a glance: sites and their RTTs, per-block live coverage, sessions and
     this process's booking counters."""
     return overview(coordinator)
 
 
-@router.get("/v1/routes/recent", tags=["dashboard"], response_model=list[RecentRouteOut])
 def recent_routes(
     coordinator: CoordinatorDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -68,3 +61,18 @@ def recent_routes(
     """This process's latest route answers, bookings and refused bookings, newest first
     (an in-memory ring buffer; every replica keeps its own)."""
     return coordinator.activity.recent(limit, None if kind is None else {kind})
+
+
+def install(app: FastAPI) -> None:
+    """Add the dashboard's routes to the app as its own routes (not an included router, so
+    that the app's 405 handler sees them when it lists the allowed methods)."""
+    app.add_api_route("/", dashboard_page, include_in_schema=False, response_class=HTMLResponse)
+    app.add_api_route("/dashboard/dashboard.js", dashboard_script, include_in_schema=False)
+    app.add_api_route("/dashboard/dashboard.css", dashboard_style, include_in_schema=False)
+    app.add_api_route("/v1/overview", get_overview, tags=["dashboard"], response_model=OverviewOut)
+    app.add_api_route(
+        "/v1/routes/recent",
+        recent_routes,
+        tags=["dashboard"],
+        response_model=list[RecentRouteOut],
+    )
