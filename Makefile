@@ -7,21 +7,23 @@ SCENARIO ?= examples/paper-clustered-9.json
 
 .PHONY: run test lint typecheck chromium bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e clients/python
 	touch $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/bprr serve
 
 lint: $(STAMP)
-	$(BIN)/ruff check app tests bench
-	$(BIN)/ruff format --check app tests bench
+	$(BIN)/ruff check app tests bench clients
+	$(BIN)/ruff format --check app tests bench clients
 
 typecheck: $(STAMP)
 	$(BIN)/mypy app
+	$(BIN)/mypy --strict clients/python/bprr_client
 
 # Headless Chromium for the dashboard test (tests/dashboard): installed with apt-get when it is
 # missing and we are root (CI's fresh machine); otherwise that test says how to install it.

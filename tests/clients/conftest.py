@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from bprr_client import ServerAgent, ServerInfo
+from bprr_client import PrefillSpeed, ServerAgent, ServerInfo
 from bprr_client.probes import Prober
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
@@ -122,13 +122,14 @@ def publish(app: TestClient) -> dict[str, tuple[int, int]]:
     return {s["server_id"]: (s["start"], s["end"]) for s in response.json()["spans"]}
 
 
-def info(index: int, site: str = "east") -> ServerInfo:
+def info(index: int, site: str = "east", memory_gb: float = 6.0) -> ServerInfo:
     return ServerInfo(
         id=f"s{index}",
         site=site,
         gpu="A100",
-        memory_gb=6.0,
+        memory_gb=memory_gb,
         decode_ms_per_block=2.0 + index,
+        prefill_ms_per_block=PrefillSpeed(fixed=10.0, per_token=0.1),
         address=f"10.0.0.{index}:31337",
     )
 
@@ -144,7 +145,7 @@ def make_agent(
     kwargs.setdefault("probe_peers", False)
     return ServerAgent(
         BASE,
-        info(index, kwargs.pop("site", "east")),
+        info(index, kwargs.pop("site", "east"), kwargs.pop("memory_gb", 6.0)),
         join_token=JOIN,
         prober=prober,
         transport=forward,

@@ -184,7 +184,8 @@ def test_another_registration_under_the_same_id_is_fatal(app: TestClient, forwar
 
 def test_a_wrong_join_token_is_fatal(forward: Forward) -> None:
     agent = make_agent(forward, 0)
-    agent._join_auth.token = "wrong"  # type: ignore[union-attr]
+    assert agent._join_auth is not None
+    agent._join_auth.token = "wrong"
     with pytest.raises(AgentError, match="join token"):
         agent.tick()
 
