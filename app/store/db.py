@@ -17,7 +17,16 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import Connection, make_url
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+
+def _migrations_dir() -> Path:
+    """``migrations/`` beside the package (a checkout or an editable install), else in the
+    working directory: a non-editable install run from the project's directory, as the
+    Docker image does (WORKDIR /app holds alembic.ini and migrations/)."""
+    beside = Path(__file__).resolve().parents[2] / "migrations"
+    return beside if beside.is_dir() else Path.cwd() / "migrations"
+
+
+MIGRATIONS_DIR = _migrations_dir()
 # Any constant works; it only has to be the same for every coordinator process.
 MIGRATION_LOCK_ID = 0x62707272
 READ_ONLY_OPTION = "bprr_read_only"
