@@ -1,8 +1,15 @@
 """The coordinator service: every API call is one method here, run in one transaction.
 
-Repositories (the SQL in this module's helpers and app.service.state) never commit; each
-public method opens exactly one transaction with ``self.tx()``. Route queries run on the
-in-memory RouteView and touch the database only to reserve cache (bookings) or to rebuild it.
+The data access lives in app.store.repositories (one small class per aggregate; they never
+commit). Each public method here opens exactly one transaction with ``self.tx()`` (or
+``self.read_tx()`` for reads) and keeps the business rules: authentication, validation, what a
+heartbeat changes, when to re-plan. Route queries run on the in-memory RouteView and touch the
+database only to reserve cache (bookings) or to rebuild the view.
+
+On SQLite (one process: ``bprr serve`` refuses several workers there) the write transactions
+of this process are serialised by a lock taken before ``BEGIN IMMEDIATE``: waiting on a Python
+lock hands over in microseconds, whereas SQLite's busy handler sleeps in steps of up to 100 ms,
+which made heartbeat and booking latencies reach seconds under load.
 """
 
 from __future__ import annotations
@@ -20,8 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -68,25 +74,14 @@ from app.service.state import (
     LiveState,
     build_scenario,
     client_list,
-    current_placement,
     load_state,
-    pair_key,
+    placement_spans,
     scenario_dict,
 )
 from app.settings import Settings
 from app.store import db as store_db
-from app.store.models import (
-    ClientRow,
-    LeaderRow,
-    ModelRow,
-    PlacementRow,
-    PlannerStateRow,
-    ReservationRow,
-    RttRow,
-    ServerRow,
-    SessionRow,
-    SiteRow,
-)
+from app.store import repositories as repo
+from app.store.models import ModelRow, PlacementRow, ServerRow, SessionRow
 
 log = get_logger("bprr.coordinator")
 Clock = Callable[[], float]
@@ -125,6 +120,10 @@ class Coordinator:
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.read_sessions = sessionmaker(store_db.read_only(self.engine), expire_on_commit=False)
         self._rebuild_lock = threading.Lock()
+        # SQLite: one writer at a time in this process (see the module docstring).
+        self._write_lock: threading.RLock | None = (
+            threading.RLock() if store_db.is_sqlite(self.engine) else None
+        )
         self.instance_id = uuid.uuid4().hex
         self.view_refresh_s = view_refresh_s
         self.counters = Counters()
@@ -142,11 +141,7 @@ class Coordinator:
     def start(self, background: bool = True) -> None:
         store_db.ensure_schema(self.engine, self.settings.auto_migrate)
         with self.tx() as db:
-            _insert_ignore(
-                db,
-                PlannerStateRow,
-                {"id": 1, "requested": False, "reason": "", "updated_at": self.clock()},
-            )
+            repo.PlannerState(db).ensure(self.clock())
         if self.settings.join_token is None:
             log.warning("registration is open: set BPRR_JOIN_TOKEN to require a join token")
         if background and self.settings.planner_interval_s > 0:
@@ -162,7 +157,13 @@ class Coordinator:
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
-        with self.sessions() as db, db.begin():
+        """One write transaction (committed on exit, rolled back on an exception)."""
+        lock = self._write_lock
+        if lock is None:
+            with self.sessions() as db, db.begin():
+                yield db
+            return
+        with lock, self.sessions() as db, db.begin():
             yield db
 
     @contextmanager
@@ -197,10 +198,8 @@ class Coordinator:
         if token is None:
             raise Unauthorized("missing bearer token (admin or a server's token is required)")
         with self.read_tx() as db:
-            found = db.scalar(
-                select(ServerRow.id).where(ServerRow.token_hash == hash_token(token)).limit(1)
-            )
-        if found is None:
+            found = repo.Servers(db).exists_with_token_hash(hash_token(token))
+        if not found:
             raise Forbidden("the bearer token is neither the admin token nor a server's token")
 
     def _check_server_token(self, row: ServerRow, token: str | None) -> None:
@@ -245,7 +244,7 @@ class Coordinator:
 
     def get_model(self) -> ModelOut:
         with self.read_tx() as db:
-            row = db.get(ModelRow, 1)
+            row = repo.Models(db).get()
             if row is None:
                 raise NotFound("no model is set yet (PUT /v1/model)")
             return _model_out(row)
@@ -253,14 +252,11 @@ class Coordinator:
     def set_model(self, body: ModelIn) -> ModelOut:
         now = self.clock()
         with self.tx() as db:
-            row = db.get(ModelRow, 1)
-            if row is None:
-                row = ModelRow(id=1)
-                db.add(row)
+            row = repo.Models(db).get_or_new()
             _apply_model(row, body, now)
-            for server in db.scalars(select(ServerRow)):
+            for server in repo.Servers(db).all():
                 server.cache_slots = self._slots_for(row, server)
-            _request_replan(db, "model changed", now)
+            repo.PlannerState(db).request("model changed", now)
             db.flush()
             out = _model_out(row)
         self.invalidate()
@@ -292,20 +288,21 @@ class Coordinator:
         now = self.clock()
         try:
             with self.tx() as db:
-                _ensure_site(db, body.site)
-                row = db.get(ServerRow, server_id)
+                repo.Sites(db).ensure(body.site)
+                servers = repo.Servers(db)
+                row = servers.get(server_id)
                 if row is not None:
                     if body.boot_epoch <= row.boot_epoch:
                         raise Conflict(
                             f"id: server {server_id!r} is already registered with boot epoch "
                             f"{row.boot_epoch}; re-register with a larger boot_epoch"
                         )
-                    db.execute(delete(ReservationRow).where(ReservationRow.server_id == server_id))
+                    repo.Reservations(db).drop_for_server(server_id)
                 else:
                     row = ServerRow(id=server_id, registered_at=now)
-                    db.add(row)
+                    servers.add(row)
                 _apply_registration(row, body, hash_token(token), now, self.settings.lease_ttl_s)
-                _request_replan(db, f"server {server_id} joined", now)
+                repo.PlannerState(db).request(f"server {server_id} joined", now)
         except IntegrityError:
             raise Conflict(f"id: server {server_id!r} registered concurrently; retry") from None
         self.invalidate()
@@ -320,69 +317,46 @@ class Coordinator:
     def heartbeat(self, server_id: str, token: str | None, body: Heartbeat) -> HeartbeatOut:
         now = self.clock()
         view = self.view()
-        alpha = self.settings.rtt_ewma_alpha
-        with self.tx() as db:
-            row = db.get(ServerRow, server_id)
-            if row is None:
-                raise NotFound(f"server {server_id!r} is not registered")
-            self._check_server_token(row, token)
-            if body.boot_epoch < row.boot_epoch:
-                raise Conflict(
-                    f"boot_epoch: {body.boot_epoch} is older than the server's current boot "
-                    f"epoch {row.boot_epoch}; this heartbeat comes from a previous run"
-                )
-            model = view.model
-            if (
-                body.loaded_span is not None
-                and model is not None
-                and body.loaded_span.end > model.num_blocks
-            ):
-                raise Invalid(
-                    f"loaded_span.end: {body.loaded_span.end} is past the model's "
-                    f"{model.num_blocks} blocks"
-                )
-            if body.rtts:
-                known = self._known_endpoints(db)
-                for target in body.rtts:
-                    if target not in known:
-                        raise Invalid(f"rtts.{target}: unknown server, site or client id")
-            new_start = None if body.loaded_span is None else body.loaded_span.start
-            new_end = None if body.loaded_span is None else body.loaded_span.end
-            changed = (
-                row.state != body.state
-                or row.loaded_start != new_start
-                or row.loaded_end != new_end
-                or row.boot_epoch != body.boot_epoch
+        model = view.model
+        span = body.loaded_span
+        if span is not None and model is not None and span.end > model.num_blocks:
+            raise Invalid(
+                f"loaded_span.end: {span.end} is past the model's {model.num_blocks} blocks"
             )
-            if row.state != body.state and body.state == "draining":
-                _request_replan(db, f"server {server_id} is draining", now)
-            row.boot_epoch = body.boot_epoch
-            row.state = body.state
-            row.loaded_start, row.loaded_end = new_start, new_end
-            row.free_cache_slots = body.free_cache_slots
-            row.cache_slots = self._slots_for(model, row)
-            if body.decode_ms_per_block is not None:
-                row.decode_ms_per_block = _ewma(
-                    row.decode_ms_per_block, body.decode_ms_per_block, alpha
-                )
-            if body.prefill_ms_per_block is not None:
-                row.prefill_fixed_ms = _ewma(
-                    row.prefill_fixed_ms, body.prefill_ms_per_block.fixed, alpha
-                )
-                row.prefill_per_token_ms = _ewma(
-                    row.prefill_per_token_ms, body.prefill_ms_per_block.per_token, alpha
-                )
-            row.lease_expires_at = now + self.settings.lease_ttl_s
-            row.last_heartbeat_at = now
-            for target, value in body.rtts.items():
-                _upsert_rtt(db, server_id, target, value, alpha, now)
+        new_start = None if body.loaded_span is None else body.loaded_span.start
+        new_end = None if body.loaded_span is None else body.loaded_span.end
+        expires_at = now + self.settings.lease_ttl_s
+        # Fast path: nothing but the lease (and the free-slot report) changes. One guarded
+        # UPDATE that matches only when the token, the boot epoch, the state and the loaded
+        # span are the stored ones; otherwise the full path below decides (and explains).
+        quiet = (
+            token is not None
+            and not body.rtts
+            and body.decode_ms_per_block is None
+            and body.prefill_ms_per_block is None
+        )
+        with self.tx() as db:
+            servers = repo.Servers(db)
+            renewed = quiet and servers.renew_lease(
+                server_id,
+                hash_token(token or ""),
+                body.boot_epoch,
+                body.state,
+                (new_start, new_end),
+                body.free_cache_slots,
+                now,
+                expires_at,
+            )
+            changed = False
+            if not renewed:
+                changed = self._heartbeat_update(db, server_id, token, body, model, now)
             assigned = view.spans.get(server_id)
             generation = view.generation
         if changed or body.rtts:
             self.invalidate()
         else:
             with self._view_lock:
-                view.renew(server_id, now + self.settings.lease_ttl_s)
+                view.renew(server_id, expires_at)
         return HeartbeatOut(
             server_id=server_id,
             generation=generation,
@@ -393,44 +367,102 @@ class Coordinator:
             heartbeat_interval_s=self.settings.heartbeat_interval_s,
         )
 
+    def _heartbeat_update(
+        self,
+        db: Session,
+        server_id: str,
+        token: str | None,
+        body: Heartbeat,
+        model: ModelRow | None,
+        now: float,
+    ) -> bool:
+        """The full heartbeat (checks, state, speeds, RTTs); True when what routes depend
+        on (state, loaded span, boot epoch) changed."""
+        alpha = self.settings.rtt_ewma_alpha
+        row = repo.Servers(db).get(server_id)
+        if row is None:
+            raise NotFound(f"server {server_id!r} is not registered")
+        self._check_server_token(row, token)
+        if body.boot_epoch < row.boot_epoch:
+            raise Conflict(
+                f"boot_epoch: {body.boot_epoch} is older than the server's current boot "
+                f"epoch {row.boot_epoch}; this heartbeat comes from a previous run"
+            )
+        if body.rtts:
+            known = self._known_endpoints(db)
+            for target in body.rtts:
+                if target not in known:
+                    raise Invalid(f"rtts.{target}: unknown server, site or client id")
+        new_start = None if body.loaded_span is None else body.loaded_span.start
+        new_end = None if body.loaded_span is None else body.loaded_span.end
+        changed = (
+            row.state != body.state
+            or row.loaded_start != new_start
+            or row.loaded_end != new_end
+            or row.boot_epoch != body.boot_epoch
+        )
+        if row.state != body.state and body.state == "draining":
+            repo.PlannerState(db).request(f"server {server_id} is draining", now)
+        row.boot_epoch = body.boot_epoch
+        row.state = body.state
+        row.loaded_start, row.loaded_end = new_start, new_end
+        row.free_cache_slots = body.free_cache_slots
+        row.cache_slots = self._slots_for(model, row)
+        if body.decode_ms_per_block is not None:
+            row.decode_ms_per_block = _ewma(
+                row.decode_ms_per_block, body.decode_ms_per_block, alpha
+            )
+        if body.prefill_ms_per_block is not None:
+            row.prefill_fixed_ms = _ewma(
+                row.prefill_fixed_ms, body.prefill_ms_per_block.fixed, alpha
+            )
+            row.prefill_per_token_ms = _ewma(
+                row.prefill_per_token_ms, body.prefill_ms_per_block.per_token, alpha
+            )
+        row.lease_expires_at = now + self.settings.lease_ttl_s
+        row.last_heartbeat_at = now
+        rtts = repo.Rtts(db)
+        for target, value in body.rtts.items():
+            rtts.smooth(server_id, target, value, alpha, now)
+        return changed
+
     def leave(self, server_id: str, token: str | None) -> None:
         now = self.clock()
         with self.tx() as db:
-            row = db.get(ServerRow, server_id)
+            servers = repo.Servers(db)
+            row = servers.get(server_id)
             if row is None:
                 raise NotFound(f"server {server_id!r} is not registered")
             if not self.is_admin(token):
                 self._check_server_token(row, token)
-            db.execute(delete(ReservationRow).where(ReservationRow.server_id == server_id))
-            db.delete(row)
-            _request_replan(db, f"server {server_id} left", now)
+            servers.remove(row)
+            repo.PlannerState(db).request(f"server {server_id} left", now)
         self.invalidate()
         log.info("server left", server=server_id)
 
     def list_servers(self) -> list[ServerOut]:
         now = self.clock()
         with self.read_tx() as db:
-            rows = list(
-                db.scalars(select(ServerRow).order_by(ServerRow.registered_at, ServerRow.id))
-            )
-            spans = _spans_of(current_placement(db))
+            rows = repo.Servers(db).all()
+            spans = placement_spans(repo.Placements(db).current())
         return [_server_out(r, spans.get(r.id), now) for r in rows]
 
     def get_server(self, server_id: str) -> ServerOut:
         now = self.clock()
         with self.read_tx() as db:
-            row = db.get(ServerRow, server_id)
+            row = repo.Servers(db).get(server_id)
             if row is None:
                 raise NotFound(f"server {server_id!r} is not registered")
-            spans = _spans_of(current_placement(db))
+            spans = placement_spans(repo.Placements(db).current())
         return _server_out(row, spans.get(server_id), now)
 
     # --- measurements ----------------------------------------------------------------------------
 
-    def _known_endpoints(self, db: Session) -> set[str]:
-        known = set(db.scalars(select(SiteRow.name)))
-        known.update(db.scalars(select(ServerRow.id)))
-        known.update(db.scalars(select(ClientRow.id)))
+    @staticmethod
+    def _known_endpoints(db: Session) -> set[str]:
+        known = set(repo.Sites(db).names())
+        known.update(repo.Servers(db).ids())
+        known.update(repo.Clients(db).ids())
         return known
 
     def put_rtts(self, entries: list[RttEntry]) -> int:
@@ -438,8 +470,8 @@ class Coordinator:
         alpha = self.settings.rtt_ewma_alpha
         with self.tx() as db:
             known = self._known_endpoints(db)
-            sites = set(db.scalars(select(SiteRow.name)))
-            client_sites = {c.id: c.site for c in db.scalars(select(ClientRow))}
+            sites = set(repo.Sites(db).names())
+            client_sites = {c.id: c.site for c in repo.Clients(db).all()}
             for i, entry in enumerate(entries):
                 for end in ("a", "b"):
                     value = getattr(entry, end)
@@ -447,11 +479,12 @@ class Coordinator:
                         raise Invalid(
                             f"entries[{i}].{end}: unknown site, server or client {value!r}"
                         )
+            rtts = repo.Rtts(db)
             for entry in entries:
                 # A client's RTT is stored for its site: routes are asked per client site.
                 a = client_sites.get(entry.a, entry.a) if entry.a not in sites else entry.a
                 b = client_sites.get(entry.b, entry.b) if entry.b not in sites else entry.b
-                _upsert_rtt(db, a, b, entry.rtt_ms, alpha, now)
+                rtts.smooth(a, b, entry.rtt_ms, alpha, now)
         self.invalidate()
         return len(entries)
 
@@ -547,9 +580,9 @@ class Coordinator:
         for _ in range(3):
             try:
                 with self.tx() as db:
-                    latest = db.scalar(select(func.max(PlacementRow.generation))) or 0
+                    placements = repo.Placements(db)
                     row = PlacementRow(
-                        generation=latest + 1,
+                        generation=placements.latest_generation() + 1,
                         algorithm=solution.algorithm,
                         concurrency=solution.concurrency,
                         objective_ms_per_token=float(objective),
@@ -561,8 +594,7 @@ class Coordinator:
                         inputs=json.dumps(inputs),
                         spans=json.dumps({k: [v.start, v.end] for k, v in spans.items()}),
                     )
-                    db.add(row)
-                    db.flush()
+                    placements.add(row)
                     out = _placement_out(row)
                 break
             except IntegrityError:  # another process published the same generation first
@@ -581,12 +613,13 @@ class Coordinator:
 
     def get_placement(self, generation: int | None) -> PlacementOut:
         with self.read_tx() as db:
+            placements = repo.Placements(db)
             if generation is None:
-                row = current_placement(db)
+                row = placements.current()
                 if row is None:
                     raise NotFound("no placement has been published yet")
             else:
-                row = db.get(PlacementRow, generation)
+                row = placements.get(generation)
                 if row is None:
                     raise NotFound(f"generation: no placement with generation {generation}")
             return _placement_out(row)
@@ -675,19 +708,11 @@ class Coordinator:
         hops = [(view.entries[h.server].id, h.start, h.end, h.blocks) for h in plan.hops]
         try:
             with self.tx() as db:
+                servers = repo.Servers(db)
                 for server_id, _, _, blocks in hops:
-                    taken = db.execute(
-                        update(ServerRow)
-                        .where(
-                            ServerRow.id == server_id,
-                            ServerRow.reserved_slots + blocks <= ServerRow.cache_slots,
-                            ServerRow.lease_expires_at > now,
-                        )
-                        .values(reserved_slots=ServerRow.reserved_slots + blocks)
-                    )
-                    if taken.rowcount != 1:  # type: ignore[attr-defined]
-                        raise _Contended()
-                db.add(
+                    if not servers.reserve(server_id, blocks, now):
+                        raise _Contended()  # rolls the other hops back
+                repo.Sessions(db).add(
                     SessionRow(
                         id=session_id,
                         client_site=body.client_site,
@@ -699,18 +724,9 @@ class Coordinator:
                         first_token_ms=plan.timing.first_token_ms,
                         per_token_ms=plan.timing.per_token_ms,
                         path=json.dumps([[s, a, b] for s, a, b, _ in hops]),
-                    )
+                    ),
+                    [(server_id, blocks) for server_id, _, _, blocks in hops],
                 )
-                db.flush()
-                for server_id, _, _, blocks in hops:
-                    db.add(
-                        ReservationRow(
-                            session_id=session_id,
-                            server_id=server_id,
-                            slots=blocks,
-                            expires_at=expires_at,
-                        )
-                    )
         except _Contended:
             return None
         except OperationalError as error:  # e.g. a PostgreSQL serialization hiccup
@@ -727,38 +743,38 @@ class Coordinator:
 
     def release(self, session_id: str) -> None:
         with self.tx() as db:
-            released = _release(db, session_id)
+            released = repo.Sessions(db).release(session_id)
         if released is None:
             raise NotFound(f"session {session_id!r} does not exist (released or expired)")
+        self._forget(released)
+
+    def _forget(self, released: list[repo.Held]) -> None:
+        """Mirror released reservations in the route view until its next rebuild."""
         with self._view_lock:
             if self._view is not None:
-                for server_id, slots, expires_at in released:
-                    self._view.remove_reservation(server_id, slots, expires_at)
+                for held in released:
+                    self._view.remove_reservation(held.server_id, held.slots, held.expires_at)
 
     def sweep_sessions(self) -> int:
         """Release every session past its expiry (predicted completion plus grace)."""
         now = self.clock()
         with self.read_tx() as db:
-            expired = list(
-                db.scalars(select(SessionRow.id).where(SessionRow.expires_at <= now).limit(1000))
-            )
+            expired = repo.Sessions(db).expired_ids(now)
         if not expired:
             return 0
-        released: list[tuple[str, int, float]] = []
+        released: list[repo.Held] = []
         with self.tx() as db:
+            sessions = repo.Sessions(db)
             for session_id in expired:
-                held = _release(db, session_id)
+                held = sessions.release(session_id)
                 if held is not None:
                     released.extend(held)
-        with self._view_lock:
-            if self._view is not None:
-                for server_id, slots, expires_at in released:
-                    self._view.remove_reservation(server_id, slots, expires_at)
+        self._forget(released)
         return len(expired)
 
     def active_sessions(self) -> int:
         with self.read_tx() as db:
-            return int(db.scalar(select(func.count()).select_from(SessionRow)) or 0)
+            return repo.Sessions(db).count()
 
     # --- scenario snapshot ---------------------------------------------------------------------
 
@@ -789,20 +805,8 @@ class Coordinator:
         now = self.clock()
         tokens: list[LoadedServer] = []
         with self.tx() as db:
-            for table in (
-                ReservationRow,
-                SessionRow,
-                PlacementRow,
-                ServerRow,
-                ClientRow,
-                RttRow,
-                SiteRow,
-            ):
-                db.execute(delete(table))
-            model = db.get(ModelRow, 1)
-            if model is None:
-                model = ModelRow(id=1)
-                db.add(model)
+            repo.clear_swarm(db)
+            model = repo.Models(db).get_or_new()
             m = scenario.model
             rate = getattr(scenario.workload, "rate_per_s", None)
             _apply_model(
@@ -821,26 +825,23 @@ class Coordinator:
                 ),
                 now,
             )
-            for i, site in enumerate(scenario.sites):
-                db.add(SiteRow(name=site, position=i))
-            db.flush()  # sites first: clients and servers refer to them
+            repo.Sites(db).add_all(scenario.sites)  # first: clients and servers refer to them
+            rtts = repo.Rtts(db)
             matrix = scenario.site_matrix()
             for i, a in enumerate(scenario.sites):
                 for j, b in enumerate(scenario.sites):
                     if j >= i:
-                        value = (matrix[i][j] + matrix[j][i]) / 2
-                        db.add(RttRow(a=a, b=b, rtt_ms=value, samples=1, updated_at=now))
-            for i, client in enumerate(scenario.clients):
-                db.add(ClientRow(id=client.id, site=client.site, share=client.share, position=i))
-            db.flush()
+                        rtts.add(a, b, (matrix[i][j] + matrix[j][i]) / 2, now)
+            repo.Clients(db).add_all((c.id, c.site, c.share) for c in scenario.clients)
             client_site = {c.id: c.site for c in scenario.clients}
             stored: dict[tuple[str, str], float] = {}
             for a, targets in (scenario.rtt_ms or {}).items():
                 for b, value in targets.items():
-                    key = pair_key(client_site.get(a, a), client_site.get(b, b))
+                    key = repo.pair_key(client_site.get(a, a), client_site.get(b, b))
                     stored[key] = value
             for (a, b), value in stored.items():
-                db.add(RttRow(a=a, b=b, rtt_ms=value, samples=1, updated_at=now))
+                rtts.add(a, b, value, now)
+            servers = repo.Servers(db)
             for i, spec in enumerate(scenario.servers):
                 token = secrets.token_urlsafe(32)
                 extra = (
@@ -867,23 +868,24 @@ class Coordinator:
                     lease_expires_at=now + lease_s if online else now,
                     registered_at=now + i * 1e-6,
                 )
-                db.add(row)
+                servers.add(row)
                 tokens.append(LoadedServer(id=spec.id, token=token))
-            _request_replan(db, "scenario loaded", now)
+            repo.PlannerState(db).request("scenario loaded", now)
         self.invalidate()
         generation = 0
         if online:
             placed = self.compute_placement(PlacementRequest(algorithm="cg"))
             generation = placed.generation
             with self.tx() as db:
-                model_row = db.get(ModelRow, 1)
+                model_row = repo.Models(db).get()
+                servers = repo.Servers(db)
                 for placed_span in placed.spans:
-                    server = db.get(ServerRow, placed_span.server_id)
+                    server = servers.get(placed_span.server_id)
                     if server is None:
                         continue
                     server.loaded_start, server.loaded_end = placed_span.start, placed_span.end
                     server.cache_slots = self._slots_for(model_row, server)
-                _clear_replan(db, now)
+                repo.PlannerState(db).clear(now)
             self.invalidate()
         return ScenarioLoadOut(servers=tokens, generation=generation)
 
@@ -893,31 +895,12 @@ class Coordinator:
         now = self.clock()
         expires = now + self.settings.leader_lease_s
         with self.tx() as db:
-            result = db.execute(
-                update(LeaderRow)
-                .where(
-                    LeaderRow.name == "planner",
-                    (LeaderRow.holder == self.instance_id) | (LeaderRow.expires_at <= now),
-                )
-                .values(holder=self.instance_id, expires_at=expires)
-            )
-            if result.rowcount == 1:  # type: ignore[attr-defined]
-                return True
-            inserted = _insert_ignore(
-                db,
-                LeaderRow,
-                {"name": "planner", "holder": self.instance_id, "expires_at": expires},
-            )
-            return inserted
+            return repo.Leader(db).acquire(self.instance_id, now, expires)
 
     def release_leadership(self) -> None:
         try:
             with self.tx() as db:
-                db.execute(
-                    update(LeaderRow)
-                    .where(LeaderRow.name == "planner", LeaderRow.holder == self.instance_id)
-                    .values(expires_at=0.0)
-                )
+                repo.Leader(db).release(self.instance_id)
         except Exception:  # the database may already be gone at shutdown
             pass
 
@@ -940,8 +923,7 @@ class Coordinator:
         with self._plan_lock:
             now = self.clock()
             with self.tx() as db:
-                flag = db.get(PlannerStateRow, 1)
-                requested = flag.reason if flag is not None and flag.requested else None
+                requested = repo.PlannerState(db).requested()
                 state = load_state(db)
             if state.model is None:
                 return "no model"
@@ -981,7 +963,7 @@ class Coordinator:
             concurrency = self._concurrency(state, instance, model.rate_per_s)
         except Conflict as error:
             with self.tx() as db:
-                _clear_replan(db, now)
+                repo.PlannerState(db).clear(now)
             return f"cannot plan: {error.message}"
         algorithm = self.settings.planner_algorithm
         solution = self._solve(scenario, algorithm, concurrency, self.settings.planner_time_limit_s)
@@ -991,7 +973,7 @@ class Coordinator:
             instance, solution, aligned, counts, self.settings.replan_min_gain
         )
         with self.tx() as db:
-            _clear_replan(db, now)
+            repo.PlannerState(db).clear(now)
         if not decision.publish:
             log.info("re-plan kept the current placement", reason=reason, why=decision.reason)
             return f"kept ({decision.reason})"
@@ -1041,79 +1023,11 @@ class _Contended(Exception):
     pass
 
 
-# --- repository helpers (never commit) ------------------------------------------------------
-
-
-def _insert_ignore(db: Session, model: Any, values: dict[str, Any]) -> bool:
-    """INSERT ... ON CONFLICT DO NOTHING; True when the row was inserted."""
-    table = model.__table__
-    dialect = postgresql if db.get_bind().dialect.name == "postgresql" else sqlite
-    key = next(iter(table.primary_key.columns))
-    statement: Any = dialect.insert(table).values(**values).on_conflict_do_nothing()
-    return db.execute(statement.returning(key)).first() is not None
-
-
-def _ensure_site(db: Session, site: str) -> None:
-    if db.get(SiteRow, site) is None:
-        position = db.scalar(select(func.count()).select_from(SiteRow)) or 0
-        _insert_ignore(db, SiteRow, {"name": site, "position": position})
-
-
-def _request_replan(db: Session, reason: str, now: float) -> None:
-    db.execute(
-        update(PlannerStateRow)
-        .where(PlannerStateRow.id == 1)
-        .values(requested=True, reason=reason[:500], updated_at=now)
-    )
-
-
-def _clear_replan(db: Session, now: float) -> None:
-    db.execute(
-        update(PlannerStateRow)
-        .where(PlannerStateRow.id == 1)
-        .values(requested=False, reason="", updated_at=now)
-    )
+# --- pure helpers ------------------------------------------------------------------------
 
 
 def _ewma(old: float, new: float, alpha: float) -> float:
     return alpha * new + (1 - alpha) * old
-
-
-def _upsert_rtt(db: Session, a: str, b: str, value: float, alpha: float, now: float) -> None:
-    a, b = pair_key(a, b)
-    row = db.get(RttRow, (a, b))
-    if row is None:
-        if _insert_ignore(
-            db, RttRow, {"a": a, "b": b, "rtt_ms": value, "samples": 1, "updated_at": now}
-        ):
-            return
-        row = db.get(RttRow, (a, b), populate_existing=True)
-        assert row is not None
-    row.rtt_ms = _ewma(row.rtt_ms, value, alpha)
-    row.samples += 1
-    row.updated_at = now
-
-
-def _release(db: Session, session_id: str) -> list[tuple[str, int, float]] | None:
-    held = [
-        (r.server_id, r.slots, r.expires_at)
-        for r in db.scalars(select(ReservationRow).where(ReservationRow.session_id == session_id))
-    ]
-    deleted = db.execute(delete(SessionRow).where(SessionRow.id == session_id))
-    if deleted.rowcount != 1:  # type: ignore[attr-defined]
-        return None  # someone else released it first
-    db.execute(delete(ReservationRow).where(ReservationRow.session_id == session_id))
-    for server_id, slots, _ in held:
-        db.execute(
-            update(ServerRow)
-            .where(ServerRow.id == server_id)
-            .values(
-                reserved_slots=func.max(ServerRow.reserved_slots - slots, 0)
-                if db.get_bind().dialect.name == "sqlite"
-                else func.greatest(ServerRow.reserved_slots - slots, 0)
-            )
-        )
-    return held
 
 
 def _plannable(state: LiveState, now: float) -> list[ServerRow]:
@@ -1209,12 +1123,6 @@ def _apply_registration(
     row.reserved_slots = 0
     row.lease_expires_at = now + ttl
     row.last_heartbeat_at = None
-
-
-def _spans_of(row: PlacementRow | None) -> dict[str, Span]:
-    from app.service.state import placement_spans
-
-    return placement_spans(row)
 
 
 def _server_out(row: ServerRow, assigned: Span | None, now: float) -> ServerOut:

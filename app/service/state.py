@@ -7,28 +7,16 @@ that what the coordinator plans on is exactly what ``bprr solve`` would read bac
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.allocation.instance import Span
 from app.allocation.scenario import Scenario, parse_scenario
-from app.store.models import (
-    ClientRow,
-    ModelRow,
-    PlacementRow,
-    ReservationRow,
-    RttRow,
-    ServerRow,
-    SiteRow,
-)
-
-
-def pair_key(a: str, b: str) -> tuple[str, str]:
-    return (a, b) if a <= b else (b, a)
+from app.store import repositories as repo
+from app.store.models import ClientRow, ModelRow, PlacementRow, ServerRow
+from app.store.repositories import pair_key
 
 
 @dataclass
@@ -72,25 +60,18 @@ def placement_spans(row: PlacementRow | None) -> dict[str, Span]:
     return {server: Span(int(s), int(e)) for server, (s, e) in raw.items()}
 
 
-def current_placement(db: Session) -> PlacementRow | None:
-    return db.scalars(
-        select(PlacementRow).order_by(PlacementRow.generation.desc()).limit(1)
-    ).first()
-
-
 def load_state(db: Session, with_reservations: bool = False) -> LiveState:
-    model = db.get(ModelRow, 1)
-    sites = list(db.scalars(select(SiteRow.name).order_by(SiteRow.position, SiteRow.name)))
-    clients = list(db.scalars(select(ClientRow).order_by(ClientRow.position, ClientRow.id)))
-    servers = list(db.scalars(select(ServerRow).order_by(ServerRow.registered_at, ServerRow.id)))
-    rtts = {(r.a, r.b): r.rtt_ms for r in db.scalars(select(RttRow))}
-    reservations: dict[str, list[tuple[float, int]]] = defaultdict(list)
-    if with_reservations:
-        for server_id, expires_at, slots in db.execute(
-            select(ReservationRow.server_id, ReservationRow.expires_at, ReservationRow.slots)
-        ):
-            reservations[server_id].append((expires_at, slots))
-    return LiveState(model, sites, clients, servers, rtts, current_placement(db), reservations)
+    """Everything the planner and the route view need, read through the repositories in the
+    caller's transaction."""
+    return LiveState(
+        model=repo.Models(db).get(),
+        sites=repo.Sites(db).names(),
+        clients=repo.Clients(db).all(),
+        servers=repo.Servers(db).all(),
+        rtts=repo.Rtts(db).all(),
+        placement=repo.Placements(db).current(),
+        reservations=repo.Reservations(db).by_server() if with_reservations else {},
+    )
 
 
 def client_list(state: LiveState) -> list[tuple[str, str, float]]:

@@ -1,0 +1,417 @@
+"""Repositories: the coordinator's data access, one small class per aggregate.
+
+Each takes the SQLAlchemy ``Session`` of the caller's transaction, runs queries and updates in
+it and NEVER commits, rolls back or begins: the service layer owns the transaction (one per
+request). Nothing here knows about HTTP or business rules beyond what one statement expresses
+(e.g. a reservation is a conditional UPDATE that only succeeds when the slots are free).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from app.store.models import (
+    Base,
+    ClientRow,
+    LeaderRow,
+    ModelRow,
+    PlacementRow,
+    PlannerStateRow,
+    ReservationRow,
+    RttRow,
+    ServerRow,
+    SessionRow,
+    SiteRow,
+)
+
+MODEL_ID = 1
+PLANNER_STATE_ID = 1
+PLANNER_LEADER = "planner"
+
+
+def pair_key(a: str, b: str) -> tuple[str, str]:
+    """RTTs are symmetric and stored once, under (min, max)."""
+    return (a, b) if a <= b else (b, a)
+
+
+def insert_ignore(db: Session, model: type[Base], values: dict[str, Any]) -> bool:
+    """INSERT ... ON CONFLICT DO NOTHING; True when the row was inserted."""
+    table: Any = model.__table__
+    dialect: Any = postgresql if db.get_bind().dialect.name == "postgresql" else sqlite
+    key = next(iter(table.primary_key.columns))
+    statement: Any = dialect.insert(table).values(**values).on_conflict_do_nothing()
+    return db.execute(statement.returning(key)).first() is not None
+
+
+def _rowcount(result: Any) -> int:
+    count: int = result.rowcount
+    return count
+
+
+# --- the model --------------------------------------------------------------------------------
+
+
+class Models:
+    def __init__(self, db: Session) -> None:
+        self.db = db
+
+    def get(self) -> ModelRow | None:
+        return self.db.get(ModelRow, MODEL_ID)
+
+    def get_or_new(self) -> ModelRow:
+        """The model row, added to the session (not yet flushed) when there is none."""
+        row = self.get()
+        if row is None:
+            row = ModelRow(id=MODEL_ID)
+            self.db.add(row)
+        return row
+
+
+# --- sites, clients -------------------------------------------------------------------------
+
+
+class Sites:
+    def __init__(self, db: Session) -> None:
+        self.db = db
+
+    def names(self) -> list[str]:
+        return list(self.db.scalars(select(SiteRow.name).order_by(SiteRow.position, SiteRow.name)))
+
+    def ensure(self, name: str) -> None:
+        """Add the site (at the end) unless it exists; safe against a concurrent insert."""
+        if self.db.get(SiteRow, name) is None:
+            position = self.db.scalar(select(func.count()).select_from(SiteRow)) or 0
+            insert_ignore(self.db, SiteRow, {"name": name, "position": position})
+
+    def add_all(self, names: Sequence[str]) -> None:
+        for i, name in enumerate(names):
+            self.db.add(SiteRow(name=name, position=i))
+        self.db.flush()  # clients and servers refer to sites
+
+
+class Clients:
+    def __init__(self, db: Session) -> None:
+        self.db = db
+
+    def all(self) -> list[ClientRow]:
+        return list(self.db.scalars(select(ClientRow).order_by(ClientRow.position, ClientRow.id)))
+
+    def ids(self) -> list[str]:
+        return list(self.db.scalars(select(ClientRow.id)))
+
+    def add_all(self, clients: Iterable[tuple[str, str, float]]) -> None:
+        for i, (client_id, site, share) in enumerate(clients):
+            self.db.add(ClientRow(id=client_id, site=site, share=share, position=i))
+        self.db.flush()
+
+
+# --- servers --------------------------------------------------------------------------------
+
+
+class Servers:
+    def __init__(self, db: Session) -> None:
+        self.db = db
+
+    def get(self, server_id: str) -> ServerRow | None:
+        return self.db.get(ServerRow, server_id)
+
+    def all(self) -> list[ServerRow]:
+        """Every server in registration order (the order placements index them by)."""
+        return list(
+            self.db.scalars(select(ServerRow).order_by(ServerRow.registered_at, ServerRow.id))
+        )
+
+    def ids(self) -> list[str]:
+        return list(self.db.scalars(select(ServerRow.id)))
+
+    def exists_with_token_hash(self, token_hash: str) -> bool:
+        found = self.db.scalar(
+            select(ServerRow.id).where(ServerRow.token_hash == token_hash).limit(1)
+        )
+        return found is not None
+
+    def add(self, row: ServerRow) -> None:
+        self.db.add(row)
+
+    def remove(self, row: ServerRow) -> None:
+        """Delete the server and every reservation held on it."""
+        Reservations(self.db).drop_for_server(row.id)
+        self.db.delete(row)
+
+    def renew_lease(
+        self,
+        server_id: str,
+        token_hash: str,
+        boot_epoch: int,
+        state: str,
+        loaded: tuple[int | None, int | None],
+        free_cache_slots: int | None,
+        now: float,
+        expires_at: float,
+    ) -> bool:
+        """A heartbeat that changes nothing but the lease and the free-slot report: one
+        UPDATE, guarded by everything the caller checked (token, epoch, state, loaded span),
+        so that a concurrent change makes it match no row (and the caller takes the slow
+        path). True when the row was updated."""
+        start, end = loaded
+        result = self.db.execute(
+            update(ServerRow)
+            .where(
+                ServerRow.id == server_id,
+                ServerRow.token_hash == token_hash,
+                ServerRow.boot_epoch == boot_epoch,
+                ServerRow.state == state,
+                ServerRow.loaded_start.is_(None)
+                if start is None
+                else ServerRow.loaded_start == start,
+                ServerRow.loaded_end.is_(None) if end is None else ServerRow.loaded_end == end,
+            )
+            .values(
+                lease_expires_at=expires_at,
+                last_heartbeat_at=now,
+                free_cache_slots=free_cache_slots,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        return _rowcount(result) == 1
+
+    def reserve(self, server_id: str, slots: int, now: float) -> bool:
+        """Take ``slots`` cache slots if they are free and the lease is live (one conditional
+        UPDATE: the condition is re-checked under the row lock, so concurrent bookings can
+        never over-admit)."""
+        result = self.db.execute(
+            update(ServerRow)
+            .where(
+                ServerRow.id == server_id,
+                ServerRow.reserved_slots + slots <= ServerRow.cache_slots,
+                ServerRow.lease_expires_at > now,
+            )
+            .values(reserved_slots=ServerRow.reserved_slots + slots)
+            .execution_options(synchronize_session=False)
+        )
+        return _rowcount(result) == 1
+
+    def unreserve(self, server_id: str, slots: int) -> None:
+        greatest = func.max if self.db.get_bind().dialect.name == "sqlite" else func.greatest
+        self.db.execute(
+            update(ServerRow)
+            .where(ServerRow.id == server_id)
+            .values(reserved_slots=greatest(ServerRow.reserved_slots - slots, 0))
+            .execution_options(synchronize_session=False)
+        )
+
+
+# --- measurements -----------------------------------------------------------------------------
+
+
+class Rtts:
+    def __init__(self, db: Session) -> None:
+        self.db = db
+
+    def all(self) -> dict[tuple[str, str], float]:
+        return {(r.a, r.b): r.rtt_ms for r in self.db.scalars(select(RttRow))}
+
+    def add(self, a: str, b: str, rtt_ms: float, now: float) -> None:
+        a, b = pair_key(a, b)
+        self.db.add(RttRow(a=a, b=b, rtt_ms=rtt_ms, samples=1, updated_at=now))
+
+    def smooth(self, a: str, b: str, value: float, alpha: float, now: float) -> None:
+        """Insert a first sample, or fold one into the EWMA (alpha weighs the new value)."""
+        a, b = pair_key(a, b)
+        row = self.db.get(RttRow, (a, b))
+        if row is None:
+            if insert_ignore(
+                self.db, RttRow, {"a": a, "b": b, "rtt_ms": value, "samples": 1, "updated_at": now}
+            ):
+                return
+            row = self.db.get(RttRow, (a, b), populate_existing=True)
+            assert row is not None
+        row.rtt_ms = alpha * value + (1 - alpha) * row.rtt_ms
+        row.samples += 1
+        row.updated_at = now
+
+
+# --- placements -----------------------------------------------------------------------------
+
+
+class Placements:
+    def __init__(self, db: Session) -> None:
+        self.db = db
+
+    def current(self) -> PlacementRow | None:
+        return self.db.scalars(
+            select(PlacementRow).order_by(PlacementRow.generation.desc()).limit(1)
+        ).first()
+
+    def get(self, generation: int) -> PlacementRow | None:
+        return self.db.get(PlacementRow, generation)
+
+    def latest_generation(self) -> int:
+        return int(self.db.scalar(select(func.max(PlacementRow.generation))) or 0)
+
+    def add(self, row: PlacementRow) -> None:
+        """Insert (flushed now: a generation taken by another process raises IntegrityError
+        here, inside the caller's transaction)."""
+        self.db.add(row)
+        self.db.flush()
+
+
+# --- sessions and their reservations ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Held:
+    """A reservation a released session held."""
+
+    server_id: str
+    slots: int
+    expires_at: float
+
+
+class Reservations:
+    def __init__(self, db: Session) -> None:
+        self.db = db
+
+    def by_server(self) -> dict[str, list[tuple[float, int]]]:
+        """server id -> [(expires_at, slots)] of every reservation."""
+        held: dict[str, list[tuple[float, int]]] = defaultdict(list)
+        for server_id, expires_at, slots in self.db.execute(
+            select(ReservationRow.server_id, ReservationRow.expires_at, ReservationRow.slots)
+        ):
+            held[server_id].append((expires_at, slots))
+        return held
+
+    def drop_for_server(self, server_id: str) -> None:
+        self.db.execute(delete(ReservationRow).where(ReservationRow.server_id == server_id))
+
+
+class Sessions:
+    def __init__(self, db: Session) -> None:
+        self.db = db
+
+    def add(self, row: SessionRow, hops: Iterable[tuple[str, int]]) -> None:
+        """Insert the session and one reservation per (server id, slots)."""
+        self.db.add(row)
+        self.db.flush()  # the reservations refer to it
+        for server_id, slots in hops:
+            self.db.add(
+                ReservationRow(
+                    session_id=row.id, server_id=server_id, slots=slots, expires_at=row.expires_at
+                )
+            )
+        self.db.flush()
+
+    def release(self, session_id: str) -> list[Held] | None:
+        """Delete the session and give its slots back; None if it was not there (released
+        or expired, possibly by another process a moment ago)."""
+        held = [
+            Held(r.server_id, r.slots, r.expires_at)
+            for r in self.db.scalars(
+                select(ReservationRow).where(ReservationRow.session_id == session_id)
+            )
+        ]
+        deleted = self.db.execute(delete(SessionRow).where(SessionRow.id == session_id))
+        if _rowcount(deleted) != 1:
+            return None
+        self.db.execute(delete(ReservationRow).where(ReservationRow.session_id == session_id))
+        servers = Servers(self.db)
+        for hold in held:
+            servers.unreserve(hold.server_id, hold.slots)
+        return held
+
+    def expired_ids(self, now: float, limit: int = 1000) -> list[str]:
+        return list(
+            self.db.scalars(select(SessionRow.id).where(SessionRow.expires_at <= now).limit(limit))
+        )
+
+    def count(self) -> int:
+        return int(self.db.scalar(select(func.count()).select_from(SessionRow)) or 0)
+
+
+# --- the whole swarm ------------------------------------------------------------------------
+
+
+def clear_swarm(db: Session) -> None:
+    """Delete every session, placement, server, client, RTT and site (a scenario load)."""
+    for table in (
+        ReservationRow,
+        SessionRow,
+        PlacementRow,
+        ServerRow,
+        ClientRow,
+        RttRow,
+        SiteRow,
+    ):
+        db.execute(delete(table))
+
+
+# --- the planner's coordination rows ------------------------------------------------------
+
+
+class PlannerState:
+    def __init__(self, db: Session) -> None:
+        self.db = db
+
+    def ensure(self, now: float) -> None:
+        insert_ignore(
+            self.db,
+            PlannerStateRow,
+            {"id": PLANNER_STATE_ID, "requested": False, "reason": "", "updated_at": now},
+        )
+
+    def requested(self) -> str | None:
+        """The pending re-plan request's reason, or None."""
+        row = self.db.get(PlannerStateRow, PLANNER_STATE_ID)
+        return row.reason if row is not None and row.requested else None
+
+    def request(self, reason: str, now: float) -> None:
+        self.db.execute(
+            update(PlannerStateRow)
+            .where(PlannerStateRow.id == PLANNER_STATE_ID)
+            .values(requested=True, reason=reason[:500], updated_at=now)
+        )
+
+    def clear(self, now: float) -> None:
+        self.db.execute(
+            update(PlannerStateRow)
+            .where(PlannerStateRow.id == PLANNER_STATE_ID)
+            .values(requested=False, reason="", updated_at=now)
+        )
+
+
+class Leader:
+    """The planner's leader lease (a row; works the same on SQLite and PostgreSQL)."""
+
+    def __init__(self, db: Session, name: str = PLANNER_LEADER) -> None:
+        self.db = db
+        self.name = name
+
+    def acquire(self, holder: str, now: float, expires_at: float) -> bool:
+        """Take or renew the lease if it is ours or has expired; True when we hold it."""
+        result = self.db.execute(
+            update(LeaderRow)
+            .where(
+                LeaderRow.name == self.name,
+                (LeaderRow.holder == holder) | (LeaderRow.expires_at <= now),
+            )
+            .values(holder=holder, expires_at=expires_at)
+        )
+        if _rowcount(result) == 1:
+            return True
+        return insert_ignore(
+            self.db, LeaderRow, {"name": self.name, "holder": holder, "expires_at": expires_at}
+        )
+
+    def release(self, holder: str) -> None:
+        self.db.execute(
+            update(LeaderRow)
+            .where(LeaderRow.name == self.name, LeaderRow.holder == holder)
+            .values(expires_at=0.0)
+        )
