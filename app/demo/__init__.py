@@ -1,0 +1,11 @@
+"""The live demo: ``bprr serve --demo SCENARIO``.
+
+It runs the coordinator on a fresh SQLite file, one simulated server agent per server of the
+scenario (``bprr_client.ServerAgent`` on threads, RTTs taken from the scenario, a simulated
+span host that "loads" its assigned blocks after a short delay) and a Poisson stream of
+simulated clients that book and release sessions through ``bprr_client.RouteClient``.
+
+``app.demo.stream`` (the client stream) needs nothing beyond the standard library;
+``app.demo.swarm`` and ``app.demo.runner`` need the client package (``pip install -e
+clients/python``), imported only when the demo runs.
+"""
