@@ -4,6 +4,8 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SCENARIO ?= examples/paper-clustered-9.json
+PORT ?= 8080
+DEMO_SPEED ?= 1
 
 .PHONY: run test lint typecheck chromium bench clean
 
@@ -14,8 +16,12 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(BIN)/pip install --quiet -e clients/python
 	touch $(STAMP)
 
+# `make run`: the live demo (bprr serve --demo): the coordinator on a fresh SQLite file, one
+# simulated server agent per server of $(SCENARIO) and a Poisson stream of clients booking
+# sessions. PORT and DEMO_SPEED (time compression) can be set: make run DEMO_SPEED=10.
 run: $(STAMP)
-	$(BIN)/bprr serve
+	@echo "bprr live demo on $(SCENARIO): dashboard http://127.0.0.1:$(PORT)/  API docs http://127.0.0.1:$(PORT)/docs  (Ctrl-C stops)"
+	$(BIN)/bprr serve --demo $(SCENARIO) --port $(PORT) --demo-speed $(DEMO_SPEED)
 
 lint: $(STAMP)
 	$(BIN)/ruff check app tests bench clients
