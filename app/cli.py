@@ -127,6 +127,10 @@ from app.api.commands import register as register_coordinator  # noqa: E402
 
 register_coordinator(cli)
 
+from app.profiler.commands import register as register_profiler  # noqa: E402
+
+register_profiler(cli)
+
 
 def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(cli)

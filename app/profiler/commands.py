@@ -1,0 +1,236 @@
+"""``bprr profile``: measure a server's block speeds (registered by ``register(cli)``).
+
+torch is imported only when the command runs; without it the command prints one ``error:``
+line saying to install the ``profile`` extra.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from app.allocation.scenario import ScenarioError
+from app.profiler.arch import PRESETS, ArchError, BlockArch, custom_arch
+from app.profiler.fit import FitError
+from app.profiler.profile import (
+    DEFAULT_PLAN,
+    TorchMissingError,
+    cached_profile,
+    default_cache_path,
+    run_profile,
+)
+
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+class ProfileUserError(ScenarioError):
+    """A bad argument or an impossible profile: one ``error:`` line, exit status 2."""
+
+
+def _ints(option: str, text: str, low: int) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ProfileUserError(
+            f"{option}: {text!r} is not a comma-separated list of integers"
+        ) from None
+    if not values:
+        raise ProfileUserError(f"{option}: give at least one value")
+    if min(values) < low:
+        raise ProfileUserError(f"{option}: values must be at least {low}")
+    return sorted(set(values))
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _check_memory(arch: BlockArch, blocks: int, dtype: str, device: str) -> None:
+    if device != "cpu":
+        return
+    need = arch.params * BYTES[dtype] * blocks
+    available = _available_bytes()
+    if available is not None and need > 0.8 * available:
+        raise ProfileUserError(
+            f"--blocks: {blocks} blocks of {arch.name} in {dtype} need {need / 2**30:.1f} GiB, "
+            f"more than 80% of the {available / 2**30:.1f} GiB available; use fewer blocks, "
+            "--dtype bf16, or smaller sizes"
+        )
+
+
+def _print_report(report: dict[str, Any], from_cache: bool) -> None:
+    console = Console()
+    arch = report["architecture"]
+    source = " (from the cache)" if from_cache else ""
+    console.print(
+        f"{arch['name']}: hidden {arch['hidden']}, {arch['heads']} heads "
+        f"({arch['kv_heads']} kv), intermediate {arch['intermediate']}, "
+        f"{arch['params_per_block'] / 1e6:.1f} M params/block; {report['device']}, "
+        f"{report['dtype']}, torch {report['torch']}{source}"
+    )
+    fit = report["fit"]
+    prefill = report["prefill_ms_per_block"]
+    console.print(
+        f"decode_ms_per_block: {report['decode_ms_per_block']:.4f}  "
+        f"(R^2 {fit['decode']['r2']:.4f}; "
+        f"{fit['decode']['ms_per_block_per_context_token']:.3g} ms per cached token, at mean "
+        f"context {fit['decode']['mean_context']:.0f})"
+    )
+    console.print(
+        f"prefill_ms_per_block: fixed {prefill['fixed']:.4f} + per_token "
+        f"{prefill['per_token']:.5f} x l  (R^2 {fit['prefill']['r2']:.4f})"
+    )
+    table = Table(title="decode step vs batch size (the paper assumes no effect)")
+    table.add_column("batch", justify="right")
+    table.add_column("ms/block (step)", justify="right")
+    table.add_column("ratio vs batch 1", justify="right")
+    table.add_column("ms/block per request", justify="right")
+    for row in report["batch_effect"]:
+        table.add_row(
+            str(row["batch"]),
+            f"{row['decode_ms_per_block']:.4f}",
+            f"{row['ratio_vs_batch_1']:.3f}",
+            f"{row['ms_per_request_per_block']:.4f}",
+        )
+    console.print(table)
+    for note in report["notes"]:
+        console.print(f"note: {note}")
+    console.print(
+        json.dumps(
+            {
+                "decode_ms_per_block": report["decode_ms_per_block"],
+                "prefill_ms_per_block": report["prefill_ms_per_block"],
+            }
+        ),
+        soft_wrap=True,
+    )
+
+
+def profile_command(
+    arch_name: Annotated[
+        str | None,
+        typer.Option("--arch", help=f"A preset: {', '.join(PRESETS)} (sizes below override it)."),
+    ] = None,
+    hidden: Annotated[int | None, typer.Option("--hidden", help="Hidden size.")] = None,
+    heads: Annotated[int | None, typer.Option("--heads", help="Attention heads.")] = None,
+    kv_heads: Annotated[
+        int | None, typer.Option("--kv-heads", help="Key/value heads (grouped-query attention).")
+    ] = None,
+    intermediate: Annotated[
+        int | None, typer.Option("--intermediate", help="MLP intermediate size.")
+    ] = None,
+    style: Annotated[
+        str | None,
+        typer.Option("--style", help="llama (RMSNorm, RoPE, SwiGLU) or bloom (LayerNorm, ALiBi)."),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")] = "cpu",
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32, bf16 or fp16.")] = "fp32",
+    blocks: Annotated[
+        str, typer.Option("--blocks", help="Numbers of blocks to chain, comma-separated.")
+    ] = ",".join(map(str, DEFAULT_PLAN["blocks"])),
+    contexts: Annotated[
+        str,
+        typer.Option("--contexts", help="Context lengths l (decode cache, prefill tokens)."),
+    ] = ",".join(map(str, DEFAULT_PLAN["contexts"])),
+    batches: Annotated[
+        str, typer.Option("--batches", help="Decode batch sizes (1 is always measured).")
+    ] = ",".join(map(str, DEFAULT_PLAN["batches"])),
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per point (median).")] = 5,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs per point.")] = 2,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="torch CPU threads (default: torch's).")
+    ] = None,
+    cache: Annotated[
+        bool, typer.Option("--cache", help="Read/store the result in the profile cache.")
+    ] = False,
+    cache_file: Annotated[
+        Path | None, typer.Option("--cache-file", help="Cache file (implies --cache).")
+    ] = None,
+    refresh: Annotated[bool, typer.Option("--refresh", help="Measure even if cached.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+) -> None:
+    """Time random-weight transformer blocks and fit the server's speed fields
+    (decode_ms_per_block, prefill_ms_per_block) by least squares."""
+    if arch_name is None and (hidden is None or heads is None):
+        raise ProfileUserError(
+            f"--arch: give a preset ({', '.join(PRESETS)}) or --hidden and --heads"
+        )
+    try:
+        arch = custom_arch(
+            arch_name,
+            hidden=hidden,
+            heads=heads,
+            kv_heads=kv_heads,
+            intermediate=intermediate,
+            style=style,
+        )
+    except ArchError as error:
+        raise ProfileUserError(f"--{error}") from None
+    if dtype not in BYTES:
+        raise ProfileUserError(f"--dtype: {dtype!r} is not one of {', '.join(BYTES)}")
+    if repeats < 1:
+        raise ProfileUserError("--repeats: must be at least 1")
+    if warmup < 0:
+        raise ProfileUserError("--warmup: must be at least 0")
+    if threads is not None and threads < 1:
+        raise ProfileUserError("--threads: must be at least 1")
+    block_counts = _ints("--blocks", blocks, 1)
+    lengths = _ints("--contexts", contexts, 1)
+    if len(lengths) < 2:
+        raise ProfileUserError("--contexts: give at least two lengths (the prefill line)")
+    plan: dict[str, Any] = {
+        "blocks": block_counts,
+        "contexts": lengths,
+        "batches": sorted({1, *_ints("--batches", batches, 1)}),
+        "repeats": repeats,
+        "warmup": warmup,
+    }
+    _check_memory(arch, max(block_counts), dtype, device)
+
+    def progress(line: str) -> None:
+        if not quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    try:
+        if cache or cache_file is not None:
+            report, from_cache = cached_profile(
+                arch,
+                plan,
+                device=device,
+                dtype=dtype,
+                threads=threads,
+                cache_path=cache_file or default_cache_path(),
+                refresh=refresh,
+                progress=progress,
+            )
+        else:
+            report = run_profile(
+                arch, plan, device=device, dtype=dtype, threads=threads, progress=progress
+            )
+            from_cache = False
+    except (TorchMissingError, FitError) as error:
+        raise ProfileUserError(str(error)) from None
+    except ValueError as error:  # the device, dtype or plan
+        raise ProfileUserError(f"--{error}") from None
+    if as_json:
+        print(json.dumps(report))
+    else:
+        _print_report(report, from_cache)
+
+
+def register(cli: typer.Typer) -> None:
+    cli.command("profile")(profile_command)
