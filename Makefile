@@ -12,7 +12,7 @@ DEMO_SPEED ?= 1
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,profile]'
 	$(BIN)/pip install --quiet -e clients/python
 	touch $(STAMP)
 
