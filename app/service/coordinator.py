@@ -129,6 +129,8 @@ class Coordinator:
         self.counters = Counters()
         self.activity = RouteLog()  # recent decisions, for the dashboard
         self.on_solve: Callable[[float], None] | None = None
+        # The solver worker is killed this long after its time limit (tests shorten it).
+        self.solver_grace_s = planner.SOLVER_GRACE_S
         self.on_reject: Callable[[], None] | None = None
         self._view: RouteView | None = None
         self._view_lock = threading.RLock()
@@ -526,7 +528,7 @@ class Coordinator:
     def compute_placement(self, request: PlacementRequest) -> PlacementOut:
         """POST /v1/placements: solve now (worker process) and publish as a new generation."""
         now = self.clock()
-        with self.tx() as db:
+        with self.read_tx() as db:
             state, live = self._planning_input(db, now)
             scenario = build_scenario(state, live, self.settings.default_site_rtt_ms)
         instance = Instance.from_scenario(scenario)
@@ -557,9 +559,13 @@ class Coordinator:
 
     def _solve(self, scenario: Any, algorithm: str, concurrency: int, limit: float) -> Solution:
         try:
-            solution = planner.run_solver(scenario, algorithm, concurrency, limit)
+            solution = planner.run_solver(
+                scenario, algorithm, concurrency, limit, grace_s=self.solver_grace_s
+            )
         except planner.SolverTimeout as error:
             raise Unavailable(str(error), retry_after_s=limit) from None
+        except planner.SolverNoSolution as error:
+            raise Invalid(f"time_limit_s: {error}") from None
         except planner.SolverError as error:
             raise Invalid(f"algorithm: {error}") from None
         self.counters.solver_seconds.append(solution.solve_seconds)

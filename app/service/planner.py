@@ -2,7 +2,11 @@
 
 ``run_solver`` runs ``app.allocation.solve.solve`` in a separate process (forkserver) and
 kills it when the time limit plus a grace period passes, so that a slow MILP can neither block
-the API nor outlive its budget. ``plan_update`` turns a fresh solution into the placement to
+the API nor outlive its budget. Its outcomes: a Solution; SolverNoSolution (the solver
+stopped at its time limit without a placement: a longer limit may find one); SolverTimeout
+(the worker overran limit + grace and was killed); SolverError (the input was refused).
+
+``plan_update`` turns a fresh solution into the placement to
 publish: it prefers keeping servers' current spans when the objective allows, and keeps the
 current placement unless the new one gains enough (or the current one lost coverage).
 """
@@ -33,6 +37,10 @@ class SolverError(Exception):
     """The solver refused the input (infeasible, unknown algorithm, ...)."""
 
 
+class SolverNoSolution(SolverError):
+    """The solver respected its time limit but found no placement within it."""
+
+
 class SolverTimeout(Exception):
     """The solver ran past its hard time limit and was killed."""
 
@@ -50,12 +58,14 @@ def _mp_context() -> Any:
 def _worker(
     out: Connection, scenario_json: str, algorithm: str, concurrency: int, limit: float
 ) -> None:
-    from app.allocation.solve import solve  # the child imports the allocation core only
+    from app.allocation.solve import NoSolutionError, solve  # the allocation core only
 
     try:
         scenario = parse_scenario(json.loads(scenario_json))
         solution = solve(scenario, algorithm, concurrency, limit)  # type: ignore[arg-type]
         out.send(("ok", solution))
+    except NoSolutionError as error:
+        out.send(("no_solution", str(error)))
     except ImportError as error:
         out.send(("error", f"algorithm {algorithm!r} is not available: {error}"))
     except (ValueError, ScenarioError) as error:  # InfeasibleError is a ValueError
@@ -100,6 +110,8 @@ def run_solver(
     if result[0] == "ok":
         solution: Solution = result[1]
         return solution
+    if result[0] == "no_solution":
+        raise SolverNoSolution(str(result[1]))
     raise SolverError(str(result[1]))
 
 

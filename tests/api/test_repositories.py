@@ -1,0 +1,166 @@
+"""The repositories (app.store.repositories): they never commit, their guarded updates hold,
+and the store never imports the service layer."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.store import db as store_db
+from app.store import repositories as repo
+from app.store.models import ServerRow, SessionRow
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = store_db.make_engine(database_url)
+    store_db.upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+def _server(server_id: str, cache_slots: int = 4) -> ServerRow:
+    return ServerRow(
+        id=server_id,
+        site="east",
+        gpu=None,
+        memory_gb=10.0,
+        decode_ms_per_block=2.0,
+        prefill_fixed_ms=1.0,
+        prefill_per_token_ms=0.1,
+        network_mbps=None,
+        address="10.0.0.1:1",
+        boot_epoch=3,
+        token_hash="h" * 64,
+        state="online",
+        loaded_start=0,
+        loaded_end=2,
+        free_cache_slots=None,
+        cache_slots=cache_slots,
+        reserved_slots=0,
+        lease_expires_at=100.0,
+        last_heartbeat_at=None,
+        registered_at=0.0,
+    )
+
+
+def _seed(engine: Engine) -> None:
+    with Session(engine) as db, db.begin():
+        repo.Sites(db).add_all(["east"])
+        repo.Servers(db).add(_server("a"))
+        repo.PlannerState(db).ensure(0.0)
+
+
+def test_repositories_never_commit(engine: Engine) -> None:
+    _seed(engine)
+    with Session(engine) as db:
+        db.begin()
+        servers = repo.Servers(db)
+        assert servers.reserve("a", 3, now=50.0)
+        repo.Sessions(db).add(
+            SessionRow(
+                id="x",
+                client_site="east",
+                input_tokens=1,
+                output_tokens=1,
+                generation=1,
+                created_at=50.0,
+                expires_at=60.0,
+                first_token_ms=1.0,
+                per_token_ms=1.0,
+                path="[]",
+            ),
+            [("a", 3)],
+        )
+        repo.PlannerState(db).request("test", 50.0)
+        assert repo.Leader(db).acquire("me", 50.0, 60.0)
+        repo.Rtts(db).smooth("east", "a", 12.0, 0.5, 50.0)
+        db.rollback()  # everything above belongs to the caller's transaction
+    with sessionmaker(engine)() as db:
+        row = db.get(ServerRow, "a")
+        assert row is not None and row.reserved_slots == 0
+        assert db.scalar(select(func.count()).select_from(SessionRow)) == 0
+        assert repo.PlannerState(db).requested() is None
+        assert repo.Rtts(db).all() == {}
+
+
+def test_reserve_never_exceeds_the_cache_and_release_gives_back(engine: Engine) -> None:
+    _seed(engine)
+    with Session(engine) as db, db.begin():
+        servers = repo.Servers(db)
+        assert servers.reserve("a", 3, now=50.0)
+        assert not servers.reserve("a", 2, now=50.0)  # 3 + 2 > 4
+        assert servers.reserve("a", 1, now=50.0)
+        assert not servers.reserve("a", 1, now=150.0)  # the lease expired at 100
+        servers.unreserve("a", 10)  # never below zero
+    with Session(engine) as db:
+        row = db.get(ServerRow, "a")
+        assert row is not None and row.reserved_slots == 0
+
+
+def test_lease_renewal_matches_only_an_unchanged_server(engine: Engine) -> None:
+    _seed(engine)
+    with Session(engine) as db, db.begin():
+        servers = repo.Servers(db)
+        same = ("h" * 64, 3, "online", (0, 2))
+        assert servers.renew_lease("a", *same, free_cache_slots=5, now=90.0, expires_at=105.0)
+        for token_hash, epoch, state, loaded in (
+            ("x" * 64, 3, "online", (0, 2)),  # another server's token
+            ("h" * 64, 4, "online", (0, 2)),  # a new boot epoch
+            ("h" * 64, 3, "draining", (0, 2)),  # a state change
+            ("h" * 64, 3, "online", (0, 3)),  # another span
+            ("h" * 64, 3, "online", (None, None)),  # unloaded
+        ):
+            assert not servers.renew_lease(
+                "a", token_hash, epoch, state, loaded, None, now=95.0, expires_at=110.0
+            )
+        assert not servers.renew_lease("b", *same, None, now=95.0, expires_at=110.0)
+    with Session(engine) as db:
+        row = db.get(ServerRow, "a")
+        assert row is not None
+        assert (row.lease_expires_at, row.last_heartbeat_at, row.free_cache_slots) == (
+            105.0,
+            90.0,
+            5,
+        )
+
+
+def test_leader_lease_has_one_holder(engine: Engine) -> None:
+    with Session(engine) as db, db.begin():
+        leader = repo.Leader(db)
+        assert leader.acquire("one", now=0.0, expires_at=10.0)
+        assert not leader.acquire("two", now=5.0, expires_at=15.0)
+        assert leader.acquire("one", now=5.0, expires_at=15.0)  # renewal
+        assert leader.acquire("two", now=20.0, expires_at=30.0)  # after expiry
+        leader.release("two")
+        assert leader.acquire("one", now=21.0, expires_at=31.0)
+
+
+def test_store_does_not_import_the_service_or_api_layers() -> None:
+    for path in sorted((ROOT / "app" / "store").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert not name.startswith(("app.service", "app.api")), f"{path.name}: {name}"
+
+
+def test_the_service_runs_no_sql_of_its_own() -> None:
+    """SQL statements are built only in app/store (the service calls repositories)."""
+    for path in sorted((ROOT / "app" / "service").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "sqlalchemy":
+                imported = {alias.name for alias in node.names}
+                assert not imported & {"select", "update", "delete", "insert"}, path.name
