@@ -343,7 +343,10 @@ class Demo:
                     self.say("press Ctrl-C to stop")
                     if ready is not None:
                         ready(self)
-                self._stop.wait()
+                thread = self._server_thread
+                while not self._stop.wait(0.5):
+                    if thread is not None and not thread.is_alive():
+                        raise DemoError("the coordinator stopped unexpectedly (see the log above)")
             finally:
                 summary = self._shutdown()
         return summary
