@@ -2,6 +2,7 @@
 
     bprr-agent [--coordinator URL] run --site S --memory-gb G --decode-ms-per-block D \\
         --address HOST:PORT [--site-target SITE=HOST:PORT ...] [--petals-model M] [-- PETALS ARGS]
+    bprr-agent run ... --speeds-file PROFILE.json   (``bprr profile --json`` output)
     bprr-agent route --client-site S --input-tokens N --output-tokens N
     bprr-agent book  --client-site S --input-tokens N --output-tokens N
     bprr-agent release SESSION_ID
@@ -20,6 +21,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import httpx
@@ -27,7 +29,7 @@ from pydantic import BaseModel, ValidationError
 
 from bprr_client.agent import ServerAgent, SpanHost
 from bprr_client.http import CoordinatorError, CoordinatorUnreachable, raise_for_status
-from bprr_client.models import PrefillSpeed, Server, ServerInfo
+from bprr_client.models import PrefillSpeed, Server, ServerInfo, Speed
 from bprr_client.petals import PetalsOptions, ProcessSupervisor, petals_command
 from bprr_client.probes import HttpProber, Prober, TcpProber
 from bprr_client.routes import RouteClient
@@ -85,12 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a server agent until SIGTERM")
     run.add_argument("--site", required=True)
     run.add_argument("--memory-gb", type=positive, required=True)
-    run.add_argument("--decode-ms-per-block", type=positive, required=True)
+    run.add_argument("--decode-ms-per-block", type=positive)
     run.add_argument("--address", required=True, help="public HOST:PORT of this server")
     run.add_argument("--id", help="server id (default: the coordinator names it)")
     run.add_argument("--gpu")
-    run.add_argument("--prefill-fixed-ms", type=non_negative, default=0.0)
-    run.add_argument("--prefill-per-token-ms", type=non_negative, default=0.0)
+    run.add_argument("--prefill-fixed-ms", type=non_negative)
+    run.add_argument("--prefill-per-token-ms", type=non_negative)
+    run.add_argument(
+        "--speeds-file",
+        type=Path,
+        metavar="PROFILE.json",
+        help="speeds from `bprr profile --json` (instead of --decode-ms-per-block and "
+        "--prefill-*); re-read when the file changes and sent with the next heartbeat",
+    )
     run.add_argument("--network-mbps", type=positive)
     run.add_argument(
         "--join-token",
@@ -141,19 +150,80 @@ def _print(model: BaseModel | list[Server]) -> None:
         print(model.model_dump_json(indent=2))
 
 
+def read_speeds(path: Path) -> Speed:
+    """The speeds in a ``bprr profile --json`` report (or any JSON object with
+    ``decode_ms_per_block`` and optionally ``prefill_ms_per_block: {fixed, per_token}``)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--speeds-file: cannot read {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--speeds-file: {path} does not hold a JSON object")
+    try:
+        return Speed.model_validate(
+            {k: data[k] for k in ("decode_ms_per_block", "prefill_ms_per_block") if k in data}
+        )
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UsageError(f"--speeds-file: {where}: {first['msg']}") from None
+
+
+class SpeedsFile:
+    """The agent's ``speed`` hook: a fresh measurement whenever the file changes (a new
+    ``bprr profile --json > FILE``), else None. A file that turns unreadable is ignored."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen = self._stamp()
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            status = self.path.stat()
+        except OSError:
+            return None
+        return status.st_mtime_ns, status.st_size
+
+    def __call__(self) -> Speed | None:
+        stamp = self._stamp()
+        if stamp is None or stamp == self._seen:
+            return None
+        try:
+            speed = read_speeds(self.path)
+        except UsageError as error:
+            logging.getLogger("bprr_client.cli").warning("%s", error)
+            return None
+        self._seen = stamp
+        return speed
+
+
+def _speeds(args: argparse.Namespace) -> tuple[float | None, PrefillSpeed]:
+    prefill_flags = (args.prefill_fixed_ms, args.prefill_per_token_ms)
+    if args.speeds_file is not None:
+        if args.decode_ms_per_block is not None or prefill_flags != (None, None):
+            raise UsageError(
+                "--speeds-file: give either a speeds file or --decode-ms-per-block/--prefill-*"
+            )
+        speed = read_speeds(args.speeds_file)
+        return speed.decode_ms_per_block, speed.prefill_ms_per_block or PrefillSpeed()
+    if args.decode_ms_per_block is None:
+        raise UsageError("--decode-ms-per-block: required (or give --speeds-file)")
+    fixed, per_token = (0.0 if v is None else v for v in prefill_flags)
+    return args.decode_ms_per_block, PrefillSpeed(fixed=fixed, per_token=per_token)
+
+
 def _agent(
     args: argparse.Namespace, extra: Sequence[str], transport: httpx.BaseTransport | None
 ) -> ServerAgent:
+    decode_ms, prefill = _speeds(args)
     try:
         server = ServerInfo(
             id=args.id,
             site=args.site,
             gpu=args.gpu,
             memory_gb=args.memory_gb,
-            decode_ms_per_block=args.decode_ms_per_block,
-            prefill_ms_per_block=PrefillSpeed(
-                fixed=args.prefill_fixed_ms, per_token=args.prefill_per_token_ms
-            ),
+            decode_ms_per_block=decode_ms,
+            prefill_ms_per_block=prefill,
             network_mbps=args.network_mbps,
             address=args.address,
         )
@@ -187,6 +257,7 @@ def _agent(
         site_targets=dict(args.site_target),
         probe_peers=not args.no_peers,
         probe_interval_s=args.probe_interval,
+        speed=None if args.speeds_file is None else SpeedsFile(args.speeds_file),
         timeout=httpx.Timeout(args.timeout, connect=min(args.timeout, 3.0)),
         transport=transport,
     )
