@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import platform
+import random
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from app.profiler.arch import BlockArch
-from app.profiler.blocks import DTYPES, DecoderBlock, build_blocks, new_cache
-from app.profiler.fit import Timing
+from app.profiler.blocks import DTYPES, KVCache, build_blocks, new_cache
+from app.profiler.fit import Kind, Timing
 from app.profiler.profile import cpu_model
 
 
@@ -101,42 +102,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(run: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
-    """Median wall time of ``run`` in ms, after ``warmup`` untimed runs (synchronised on CUDA)."""
-    for _ in range(warmup):
-        run()
+def _time_once(run: Callable[[], object], device: torch.device) -> float:
     _sync(device)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        _sync(device)
-        samples.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(samples)
+    start = time.perf_counter()
+    run()
+    _sync(device)
+    return (time.perf_counter() - start) * 1000.0
 
 
-def _forward(
-    blocks: Sequence[DecoderBlock],
-    arch: BlockArch,
-    x: torch.Tensor,
-    context: int,
-    new_tokens: int,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> Callable[[], object]:
-    """A closure running ``x`` through ``blocks``, each with its own cache of ``context``
-    cached tokens (rewinding it so every call does the same work)."""
-    batch = x.shape[0]
-    caches = [new_cache(arch, batch, context + new_tokens, context, device, dtype) for _ in blocks]
-
-    def run() -> object:
-        h = x
-        for block, cache in zip(blocks, caches, strict=True):
-            cache.length = context
-            h = block(h, cache)
-        return h
-
-    return run
+@dataclass(frozen=True)
+class _Point:
+    kind: Kind
+    blocks: int
+    batch: int
+    context: int
 
 
 def measure(
@@ -147,25 +126,71 @@ def measure(
     progress: Callable[[str], None] | None = None,
     seed: int = 0,
 ) -> list[Timing]:
-    """Time decode steps and prefills for every point of ``plan``."""
+    """Time decode steps and prefills for every point of ``plan``.
+
+    Each point is warmed up ``plan.warmup`` times, then the points are timed in rounds, each
+    round in a new random order, ``plan.repeats`` rounds in all; a point's timing is its
+    median. Interleaving spreads slow phases of a shared machine (another process, frequency
+    changes) over every point instead of biasing the few measured at that moment. Every block
+    keeps one KV cache buffer as large as the largest point needs; a point uses its first
+    ``batch`` rows and ``context`` positions (random keys and values, as a prefill leaves)."""
     torch.manual_seed(seed)
+    rng = random.Random(seed)
     blocks = build_blocks(arch, max(plan.blocks), device, dtype, seed=seed)
-    timings: list[Timing] = []
+    contexts = sorted(set(plan.contexts))
+    batches = sorted(set(plan.batches))
+    capacity = max(contexts) + 1
+    caches = [new_cache(arch, max(batches), capacity, capacity, device, dtype) for _ in blocks]
+    points = [
+        _Point("decode", n, b, c)
+        for n in sorted(set(plan.blocks))
+        for c in contexts
+        for b in batches
+    ] + [_Point("prefill", n, 1, c) for n in sorted(set(plan.blocks)) for c in contexts]
+    inputs = {
+        (b, t): torch.randn(b, t, arch.hidden, device=device, dtype=dtype)
+        for b, t in {(p.batch, 1 if p.kind == "decode" else p.context) for p in points}
+    }
+
+    def runner(point: _Point) -> Callable[[], object]:
+        cached = point.context if point.kind == "decode" else 0
+        x = inputs[(point.batch, 1 if point.kind == "decode" else point.context)]
+        views = [
+            KVCache(c.keys[: point.batch], c.values[: point.batch], cached)
+            for c in caches[: point.blocks]
+        ]
+
+        def run() -> object:
+            h = x
+            for block, cache in zip(blocks, views, strict=False):
+                cache.length = cached  # rewind: every call does the same work
+                h = block(h, cache)
+            return h
+
+        return run
+
+    samples: dict[_Point, list[float]] = {p: [] for p in points}
     with torch.inference_mode():
-        for n in sorted(set(plan.blocks)):
-            chain = blocks[:n]
-            for context in sorted(set(plan.contexts)):
-                for batch in sorted(set(plan.batches)):
-                    x = torch.randn(batch, 1, arch.hidden, device=device, dtype=dtype)
-                    run = _forward(chain, arch, x, context, 1, device, dtype)
-                    ms = median_ms(run, device, plan.repeats, plan.warmup)
-                    timings.append(Timing("decode", n, batch, context, ms))
-                    if progress:
-                        progress(f"decode  blocks={n} batch={batch} context={context}: {ms:.3f} ms")
-                x = torch.randn(1, context, arch.hidden, device=device, dtype=dtype)
-                run = _forward(chain, arch, x, 0, context, device, dtype)
-                ms = median_ms(run, device, plan.repeats, plan.warmup)
-                timings.append(Timing("prefill", n, 1, context, ms))
-                if progress:
-                    progress(f"prefill blocks={n} tokens={context}: {ms:.3f} ms")
+        runs = {p: runner(p) for p in points}
+        for point in points:
+            for _ in range(plan.warmup):
+                runs[point]()
+        for round_ in range(plan.repeats):
+            order = list(points)
+            rng.shuffle(order)
+            for point in order:
+                samples[point].append(_time_once(runs[point], device))
+            if progress:
+                progress(f"round {round_ + 1}/{plan.repeats}: {len(points)} points timed")
+    timings = []
+    for p in points:
+        ms = statistics.median(samples[p])
+        timings.append(Timing(p.kind, p.blocks, p.batch, p.context, ms))
+        if progress:
+            what = (
+                f"batch={p.batch} context={p.context}"
+                if p.kind == "decode"
+                else f"tokens={p.context}"
+            )
+            progress(f"{p.kind:7s} blocks={p.blocks} {what}: {ms:.3f} ms")
     return timings
