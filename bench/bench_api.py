@@ -109,13 +109,22 @@ def start(url: str, workers: int) -> tuple[subprocess.Popen[bytes], str]:
         time.sleep(0.2)
 
 
-def wrk(base: str, path: str, seconds: float, script: str | None = None) -> dict[str, float]:
-    command = ["wrk", "-t2", "-c32", f"-d{max(1, round(seconds))}s", "--latency"]
+def wrk(
+    base: str, path: str, seconds: float, connections: int, script: str | None = None
+) -> dict[str, float]:
+    duration = max(1, round(seconds))
+    command = ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency"]
     if script:
         command += ["-s", script]
     out = subprocess.run([*command, base + path], capture_output=True, text=True, check=True).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    elapsed = re.search(r"requests in ([\d.]+)(ms|s|m)", out)
+    wall = float(elapsed.group(1)) if elapsed else float(duration)
+    if elapsed and elapsed.group(2) == "ms":
+        wall /= 1000
+    elif elapsed and elapsed.group(2) == "m":
+        wall *= 60
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     non2xx = int(bad.group(1)) if bad else 0
 
@@ -127,7 +136,7 @@ def wrk(base: str, path: str, seconds: float, script: str | None = None) -> dict
         return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
     ok_rate = rate * (total - non2xx) / total if total else 0.0
-    return {
+    result = {
         "rps": rate,
         "ok_rps": ok_rate,
         "p50_ms": percentile("50"),
@@ -135,6 +144,54 @@ def wrk(base: str, path: str, seconds: float, script: str | None = None) -> dict
         "requests": total,
         "non2xx": non2xx,
     }
+    # Counters a script prints from done() ("BOOKED n", "RELEASED n", "FULL n").
+    for name, count in re.findall(r"^(BOOKED|RELEASED|FULL) (\d+)$", out, re.MULTILINE):
+        result[name.lower()] = int(count)
+        result[f"{name.lower()}_per_s"] = int(count) / wall
+    return result
+
+
+# Book a session, then release it on the same connection (DELETE), so that the swarm's cache
+# never fills up and the run measures sustainable bookings; done() prints the counts.
+BOOK_AND_RELEASE = """
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+local sites = {}
+for i = 0, 9 do sites[#sites + 1] = "site" .. i end
+local n, booked, released, full = 0, 0, 0, 0
+local pending = {}
+function init(args) end
+function request()
+  if #pending > 0 then
+    local id = table.remove(pending)
+    return wrk.format("DELETE", "/v1/sessions/" .. id)
+  end
+  n = n + 1
+  local body = '{"client_site": "' .. sites[(n % 10) + 1] ..
+    '", "input_tokens": 20, "output_tokens": 8}'
+  return wrk.format("POST", "/v1/sessions", {["Content-Type"] = "application/json"}, body)
+end
+function response(status, headers, body)
+  if status == 201 then
+    booked = booked + 1
+    local id = string.match(body, '"id":"(%x+)"')
+    if id then table.insert(pending, id) end
+  elseif status == 204 then
+    released = released + 1
+  elseif status == 503 then
+    full = full + 1
+  end
+  thread_counts = {booked, released, full}
+end
+function done(summary, latency, requests)
+  local b, r, f = 0, 0, 0
+  for _, t in ipairs(threads) do
+    local c = t:get("thread_counts")
+    if c then b, r, f = b + c[1], r + c[2], f + c[3] end
+  end
+  io.write("BOOKED " .. b .. "\\nRELEASED " .. r .. "\\nFULL " .. f .. "\\n")
+end
+"""
 
 
 def lua_post(path_body: str, directory: Path, name: str) -> str:
@@ -143,9 +200,11 @@ def lua_post(path_body: str, directory: Path, name: str) -> str:
     return str(script)
 
 
-def run_backend(label: str, url: str, workers: int, seconds: float) -> dict[str, Any]:
+def run_backend(
+    label: str, url: str, workers: int, seconds: float, connections: list[int]
+) -> dict[str, Any]:
     process, base = start(url, workers)
-    results: dict[str, Any] = {"backend": label, "workers": workers}
+    results: dict[str, Any] = {"backend": label, "workers": workers, "runs": {}}
     try:
         loaded = httpx.post(
             f"{base}/v1/scenario",
@@ -162,20 +221,7 @@ def run_backend(label: str, url: str, workers: int, seconds: float) -> dict[str,
         work = Path(tempfile.mkdtemp(prefix="bprr-bench-"))
         query = "/v1/routes?client_site=site3&input_tokens=20&output_tokens=64"
         assert httpx.get(base + query, timeout=10).status_code == 200
-        results["routes"] = wrk(base, query, seconds)
-        booking = lua_post(
-            'wrk.method = "POST"\n'
-            'wrk.headers["Content-Type"] = "application/json"\n'
-            'local sites = {}\nfor i = 0, 9 do sites[#sites + 1] = "site" .. i end\n'
-            "local n = 0\n"
-            "request = function()\n  n = n + 1\n"
-            '  local body = \'{"client_site": "\' .. sites[(n % 10) + 1] .. '
-            '\'", "input_tokens": 20, "output_tokens": 8}\'\n'
-            '  return wrk.format(nil, "/v1/sessions", nil, body)\nend\n',
-            work,
-            "book.lua",
-        )
-        results["bookings"] = wrk(base, "/v1/sessions", seconds, booking)
+        booking = lua_post(BOOK_AND_RELEASE, work, "book.lua")
         rows = []
         for entry in tokens:
             start_end = spans.get(entry["id"])
@@ -197,7 +243,12 @@ def run_backend(label: str, url: str, workers: int, seconds: float) -> dict[str,
             work,
             "beat.lua",
         )
-        results["heartbeats"] = wrk(base, "/v1/servers/srv000/heartbeat", seconds, heartbeat)
+        for c in connections:
+            results["runs"][c] = {
+                "routes": wrk(base, query, seconds, c),
+                "bookings": wrk(base, "/v1/sessions", seconds, c, booking),
+                "heartbeats": wrk(base, "/v1/servers/srv000/heartbeat", seconds, c, heartbeat),
+            }
         shutil.rmtree(work, ignore_errors=True)
     finally:
         process.terminate()
@@ -223,28 +274,44 @@ def main() -> None:
     parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--pg-workers", type=int, default=2)
+    parser.add_argument(
+        "--connections", default="8,32", help="wrk -c values, comma-separated (default 8,32)"
+    )
     args = parser.parse_args()
+    connections = [int(c) for c in args.connections.split(",") if c.strip()]
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install -y wrk)")
     runs = []
     if args.backend in {"sqlite", "both"}:
         directory = Path(tempfile.mkdtemp(prefix="bprr-bench-db-"))
-        runs.append(run_backend("sqlite", f"sqlite:///{directory / 'bench.db'}", 1, args.seconds))
+        runs.append(
+            run_backend(
+                "sqlite", f"sqlite:///{directory / 'bench.db'}", 1, args.seconds, connections
+            )
+        )
         shutil.rmtree(directory, ignore_errors=True)
     if args.backend in {"postgres", "both"}:
         url = pg_url()
         if url is None:
             print("PostgreSQL at 127.0.0.1:5432 not reachable: skipped")
         else:
-            runs.append(run_backend("postgres", url, args.pg_workers, args.seconds))
+            runs.append(run_backend("postgres", url, args.pg_workers, args.seconds, connections))
     for run in runs:
-        print(f"== {run['backend']} ({run['workers']} process(es)), 200 servers, wrk -t2 -c32")
-        for name in ("routes", "bookings", "heartbeats"):
-            r = run[name]
-            print(
-                f"  {name:10s} {r['rps']:8.0f} req/s  ({r['ok_rps']:.0f}/s 2xx)  "
-                f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  non-2xx {r['non2xx']}"
-            )
+        for c, by_name in run["runs"].items():
+            print(f"== {run['backend']} ({run['workers']} process(es)), 200 servers, wrk -t2 -c{c}")
+            for name in ("routes", "bookings", "heartbeats"):
+                r = by_name[name]
+                extra = ""
+                if "booked" in r:
+                    extra = (
+                        f"  booked {r['booked_per_s']:.0f}/s, released {r['released_per_s']:.0f}/s"
+                        f", full (503) {r['full']}"
+                    )
+                print(
+                    f"  {name:10s} {r['rps']:8.0f} req/s  ({r['ok_rps']:.0f}/s 2xx)  "
+                    f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  "
+                    f"non-2xx {r['non2xx']}{extra}"
+                )
     print(json.dumps(runs))
 
 

@@ -715,7 +715,9 @@ class Coordinator:
         try:
             with self.tx() as db:
                 servers = repo.Servers(db)
-                for server_id, _, _, blocks in hops:
+                # Rows are locked in id order: two bookings over the same servers in another
+                # hop order would otherwise deadlock on PostgreSQL (detected after 1 s).
+                for server_id, blocks in sorted((h[0], h[3]) for h in hops):
                     if not servers.reserve(server_id, blocks, now):
                         raise _Contended()  # rolls the other hops back
                 repo.Sessions(db).add(

@@ -185,7 +185,8 @@ class Servers:
     def reserve(self, server_id: str, slots: int, now: float) -> bool:
         """Take ``slots`` cache slots if they are free and the lease is live (one conditional
         UPDATE: the condition is re-checked under the row lock, so concurrent bookings can
-        never over-admit)."""
+        never over-admit). Callers touching several servers in one transaction take them in
+        id order, so that two transactions never wait on each other's rows (a deadlock)."""
         result = self.db.execute(
             update(ServerRow)
             .where(
@@ -322,7 +323,7 @@ class Sessions:
             return None
         self.db.execute(delete(ReservationRow).where(ReservationRow.session_id == session_id))
         servers = Servers(self.db)
-        for hold in held:
+        for hold in sorted(held, key=lambda h: h.server_id):  # lock order: see Servers.reserve
             servers.unreserve(hold.server_id, hold.slots)
         return held
 
