@@ -133,6 +133,7 @@ class Coordinator:
         self.solver_grace_s = planner.SOLVER_GRACE_S
         self.on_reject: Callable[[], None] | None = None
         self._view: RouteView | None = None
+        self._view_version = 0  # bumped by invalidate()
         self._view_lock = threading.RLock()
         self._plan_lock = threading.Lock()
         self._stop = threading.Event()
@@ -215,30 +216,51 @@ class Coordinator:
     def invalidate(self) -> None:
         with self._view_lock:
             self._view = None
+            self._view_version += 1
 
     def view(self) -> RouteView:
-        """The route view, rebuilt by one thread at a time: while a periodic refresh runs,
-        other requests keep answering from the previous view."""
+        """The in-memory route view.
+
+        A view older than ``view_refresh_s`` keeps answering while one background thread
+        rebuilds it (stale-while-revalidate: a rebuild reads the whole swarm, ~20 ms at 200
+        servers, and must not stall the request that happens to notice the age). After
+        ``invalidate()`` (a local change) there is no view and the caller rebuilds it, so its
+        own change is visible at once.
+        """
         now = self.clock()
         with self._view_lock:
             view = self._view
-        if view is not None and now - view.built_at < self.view_refresh_s:
+        if view is not None:
+            if now - view.built_at >= self.view_refresh_s and self._rebuild_lock.acquire(
+                blocking=False
+            ):
+                threading.Thread(target=self._rebuild_and_release, args=(now,), daemon=True).start()
             return view
-        stale_ok = view is not None
-        if not self._rebuild_lock.acquire(blocking=not stale_ok):
-            assert view is not None
-            return view
-        try:
+        with self._rebuild_lock:
             with self._view_lock:
                 current = self._view
-            if current is not None and current is not view and current.built_at >= now:
+            if current is not None:
                 return current  # another thread rebuilt it while we waited
-            with self.read_tx() as db:
-                state = load_state(db, with_reservations=True)
-            fresh = RouteView(state, self.settings.default_site_rtt_ms, now)
-            with self._view_lock:
+            return self._rebuild(now)
+
+    def _rebuild(self, now: float) -> RouteView:
+        with self._view_lock:
+            version = self._view_version
+        with self.read_tx() as db:
+            state = load_state(db, with_reservations=True)
+        fresh = RouteView(state, self.settings.default_site_rtt_ms, now)
+        with self._view_lock:
+            # A local change may have invalidated the view while this one was being read;
+            # never put back a view that predates that change.
+            if self._view_version == version:
                 self._view = fresh
-            return fresh
+        return fresh
+
+    def _rebuild_and_release(self, now: float) -> None:
+        try:
+            self._rebuild(now)
+        except Exception:  # the stale view keeps serving; the next request retries
+            log.exception("route view refresh failed")
         finally:
             self._rebuild_lock.release()
 
@@ -354,9 +376,12 @@ class Coordinator:
                 changed = self._heartbeat_update(db, server_id, token, body, model, now)
             assigned = view.spans.get(server_id)
             generation = view.generation
-        if changed or body.rtts:
+        if changed:
             self.invalidate()
         else:
+            # Fresh RTT or speed samples reach routes with the periodic refresh (at most
+            # view_refresh_s later): rebuilding the view on every such heartbeat would cost a
+            # full swarm read per heartbeat (~20 ms at 200 servers).
             with self._view_lock:
                 view.renew(server_id, expires_at)
         return HeartbeatOut(
