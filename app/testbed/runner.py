@@ -1,0 +1,687 @@
+"""``bprr testbed``: the whole emulated swarm on one machine, its measurements, and the
+performance model's predictions for the same routes.
+
+Order of a run: network (one namespace per site on a bridge, or loopback when namespaces are
+unavailable), coordinator (uvicorn on a thread, fresh SQLite file, planner thread off so
+that the placement under test stays put), the scenario loaded with its servers not yet live,
+delaying relays (one process per server site; one listener per server and client site,
+half the RTT each way), one block server process per scenario server in its site's
+namespace (measures its speed, registers, heartbeats, loads the span it is assigned), then
+for each policy: a placement forced through ``POST /v1/placements`` (``cg`` at the design
+concurrency |R| of the workload's rate, or ``petals``), the servers online with their spans,
+and one client process per scenario client in its site's namespace replaying that client's
+requests of the scenario's Poisson workload. Teardown runs backwards in ``finally`` (also on
+SIGINT / SIGTERM and on errors) and deletes every ``bprr-tb-<run>`` namespace.
+
+The prediction for a request is ``perf.request_timing`` on its route, with the scenario's
+RTTs and overheads and the servers' *measured* speeds, plus the transport cost of this
+testbed per hop (the client's median ``GET /ping`` through the delayed path, less the
+emulated RTT): the stated calibration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+import httpx
+import numpy as np
+import uvicorn
+from pydantic import SecretStr
+
+from app.allocation import cg, petals
+from app.allocation.instance import Instance
+from app.allocation.perf import Hop, request_timing
+from app.allocation.scenario import Scenario, parse_scenario
+from app.settings import Settings
+from app.testbed import netns
+from app.testbed.relay import RelaySpec
+
+POLICIES = {"cg": "cg-wsrr", "petals": "petals"}  # testbed policy -> simulator policy
+SERVER_PORT_BASE = 7100
+RELAY_PORT_BASE = 20000
+HIDDEN = 64
+HEADS = 4
+
+
+class TestbedError(Exception):
+    """The testbed could not run (a process failed to start, a placement was refused...)."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived: tear down and stop."""
+
+
+@dataclass(frozen=True)
+class TestbedOptions:
+    policies: tuple[str, ...] = ("cg",)
+    use_netns: bool = True
+    hidden: int = HIDDEN
+    heads: int = HEADS
+    seed: int | None = None
+    start_timeout_s: float = 90.0
+    keep_logs: Path | None = None
+
+
+@dataclass
+class PolicyRun:
+    policy: str
+    placement: dict[str, Any]
+    requests: list[dict[str, Any]]
+    pings: dict[str, dict[str, float]]
+    errors: list[str]
+    wall_s: float
+
+
+@dataclass
+class TestbedResult:
+    scenario: Scenario
+    mode: str  # "netns" | "netns+netem" | "loopback"
+    mode_note: str
+    run_id: str
+    measured_speeds: dict[str, dict[str, float]]
+    runs: list[PolicyRun] = field(default_factory=list)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class Processes:
+    """Child processes with their stdout lines on a queue each; stopped in reverse order."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.items: list[tuple[str, subprocess.Popen[str], queue.Queue[str]]] = []
+
+    def start(self, name: str, args: list[str]) -> queue.Queue[str]:
+        lines: queue.Queue[str] = queue.Queue()
+        stderr = (self.log_dir / f"{name}.err").open("w")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        process = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        stderr.close()
+        self.items.append((name, process, lines))
+
+        def pump() -> None:
+            assert process.stdout is not None
+            for line in process.stdout:
+                lines.put(line.rstrip("\n"))
+
+        threading.Thread(target=pump, name=f"out-{name}", daemon=True).start()
+        return lines
+
+    def wait_line(self, name: str, prefix: str, deadline: float) -> str:
+        for item_name, process, lines in self.items:
+            if item_name != name:
+                continue
+            while time.monotonic() < deadline:
+                try:
+                    line = lines.get(timeout=0.1)
+                except queue.Empty:
+                    if process.poll() is not None:
+                        raise TestbedError(
+                            f"{name} exited with status {process.returncode}: "
+                            f"{self.stderr_tail(name)}"
+                        ) from None
+                    continue
+                if line.startswith(prefix):
+                    return line[len(prefix) :].strip()
+            raise TestbedError(f"{name} did not print {prefix!r} in time: {self.stderr_tail(name)}")
+        raise KeyError(name)
+
+    def stderr_tail(self, name: str) -> str:
+        path = self.log_dir / f"{name}.err"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return text.strip().splitlines()[-1][:300] if text.strip() else "(no output)"
+
+    def stop(self, name_prefix: str = "", timeout_s: float = 10.0) -> None:
+        chosen = [item for item in self.items if item[0].startswith(name_prefix)]
+        for _, process, _ in reversed(chosen):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for _, process, _ in reversed(chosen):
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=5)
+        self.items = [item for item in self.items if item not in chosen]
+
+
+class Testbed:
+    """One run of ``bprr testbed``; ``run()`` returns a TestbedResult."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        options: TestbedOptions,
+        out: TextIO | None = None,
+    ) -> None:
+        if scenario.workload is None or not hasattr(scenario.workload, "rate_per_s"):
+            raise TestbedError("workload: the testbed replays a Poisson workload")
+        for policy in options.policies:
+            if policy not in POLICIES:
+                raise TestbedError(f"--policy: {policy!r} is neither cg nor petals")
+        self.scenario = scenario
+        self.options = options
+        self.out = out or sys.stderr
+        self.instance = Instance.from_scenario(scenario)
+        self.network: netns.SiteNetwork | None = None
+        self.mode = "loopback"
+        self.mode_note = ""
+        self.tmp = Path(tempfile.mkdtemp(prefix="bprr-testbed-"))
+        self.procs = Processes(self.tmp)
+        self.admin_token = secrets.token_urlsafe(18)
+        self.server: uvicorn.Server | None = None
+        self.server_thread: threading.Thread | None = None
+        self.url = ""
+        self.run_id = netns.new_run_id()
+        self.measured: dict[str, dict[str, float]] = {}
+        self.client_addresses: dict[str, dict[str, str]] = {}  # client site -> server -> addr
+
+    def say(self, message: str) -> None:
+        print(f"[testbed] {message}", file=self.out, flush=True)
+
+    # --- network --------------------------------------------------------------------------
+
+    def _network(self) -> None:
+        reason = "--no-netns given" if not self.options.use_netns else netns.unavailable_reason()
+        if reason is not None:
+            self.mode = "loopback"
+            self.mode_note = (
+                f"network namespaces unavailable ({reason}): everything on loopback, "
+                "with the same userspace delays"
+            )
+            self.say(self.mode_note)
+            return
+        network = netns.SiteNetwork(self.scenario.sites, self.run_id)
+        self.network = network
+        network.up()
+        assert network.subnet is not None
+        self.mode = "netns"
+        self.mode_note = (
+            f"{len(self.scenario.sites)} network namespaces bprr-tb-{self.run_id}-s* on bridge "
+            f"{network.bridge} ({network.subnet})"
+        )
+        if netns.netem_works(network.namespaces[0]):
+            network.apply_netem(self.scenario.site_matrix())
+            self.mode = "netns+netem"
+            self.mode_note += "; delays by netem"
+        else:
+            self.mode_note += "; no netem in this kernel: delays by userspace relays"
+        self.say(self.mode_note)
+
+    def _prefix(self, site: str) -> list[str]:
+        return [] if self.network is None else self.network.exec_prefix(site)
+
+    def _site_host(self, site: str) -> str:
+        return "127.0.0.1" if self.network is None else self.network.address(site)
+
+    # --- coordinator ----------------------------------------------------------------------
+
+    def _coordinator(self) -> None:
+        from app.api.app import create_app
+
+        host = "127.0.0.1" if self.network is None else self.network.bridge_address
+        settings = Settings.model_validate(
+            {
+                **Settings().model_dump(),
+                "database_url": f"sqlite:///{self.tmp / 'coordinator.db'}",
+                "admin_token": SecretStr(self.admin_token),
+                "join_token": None,
+                "auto_migrate": True,
+                "planner_interval_s": 0.0,
+                "heartbeat_interval_s": 1.0,
+                "lease_ttl_s": 10.0,
+                "session_grace_s": 30.0,
+            }
+        )
+        config = uvicorn.Config(
+            create_app(settings),
+            host=host,
+            port=0,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, name="bprr-testbed-uvicorn", daemon=True)
+        self.server, self.server_thread = server, thread
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise TestbedError("the coordinator did not start")
+            time.sleep(0.02)
+        port = int(server.servers[0].sockets[0].getsockname()[1])
+        self.url = f"http://{host}:{port}"
+        self.say(f"coordinator on {self.url} (SQLite in {self.tmp})")
+        with self._admin() as client:
+            raw = self.scenario.model_dump(mode="json", exclude_none=True)
+            response = client.post("/v1/scenario", params={"online": "false"}, json=raw)
+        if response.status_code != 201:
+            raise TestbedError(f"the coordinator refused the scenario: {response.text[:300]}")
+
+    def _admin(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url,
+            timeout=120.0,
+            headers={"Authorization": f"Bearer {self.admin_token}"},
+        )
+
+    # --- relays and servers -----------------------------------------------------------------
+
+    def _ports(self) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+        server_ports: dict[str, int] = {}
+        relay_ports: dict[tuple[str, str], int] = {}
+        client_sites = sorted({c.site for c in self.scenario.clients})
+        for j, spec in enumerate(self.scenario.servers):
+            server_ports[spec.id] = (
+                SERVER_PORT_BASE + j if self.network is not None else free_port()
+            )
+            for s, site in enumerate(client_sites):
+                relay_ports[(spec.id, site)] = (
+                    RELAY_PORT_BASE + 100 * j + s if self.network is not None else free_port()
+                )
+        return server_ports, relay_ports
+
+    def _start_swarm(self) -> None:
+        python = sys.executable
+        server_ports, relay_ports = self._ports()
+        matrix = self.scenario.site_matrix()
+        index = {site: i for i, site in enumerate(self.scenario.sites)}
+        netem = self.mode == "netns+netem"
+        # Relays: one process per server site, listening where clients of each site connect.
+        by_site: dict[str, list[str]] = {}
+        for (server_id, client_site), port in relay_ports.items():
+            spec = next(s for s in self.scenario.servers if s.id == server_id)
+            host = self._site_host(spec.site)
+            direct = f"{host}:{server_ports[server_id]}"
+            if netem:
+                address = direct
+            else:
+                rtt = matrix[index[client_site]][index[spec.site]]
+                override = None
+                for client in self.scenario.clients:
+                    if client.site == client_site:
+                        override = self.scenario.pair_override(client.id, server_id)
+                        break
+                delay = (rtt if override is None else override) / 2.0
+                relay = RelaySpec(host, port, "127.0.0.1", server_ports[server_id], delay)
+                by_site.setdefault(spec.site, []).append(relay.format())
+                address = f"{host}:{port}"
+            self.client_addresses.setdefault(client_site, {})[server_id] = address
+        deadline = time.monotonic() + self.options.start_timeout_s
+        for site, specs in by_site.items():
+            name = f"relay-{index[site]}"
+            self.procs.start(name, [*self._prefix(site), python, "-m", "app.testbed.relay", *specs])
+            self.procs.wait_line(name, "ready", deadline)
+        o = self.scenario.overheads
+        for j, spec in enumerate(self.scenario.servers):
+            listen_host = "127.0.0.1" if not netem else "0.0.0.0"
+            args = [
+                *self._prefix(spec.site),
+                python,
+                "-m",
+                "app.testbed.block_server",
+                "--server-id",
+                spec.id,
+                "--site",
+                spec.site,
+                "--coordinator",
+                self.url,
+                "--listen",
+                f"{listen_host}:{server_ports[spec.id]}",
+                "--address",
+                f"{self._site_host(spec.site)}:{server_ports[spec.id]}",
+                "--memory-gb",
+                repr(spec.memory_gb),
+                "--decode-ms-per-block",
+                repr(spec.decode_ms_per_block),
+                "--prefill-fixed-ms",
+                repr(spec.prefill_ms_per_block.fixed),
+                "--prefill-per-token-ms",
+                repr(spec.prefill_ms_per_block.per_token),
+                "--decode-overhead-ms",
+                repr(o.per_token_ms),
+                "--prefill-overhead-fixed-ms",
+                repr(o.prefill_fixed_ms),
+                "--prefill-overhead-per-token-ms",
+                repr(o.prefill_per_token_ms),
+                "--hidden",
+                str(self.options.hidden),
+                "--heads",
+                str(self.options.heads),
+            ]
+            if spec.gpu:
+                args += ["--gpu", spec.gpu]
+            self.procs.start(f"server-{j}", args)
+        for j, spec in enumerate(self.scenario.servers):
+            ready = json.loads(self.procs.wait_line(f"server-{j}", "ready", deadline))
+            self.measured[spec.id] = {k: v for k, v in ready.items() if k != "address"}
+        self.say(
+            f"{len(self.scenario.servers)} block servers registered (hidden {self.options.hidden},"
+            f" measured tau: "
+            + ", ".join(
+                f"{sid} {m['decode_ms_per_block']:.2f} ms" for sid, m in self.measured.items()
+            )
+            + ")"
+        )
+
+    # --- placement ------------------------------------------------------------------------
+
+    def _place(self, policy: str) -> dict[str, Any]:
+        body: dict[str, Any] = {"algorithm": policy}
+        if policy == "cg":
+            body["concurrency"] = cg.design_concurrency(self.instance, self._rate())
+        with self._admin() as client:
+            response = client.post("/v1/placements", json=body)
+            if response.status_code != 201:
+                raise TestbedError(f"POST /v1/placements {body}: {response.text[:300]}")
+            placement: dict[str, Any] = response.json()
+            deadline = time.monotonic() + self.options.start_timeout_s
+            while True:
+                servers = client.get("/v1/servers").json()
+                waiting = [
+                    s["id"]
+                    for s in servers
+                    if s.get("assigned_span")
+                    and (s["state"] != "online" or s.get("loaded_span") != s["assigned_span"])
+                ]
+                if not waiting:
+                    break
+                if time.monotonic() > deadline:
+                    raise TestbedError(f"servers not online with their spans: {waiting}")
+                time.sleep(0.1)
+        spans = ", ".join(f"{p['server_id']}[{p['start']},{p['end']})" for p in placement["spans"])
+        self.say(f"{policy} placement, generation {placement['generation']}: {spans}")
+        return placement
+
+    def _rate(self) -> float:
+        return float(getattr(self.scenario.workload, "rate_per_s", 1.0))
+
+    def _placement_tuple(self, placement: dict[str, Any]) -> tuple[Any, ...]:
+        from app.allocation.instance import Span
+
+        spans: list[Span | None] = [None] * len(self.scenario.servers)
+        index = {s.id: j for j, s in enumerate(self.scenario.servers)}
+        for item in placement["spans"]:
+            spans[index[item["server_id"]]] = Span(item["start"], item["end"])
+        return tuple(spans)
+
+    # --- clients --------------------------------------------------------------------------
+
+    def _requests(self) -> list[dict[str, Any]]:
+        from app.simulation.workload import scenario_workload
+
+        workload = scenario_workload(self.scenario, self.options.seed)
+        return [
+            {
+                "index": i,
+                "client": int(workload.client[i]),
+                "at_ms": float(workload.arrival_ms[i] - workload.arrival_ms[0]),
+                "input_tokens": int(workload.input_tokens[i]),
+                "output_tokens": int(workload.output_tokens[i]),
+            }
+            for i in range(len(workload))
+        ]
+
+    def _run_clients(self, policy: str, placement: dict[str, Any]) -> PolicyRun:
+        requests = self._requests()
+        petals_routes: dict[int, list[list[Any]]] = {}
+        if policy == "petals":
+            router = petals.PetalsRouter(
+                self.scenario, self.instance, self._placement_tuple(placement)
+            )
+            for c in range(len(self.scenario.clients)):
+                route = router.route(c)
+                if route is None:
+                    raise TestbedError(f"PETALS finds no route for client {c}")
+                ids = [self.scenario.servers[h.server].id for h in route.hops]
+                petals_routes[c] = [
+                    [sid, h.start, h.end] for sid, h in zip(ids, route.hops, strict=True)
+                ]
+        began = time.monotonic()
+        deadline = began + 600
+        outputs: list[Path] = []
+        names = []
+        for c, client in enumerate(self.scenario.clients):
+            mine = [dict(r) for r in requests if r["client"] == c]
+            if not mine:
+                continue
+            for r in mine:
+                if policy == "petals":
+                    r["route"] = petals_routes[c]
+            config = {
+                "coordinator": self.url,
+                "client": client.id,
+                "site": client.site,
+                "policy": policy,
+                "addresses": self.client_addresses[client.site],
+                "hidden": self.options.hidden,
+                "per_request_ms": self.scenario.overheads.per_request_ms,
+                "requests": mine,
+            }
+            config_path = self.tmp / f"client-{policy}-{c}.json"
+            config_path.write_text(json.dumps(config))
+            output = self.tmp / f"client-{policy}-{c}.out.json"
+            outputs.append(output)
+            name = f"client-{policy}-{c}"
+            names.append(name)
+            self.procs.start(
+                name,
+                [
+                    *self._prefix(client.site),
+                    sys.executable,
+                    "-m",
+                    "app.testbed.client",
+                    str(config_path),
+                    str(output),
+                ],
+            )
+        for name, _process, _ in list(self.procs.items):
+            if name not in names:
+                continue
+            while _process.poll() is None:
+                if time.monotonic() > deadline:
+                    raise TestbedError(f"{name} did not finish within 600 s")
+                time.sleep(0.1)
+            if _process.returncode != 0:
+                raise TestbedError(f"{name} failed: {self.procs.stderr_tail(name)}")
+        self.procs.stop(f"client-{policy}-")
+        results: list[dict[str, Any]] = []
+        pings: dict[str, dict[str, float]] = {}
+        errors: list[str] = []
+        for output in outputs:
+            data = json.loads(output.read_text())
+            results.extend(data["results"])
+            pings[data["client"]] = data["ping_ms"]
+            errors.extend(data["errors"])
+        results.sort(key=lambda r: r["index"])
+        return PolicyRun(policy, placement, results, pings, errors, time.monotonic() - began)
+
+    # --- the whole run --------------------------------------------------------------------
+
+    @contextmanager
+    def _signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            raise Interrupted(signal.Signals(signum).name)
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def run(self, after_setup: Callable[[Testbed], None] | None = None) -> TestbedResult:
+        result = TestbedResult(self.scenario, "loopback", "", self.run_id, {})
+        with self._signals():
+            try:
+                self._network()
+                self._coordinator()
+                self._start_swarm()
+                if after_setup is not None:
+                    after_setup(self)
+                for policy in self.options.policies:
+                    placement = self._place(policy)
+                    run = self._run_clients(policy, placement)
+                    self.say(
+                        f"{policy}: {len(run.requests)} requests in {run.wall_s:.1f} s"
+                        + (f", {len(run.errors)} failed" if run.errors else "")
+                    )
+                    result.runs.append(run)
+            finally:
+                self.teardown()
+        result.mode, result.mode_note, result.measured_speeds = (
+            self.mode,
+            self.mode_note,
+            self.measured,
+        )
+        return result
+
+    def teardown(self) -> None:
+        """Stop clients, servers (they leave the swarm), relays, the coordinator; delete the
+        namespaces. Safe to call twice."""
+        try:
+            self.procs.stop("client-")
+            self.procs.stop("server-")
+            self.procs.stop()
+        finally:
+            if self.server is not None:
+                self.server.should_exit = True
+            if self.server_thread is not None:
+                self.server_thread.join(timeout=15)
+            if self.network is not None:
+                self.network.down()
+            if self.options.keep_logs is None:
+                import shutil
+
+                shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# --- the model's predictions and the errors ----------------------------------------------------
+
+
+def measured_scenario(scenario: Scenario, measured: dict[str, dict[str, float]]) -> Scenario:
+    """The scenario with every server's speeds replaced by its measured ones."""
+    raw = scenario.model_dump(mode="json", exclude_none=True)
+    for server in raw["servers"]:
+        m = measured.get(server["id"])
+        if m is not None:
+            server["decode_ms_per_block"] = m["decode_ms_per_block"]
+            server["prefill_ms_per_block"] = {
+                "fixed": m["prefill_fixed_ms"],
+                "per_token": m["prefill_per_token_ms"],
+            }
+    return parse_scenario(raw)
+
+
+def predictions(result: TestbedResult, run: PolicyRun) -> list[dict[str, Any]]:
+    """Each request's measured and predicted first-token and per-token times."""
+    scenario = measured_scenario(result.scenario, result.measured_speeds)
+    instance = Instance.from_scenario(scenario)
+    server_index = {s.id: j for j, s in enumerate(scenario.servers)}
+    client_index = {c.id: i for i, c in enumerate(scenario.clients)}
+    rtt = instance.rtt_ms
+    rows = []
+    for r in run.requests:
+        c = client_index[r["client"]]
+        hops = [Hop(server_index[sid], start, end) for sid, start, end in r["hops"]]
+        timing = request_timing(instance, c, hops, r["input_tokens"], r["output_tokens"])
+        pings = run.pings[r["client"]]
+        transport = sum(
+            max(0.0, pings[scenario.servers[h.server].id] - float(rtt[c, h.server])) for h in hops
+        )
+        predicted_first = timing.first_token_ms + transport
+        predicted_token = timing.per_token_ms + transport
+        measured_token = float(np.mean(r["token_ms"])) if r["token_ms"] else float("nan")
+        rows.append(
+            {
+                "index": r["index"],
+                "client": r["client"],
+                "route": [f"{sid}[{s},{e})" for sid, s, e in r["hops"]],
+                "wait_ms": r["wait_ms"],
+                "first_token_ms": r["first_token_ms"],
+                "predicted_first_token_ms": predicted_first,
+                "first_token_error": r["first_token_ms"] / predicted_first - 1.0,
+                "per_token_ms": measured_token,
+                "predicted_per_token_ms": predicted_token,
+                "per_token_error": measured_token / predicted_token - 1.0,
+                "transport_ms_per_step": transport,
+                "e2e_ms": r["end_ms"] - r["arrival_ms"],
+                "output_tokens": r["output_tokens"],
+                "checksum": r["checksum"],
+            }
+        )
+    return rows
+
+
+def error_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    first = np.array([abs(r["first_token_error"]) for r in rows])
+    token = np.array([abs(r["per_token_error"]) for r in rows if np.isfinite(r["per_token_error"])])
+    return {
+        "requests": float(len(rows)),
+        "first_token_mean_abs_error": float(first.mean()) if len(first) else float("nan"),
+        "first_token_worst_abs_error": float(first.max()) if len(first) else float("nan"),
+        "per_token_mean_abs_error": float(token.mean()) if len(token) else float("nan"),
+        "per_token_worst_abs_error": float(token.max()) if len(token) else float("nan"),
+        "mean_first_token_ms": float(np.mean([r["first_token_ms"] for r in rows])),
+        "mean_predicted_first_token_ms": float(
+            np.mean([r["predicted_first_token_ms"] for r in rows])
+        ),
+        "mean_per_token_ms": float(np.mean([r["per_token_ms"] for r in rows])),
+        "mean_predicted_per_token_ms": float(np.mean([r["predicted_per_token_ms"] for r in rows])),
+    }
+
+
+def testbed_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The simulator's summary metrics, from the testbed's measurements (ms)."""
+    e2e = np.array([r["e2e_ms"] for r in rows])
+    outputs = np.array([r["output_tokens"] for r in rows])
+    ttft = np.array([r["wait_ms"] + r["first_token_ms"] for r in rows])
+    wait = np.array([r["wait_ms"] for r in rows])
+    return {
+        "mean_ms_per_token": float((e2e / outputs).mean()),
+        "mean_ttft_ms": float(ttft.mean()),
+        "mean_e2e_ms": float(e2e.mean()),
+        "mean_wait_ms": float(wait.mean()),
+    }
+
+
+def simulator_metrics(scenario: Scenario, policy: str, seed: int | None) -> dict[str, float]:
+    """``bprr simulate`` on the same scenario and workload, the same metrics."""
+    from app.simulation.run import simulate
+
+    summary = simulate(scenario, POLICIES[policy], seed).summary()
+    keys = ("mean_ms_per_token", "mean_ttft_ms", "mean_e2e_ms", "mean_wait_ms")
+    return {k: float(summary[k]) for k in keys}  # type: ignore[arg-type]
