@@ -131,6 +131,10 @@ from app.profiler.commands import register as register_profiler  # noqa: E402
 
 register_profiler(cli)
 
+from app.testbed.commands import register as register_testbed  # noqa: E402
+
+register_testbed(cli)
+
 
 def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(cli)

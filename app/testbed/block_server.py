@@ -261,10 +261,12 @@ class BlockService:
         self.sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self.steps = 0
+        self.last_step_ms = 0.0
 
     def step(
         self, session_id: str, kind: str, start: int, end: int, capacity: int, payload: bytes
-    ) -> bytes:
+    ) -> tuple[bytes, float]:
+        """Run one step; returns the output rows and the time the step took here (ms)."""
         hidden = self.store.arch.hidden
         if kind not in ("prefill", "decode"):
             raise ValueError("kind: prefill or decode")
@@ -293,9 +295,11 @@ class BlockService:
         with session.lock:
             if session.caches[0].length + tokens > session.caches[0].keys.shape[2]:
                 raise ValueError("the session's cache is full (capacity)")
+            began = time.perf_counter()
             out = run_step(self.store, self.emulation, kind, start, end, x, session.caches)
+            self.last_step_ms = (time.perf_counter() - began) * 1000.0
         self.steps += 1
-        return out.contiguous().numpy().tobytes()
+        return out.contiguous().numpy().tobytes(), self.last_step_ms
 
     def close(self, session_id: str) -> bool:
         with self._lock:
@@ -310,9 +314,13 @@ def make_handler(service: BlockService) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: object) -> None:
             return
 
-        def _reply(self, status: int, body: bytes, kind: str = "text/plain") -> None:
+        def _reply(
+            self, status: int, body: bytes, kind: str = "text/plain", step_ms: float | None = None
+        ) -> None:
             self.send_response(status)
             self.send_header("Content-Type", kind)
+            if step_ms is not None:
+                self.send_header("X-Step-Ms", f"{step_ms:.4f}")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -341,7 +349,7 @@ def make_handler(service: BlockService) -> type[BaseHTTPRequestHandler]:
                 return
             query = {k: v[0] for k, v in parse_qs(url.query).items()}
             try:
-                out = service.step(
+                out, step_ms = service.step(
                     query["session"],
                     query["kind"],
                     int(query["start"]),
@@ -356,7 +364,7 @@ def make_handler(service: BlockService) -> type[BaseHTTPRequestHandler]:
             except ValueError as error:
                 self._reply(400, str(error).encode())
             else:
-                self._reply(200, out, "application/octet-stream")
+                self._reply(200, out, "application/octet-stream", step_ms)
 
         def do_DELETE(self) -> None:
             path = urlparse(self.path).path

@@ -9,9 +9,10 @@ then runs real generation through the chain as a PETALS client does: the prefill
 client -> server A -> client -> server B -> ...; every decode step relays one token's
 activations the same way. Times are measured here, on the client's clock.
 
-Before the requests it calibrates its transport: the median time of ``GET /ping`` to every
-server through the delayed path, whose excess over the emulated RTT is this system's own
-per-hop cost (HTTP, relay, serialisation), added to the model's prediction by the runner.
+Before the requests it calibrates its transport: a few one-block decode steps on every server
+through the delayed path; the median of (client-side time - the server's own step time,
+``X-Step-Ms``) less the emulated RTT is this system's own per-hop cost (HTTP, relay,
+serialisation), which the runner adds to the model's prediction.
 """
 
 from __future__ import annotations
@@ -59,15 +60,36 @@ def _post_step(
     return np.frombuffer(response.content, dtype="<f4").reshape(x.shape)
 
 
-def ping_ms(address: str, samples: int = PING_SAMPLES) -> float:
-    """Median time of a ``GET /ping`` on a kept-alive connection (after one warm-up)."""
-    with httpx.Client(timeout=30.0) as http:
-        http.get(f"http://{address}/ping")
-        times = []
-        for _ in range(samples):
-            began = time.perf_counter()
-            http.get(f"http://{address}/ping").raise_for_status()
-            times.append((time.perf_counter() - began) * 1000.0)
+def step_transport_ms(
+    http: httpx.Client, address: str, hidden: int, samples: int = PING_SAMPLES
+) -> float:
+    """The median time of a decode step on one block of ``address`` through the delayed
+    path, less the time the server spent in the step (its ``X-Step-Ms``): the RTT plus this
+    system's per-hop transport cost."""
+    info = http.get(f"http://{address}/info").json()
+    start = info["span"][0]
+    session = f"calibration-{uuid.uuid4().hex}"
+    x = np.zeros((1, 1, hidden), dtype=np.float32)
+    times = []
+    for i in range(samples + 2):
+        kind = "prefill" if i == 0 else "decode"
+        began = time.perf_counter()
+        response = http.post(
+            f"http://{address}/step",
+            params={
+                "session": session,
+                "kind": kind,
+                "start": start,
+                "end": start + 1,
+                "capacity": samples + 2,
+            },
+            content=x.tobytes(),
+        )
+        wall = (time.perf_counter() - began) * 1000.0
+        response.raise_for_status()
+        if i >= 2:  # the prefill and one warm-up decode are not counted
+            times.append(wall - float(response.headers["X-Step-Ms"]))
+    http.delete(f"http://{address}/session/{session}")
     return statistics.median(times)
 
 
@@ -181,10 +203,10 @@ class Runner:
             self.results.append(result)
 
     def calibrate(self) -> dict[str, float]:
-        pings = {server: ping_ms(address) for server, address in self.addresses.items()}
-        for address in self.addresses.values():  # open the kept-alive connections
-            self.http.get(f"http://{address}/ping")
-        return pings
+        return {
+            server: step_transport_ms(self.http, address, self.hidden)
+            for server, address in self.addresses.items()
+        }
 
     def run(self) -> dict[str, Any]:
         pings = self.calibrate()
@@ -210,7 +232,7 @@ class Runner:
             thread.join()
         return {
             "client": self.config["client"],
-            "ping_ms": pings,
+            "calibration_ms": pings,
             "results": self.results,
             "errors": errors,
         }

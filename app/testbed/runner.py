@@ -15,8 +15,8 @@ SIGINT / SIGTERM and on errors) and deletes every ``bprr-tb-<run>`` namespace.
 
 The prediction for a request is ``perf.request_timing`` on its route, with the scenario's
 RTTs and overheads and the servers' *measured* speeds, plus the transport cost of this
-testbed per hop (the client's median ``GET /ping`` through the delayed path, less the
-emulated RTT): the stated calibration.
+testbed per hop: the client's median one-block decode step through the delayed path, less
+the server's own step time and the emulated RTT (the stated calibration).
 """
 
 from __future__ import annotations
@@ -520,7 +520,7 @@ class Testbed:
         for output in outputs:
             data = json.loads(output.read_text())
             results.extend(data["results"])
-            pings[data["client"]] = data["ping_ms"]
+            pings[data["client"]] = data["calibration_ms"]
             errors.extend(data["errors"])
         results.sort(key=lambda r: r["index"])
         return PolicyRun(policy, placement, results, pings, errors, time.monotonic() - began)
