@@ -209,3 +209,22 @@ def test_profile_cli_cache_file(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert code == 0, err
     assert json.loads(again) == json.loads(out)  # the second answer came from the cache
     assert len(read_cache(cache)) == 1
+
+
+def test_a_dtype_the_cpu_cannot_run_is_one_error_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    real_linear = torch.nn.functional.linear
+
+    def linear(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if x.dtype == torch.float16:
+            raise RuntimeError("\"addmm_impl_cpu_\" not implemented for 'Half'")
+        return real_linear(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    code, _, err = run(["profile", *TINY, "--contexts", "4,8", "--dtype", "fp16"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: --dtype: fp16 is not supported on this CPU")
+    assert "use --dtype fp32 or bf16" in err
