@@ -69,6 +69,7 @@ class Interrupted(Exception):
 
 @dataclass(frozen=True)
 class TestbedOptions:
+    __test__ = False  # not a pytest class
     policies: tuple[str, ...] = ("cg",)
     use_netns: bool = True
     hidden: int = HIDDEN
@@ -90,6 +91,7 @@ class PolicyRun:
 
 @dataclass
 class TestbedResult:
+    __test__ = False
     scenario: Scenario
     mode: str  # "netns" | "netns+netem" | "loopback"
     mode_note: str
@@ -175,6 +177,8 @@ class Processes:
 
 class Testbed:
     """One run of ``bprr testbed``; ``run()`` returns a TestbedResult."""
+
+    __test__ = False  # not a pytest class
 
     def __init__(
         self,
