@@ -62,11 +62,13 @@ def _post_step(
 
 def step_transport_ms(
     http: httpx.Client, address: str, hidden: int, samples: int = PING_SAMPLES
-) -> float:
+) -> float | None:
     """The median time of a decode step on one block of ``address`` through the delayed
     path, less the time the server spent in the step (its ``X-Step-Ms``): the RTT plus this
     system's per-hop transport cost."""
     info = http.get(f"http://{address}/info").json()
+    if info["span"] is None:  # hosts nothing under this placement: never on a route
+        return None
     start = info["span"][0]
     session = f"calibration-{uuid.uuid4().hex}"
     x = np.zeros((1, 1, hidden), dtype=np.float32)
@@ -203,10 +205,11 @@ class Runner:
             self.results.append(result)
 
     def calibrate(self) -> dict[str, float]:
-        return {
+        measured = {
             server: step_transport_ms(self.http, address, self.hidden)
             for server, address in self.addresses.items()
         }
+        return {server: ms for server, ms in measured.items() if ms is not None}
 
     def run(self) -> dict[str, Any]:
         pings = self.calibrate()
