@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,6 +98,11 @@ def _span(start: int | None, end: int | None) -> SpanModel | None:
     return SpanModel(start=start, end=end)
 
 
+# Quiet heartbeats' lease renewals are written behind in one batch at most this long after
+# they arrive (leases last 15 s); other processes see them that much later.
+LEASE_FLUSH_S = 0.1
+
+
 @dataclass
 class Counters:
     sessions_booked: int = 0
@@ -138,6 +143,10 @@ class Coordinator:
         self._plan_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._flusher: threading.Thread | None = None
+        self._renewals: dict[str, repo.LeaseRenewal] = {}
+        self._renewals_lock = threading.Lock()
+        self._local = threading.local()
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -150,30 +159,65 @@ class Coordinator:
         if background and self.settings.planner_interval_s > 0:
             self._thread = threading.Thread(target=self._planner_loop, daemon=True)
             self._thread.start()
+        if background:
+            self._flusher = threading.Thread(target=self._flush_loop, daemon=True)
+            self._flusher.start()
 
     def close(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        for thread in (self._thread, self._flusher):
+            if thread is not None:
+                thread.join(timeout=30)
+        self.flush_renewals()
         self.release_leadership()
         self.engine.dispose()
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
         """One write transaction (committed on exit, rolled back on an exception)."""
-        lock = self._write_lock
-        if lock is None:
-            with self.sessions() as db, db.begin():
-                yield db
-            return
-        with lock, self.sessions() as db, db.begin():
+        self.flush_renewals()
+        with self._nested(), self._write_lock or nullcontext(), self.sessions() as db, db.begin():
             yield db
 
     @contextmanager
     def read_tx(self) -> Iterator[Session]:
         """A transaction that only reads (on SQLite it does not take the write lock)."""
-        with self.read_sessions() as db, db.begin():
+        self.flush_renewals()
+        with self._nested(), self.read_sessions() as db, db.begin():
             yield db
+
+    @contextmanager
+    def _nested(self) -> Iterator[None]:
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._local.depth -= 1
+
+    def flush_renewals(self) -> None:
+        """Write the pending lease renewals of quiet heartbeats in one transaction.
+
+        Every transaction of this process calls it first, so this process reads its own
+        renewals; the flusher thread calls it every LEASE_FLUSH_S for the other processes.
+        Skipped inside a transaction of the same thread (its connection may hold SQLite's
+        write lock).
+        """
+        if getattr(self._local, "depth", 0):
+            return
+        with self._renewals_lock:
+            if not self._renewals:
+                return
+            pending = list(self._renewals.values())
+            self._renewals.clear()
+        with self._write_lock or nullcontext(), self.sessions() as db, db.begin():
+            repo.Servers(db).renew_leases(pending)
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(LEASE_FLUSH_S):
+            try:
+                self.flush_renewals()
+            except Exception:  # the renewals are retried with the next heartbeats
+                log.exception("lease renewal flush failed")
 
     # --- authentication ------------------------------------------------------------------------
 
@@ -350,20 +394,24 @@ class Coordinator:
         new_start = None if body.loaded_span is None else body.loaded_span.start
         new_end = None if body.loaded_span is None else body.loaded_span.end
         expires_at = now + self.settings.lease_ttl_s
-        # Fast path: nothing but the lease (and the free-slot report) changes. One guarded
-        # UPDATE that matches only when the token, the boot epoch, the state and the loaded
-        # span are the stored ones; otherwise the full path below decides (and explains).
         quiet = (
             token is not None
             and not body.rtts
             and body.decode_ms_per_block is None
             and body.prefill_ms_per_block is None
         )
-        with self.tx() as db:
-            servers = repo.Servers(db)
-            renewed = quiet and servers.renew_lease(
+        key = (hash_token(token or ""), body.boot_epoch, body.state, new_start, new_end)
+        changed = False
+        if quiet and view.heartbeat_keys.get(server_id) == key:
+            # Fast path: nothing but the lease (and the free-slot report) changes, and the
+            # view vouches for the token, epoch, state and span. The renewal is written
+            # behind, with every other pending one, in one guarded executemany (group
+            # commit): by this process's next transaction or the flusher, within
+            # LEASE_FLUSH_S. A row changed meanwhile matches nothing and keeps its lease;
+            # the next heartbeat then takes the full path, as the refreshed view disagrees.
+            renewal = repo.LeaseRenewal(
                 server_id,
-                hash_token(token or ""),
+                key[0],
                 body.boot_epoch,
                 body.state,
                 (new_start, new_end),
@@ -371,11 +419,13 @@ class Coordinator:
                 now,
                 expires_at,
             )
-            changed = False
-            if not renewed:
+            with self._renewals_lock:
+                self._renewals[server_id] = renewal
+        else:
+            with self.tx() as db:
                 changed = self._heartbeat_update(db, server_id, token, body, model, now)
-            assigned = view.spans.get(server_id)
-            generation = view.generation
+        assigned = view.spans.get(server_id)
+        generation = view.generation
         if changed:
             self.invalidate()
         else:

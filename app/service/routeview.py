@@ -56,6 +56,12 @@ class RouteView:
         self.sites = list(state.sites)
         self.site_index = {site: i for i, site in enumerate(self.sites)}
         self.entries: list[ServerEntry] = []
+        # What a quiet heartbeat of each registered server must repeat to renew its lease
+        # without a database read: token hash, boot epoch, state, loaded span.
+        self.heartbeat_keys: dict[str, tuple[str, int, str, int | None, int | None]] = {
+            row.id: (row.token_hash, row.boot_epoch, row.state, row.loaded_start, row.loaded_end)
+            for row in state.servers
+        }
         rows = []
         for row in state.servers:
             span = self.spans.get(row.id)

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Table, bindparam, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -115,6 +115,20 @@ class Clients:
 # --- servers --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class LeaseRenewal:
+    """What a quiet heartbeat asserts about its server, and the lease it renews."""
+
+    server_id: str
+    token_hash: str
+    boot_epoch: int
+    state: str
+    loaded: tuple[int | None, int | None]
+    free_cache_slots: int | None
+    now: float
+    expires_at: float
+
+
 class Servers:
     def __init__(self, db: Session) -> None:
         self.db = db
@@ -156,31 +170,54 @@ class Servers:
         now: float,
         expires_at: float,
     ) -> bool:
-        """A heartbeat that changes nothing but the lease and the free-slot report: one
-        UPDATE, guarded by everything the caller checked (token, epoch, state, loaded span),
-        so that a concurrent change makes it match no row (and the caller takes the slow
-        path). True when the row was updated."""
-        start, end = loaded
-        result = self.db.execute(
-            update(ServerRow)
+        """A heartbeat that changes nothing but the lease and the free-slot report. True when
+        the row was updated (see ``renew_leases``)."""
+        renewal = LeaseRenewal(
+            server_id, token_hash, boot_epoch, state, loaded, free_cache_slots, now, expires_at
+        )
+        return self.renew_leases([renewal]) == 1
+
+    def renew_leases(self, renewals: Sequence[LeaseRenewal]) -> int:
+        """Renew many leases in one statement (executemany). Each UPDATE is guarded by what
+        the caller checked (token, epoch, state, loaded span), so that a row changed since
+        then matches nothing and keeps its old lease. Returns the number of rows updated."""
+        if not renewals:
+            return 0
+        table = cast(Table, ServerRow.__table__)  # Core table: a plain executemany
+        statement = (
+            update(table)
             .where(
-                ServerRow.id == server_id,
-                ServerRow.token_hash == token_hash,
-                ServerRow.boot_epoch == boot_epoch,
-                ServerRow.state == state,
-                ServerRow.loaded_start.is_(None)
-                if start is None
-                else ServerRow.loaded_start == start,
-                ServerRow.loaded_end.is_(None) if end is None else ServerRow.loaded_end == end,
+                table.c.id == bindparam("b_id"),
+                table.c.token_hash == bindparam("b_token_hash"),
+                table.c.boot_epoch == bindparam("b_boot_epoch"),
+                table.c.state == bindparam("b_state"),
+                table.c.loaded_start.is_not_distinct_from(bindparam("b_start")),
+                table.c.loaded_end.is_not_distinct_from(bindparam("b_end")),
             )
             .values(
-                lease_expires_at=expires_at,
-                last_heartbeat_at=now,
-                free_cache_slots=free_cache_slots,
+                lease_expires_at=bindparam("b_expires_at"),
+                last_heartbeat_at=bindparam("b_now"),
+                free_cache_slots=bindparam("b_free"),
             )
-            .execution_options(synchronize_session=False)
         )
-        return _rowcount(result) == 1
+        result = self.db.execute(
+            statement,
+            [
+                {
+                    "b_id": r.server_id,
+                    "b_token_hash": r.token_hash,
+                    "b_boot_epoch": r.boot_epoch,
+                    "b_state": r.state,
+                    "b_start": r.loaded[0],
+                    "b_end": r.loaded[1],
+                    "b_expires_at": r.expires_at,
+                    "b_now": r.now,
+                    "b_free": r.free_cache_slots,
+                }
+                for r in renewals
+            ],
+        )
+        return _rowcount(result)
 
     def reserve(self, server_id: str, slots: int, now: float) -> bool:
         """Take ``slots`` cache slots if they are free and the lease is live (one conditional
