@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import structlog
 from fastapi import Body, Depends, FastAPI, Header, Path, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -245,8 +246,15 @@ def create_app(
         response_model=HeartbeatOut,
         responses=_errors(401, 403, 404, 409),
     )
-    def heartbeat(server_id: IdPath, body: Heartbeat, credentials: Token) -> HeartbeatOut:
-        return coordinator.heartbeat(server_id, _token(credentials), body)
+    async def heartbeat(server_id: IdPath, body: Heartbeat, credentials: Token) -> HeartbeatOut:
+        token = _token(credentials)
+        # Most heartbeats only renew the lease: answered from memory on the event loop and
+        # written behind in batches; the rest (state or span changes, RTTs, speeds, a token
+        # the view does not know) go to the thread pool and the database.
+        quick = coordinator.quiet_heartbeat(server_id, token, body)
+        if quick is not None:
+            return quick
+        return await run_in_threadpool(coordinator.heartbeat, server_id, token, body)
 
     # --- measurements ---------------------------------------------------------------------------
 

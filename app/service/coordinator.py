@@ -271,21 +271,27 @@ class Coordinator:
         ``invalidate()`` (a local change) there is no view and the caller rebuilds it, so its
         own change is visible at once.
         """
-        now = self.clock()
-        with self._view_lock:
-            view = self._view
+        view = self.current_view()
         if view is not None:
-            if now - view.built_at >= self.view_refresh_s and self._rebuild_lock.acquire(
-                blocking=False
-            ):
-                threading.Thread(target=self._rebuild_and_release, args=(now,), daemon=True).start()
             return view
+        now = self.clock()
         with self._rebuild_lock:
             with self._view_lock:
                 current = self._view
             if current is not None:
                 return current  # another thread rebuilt it while we waited
             return self._rebuild(now)
+
+    def current_view(self) -> RouteView | None:
+        """The view if there is one (never reads the database): a stale one is returned
+        while one background thread rebuilds it. None after ``invalidate()``."""
+        now = self.clock()
+        with self._view_lock:
+            view = self._view
+        stale = view is not None and now - view.built_at >= self.view_refresh_s
+        if stale and self._rebuild_lock.acquire(blocking=False):
+            threading.Thread(target=self._rebuild_and_release, args=(now,), daemon=True).start()
+        return view
 
     def _rebuild(self, now: float) -> RouteView:
         with self._view_lock:
@@ -383,49 +389,14 @@ class Coordinator:
         )
 
     def heartbeat(self, server_id: str, token: str | None, body: Heartbeat) -> HeartbeatOut:
+        quick = self.quiet_heartbeat(server_id, token, body)
+        if quick is not None:
+            return quick
         now = self.clock()
         view = self.view()
-        model = view.model
-        span = body.loaded_span
-        if span is not None and model is not None and span.end > model.num_blocks:
-            raise Invalid(
-                f"loaded_span.end: {span.end} is past the model's {model.num_blocks} blocks"
-            )
-        new_start = None if body.loaded_span is None else body.loaded_span.start
-        new_end = None if body.loaded_span is None else body.loaded_span.end
-        expires_at = now + self.settings.lease_ttl_s
-        quiet = (
-            token is not None
-            and not body.rtts
-            and body.decode_ms_per_block is None
-            and body.prefill_ms_per_block is None
-        )
-        key = (hash_token(token or ""), body.boot_epoch, body.state, new_start, new_end)
-        changed = False
-        if quiet and view.heartbeat_keys.get(server_id) == key:
-            # Fast path: nothing but the lease (and the free-slot report) changes, and the
-            # view vouches for the token, epoch, state and span. The renewal is written
-            # behind, with every other pending one, in one guarded executemany (group
-            # commit): by this process's next transaction or the flusher, within
-            # LEASE_FLUSH_S. A row changed meanwhile matches nothing and keeps its lease;
-            # the next heartbeat then takes the full path, as the refreshed view disagrees.
-            renewal = repo.LeaseRenewal(
-                server_id,
-                key[0],
-                body.boot_epoch,
-                body.state,
-                (new_start, new_end),
-                body.free_cache_slots,
-                now,
-                expires_at,
-            )
-            with self._renewals_lock:
-                self._renewals[server_id] = renewal
-        else:
-            with self.tx() as db:
-                changed = self._heartbeat_update(db, server_id, token, body, model, now)
-        assigned = view.spans.get(server_id)
-        generation = view.generation
+        self._check_loaded_span(view, body)
+        with self.tx() as db:
+            changed = self._heartbeat_update(db, server_id, token, body, view.model, now)
         if changed:
             self.invalidate()
         else:
@@ -433,10 +404,65 @@ class Coordinator:
             # view_refresh_s later): rebuilding the view on every such heartbeat would cost a
             # full swarm read per heartbeat (~20 ms at 200 servers).
             with self._view_lock:
-                view.renew(server_id, expires_at)
+                view.renew(server_id, now + self.settings.lease_ttl_s)
+        return self._heartbeat_out(view, server_id)
+
+    def quiet_heartbeat(
+        self, server_id: str, token: str | None, body: Heartbeat
+    ) -> HeartbeatOut | None:
+        """The fast path, without any database access: a heartbeat that changes nothing but
+        the lease (and the free-slot report), when the route view vouches for its token,
+        epoch, state and loaded span. None: take the full path (``heartbeat``).
+
+        The renewal is written behind, with every other pending one, in one guarded
+        executemany (group commit): by this process's next transaction or the flusher,
+        within LEASE_FLUSH_S. A row changed meanwhile matches nothing and keeps its lease;
+        the next heartbeat then takes the full path, as the refreshed view disagrees.
+        """
+        if token is None or body.rtts or body.decode_ms_per_block is not None:
+            return None
+        if body.prefill_ms_per_block is not None:
+            return None
+        view = self.current_view()
+        if view is None:
+            return None
+        self._check_loaded_span(view, body)
+        span = body.loaded_span
+        loaded = (None, None) if span is None else (span.start, span.end)
+        token_hash = hash_token(token)
+        if view.heartbeat_keys.get(server_id) != (token_hash, body.boot_epoch, body.state, *loaded):
+            return None
+        now = self.clock()
+        expires_at = now + self.settings.lease_ttl_s
+        renewal = repo.LeaseRenewal(
+            server_id,
+            token_hash,
+            body.boot_epoch,
+            body.state,
+            loaded,
+            body.free_cache_slots,
+            now,
+            expires_at,
+        )
+        with self._renewals_lock:
+            self._renewals[server_id] = renewal
+        with self._view_lock:
+            view.renew(server_id, expires_at)
+        return self._heartbeat_out(view, server_id)
+
+    @staticmethod
+    def _check_loaded_span(view: RouteView, body: Heartbeat) -> None:
+        model, span = view.model, body.loaded_span
+        if span is not None and model is not None and span.end > model.num_blocks:
+            raise Invalid(
+                f"loaded_span.end: {span.end} is past the model's {model.num_blocks} blocks"
+            )
+
+    def _heartbeat_out(self, view: RouteView, server_id: str) -> HeartbeatOut:
+        assigned = view.spans.get(server_id)
         return HeartbeatOut(
             server_id=server_id,
-            generation=generation,
+            generation=view.generation,
             assigned_span=None
             if assigned is None
             else SpanModel(start=assigned.start, end=assigned.end),
