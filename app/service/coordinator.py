@@ -815,12 +815,10 @@ class Coordinator:
         hops = [(view.entries[h.server].id, h.start, h.end, h.blocks) for h in plan.hops]
         try:
             with self.tx() as db:
-                servers = repo.Servers(db)
                 # Rows are locked in id order: two bookings over the same servers in another
                 # hop order would otherwise deadlock on PostgreSQL (detected after 1 s).
-                for server_id, blocks in sorted((h[0], h[3]) for h in hops):
-                    if not servers.reserve(server_id, blocks, now):
-                        raise _Contended()  # rolls the other hops back
+                if not repo.Servers(db).reserve_all([(h[0], h[3]) for h in hops], now):
+                    raise _Contended()  # rolls the other hops back
                 repo.Sessions(db).add(
                     SessionRow(
                         id=session_id,

@@ -79,12 +79,11 @@ _UNRESERVE = (
         )
     )
 )
-_HELD = select(_RESERVATIONS.c.server_id, _RESERVATIONS.c.slots, _RESERVATIONS.c.expires_at).where(
-    _RESERVATIONS.c.session_id == bindparam("b_session")
-)
 _DELETE_SESSION = delete(_SESSIONS).where(_SESSIONS.c.id == bindparam("b_session"))
-_DELETE_RESERVATIONS = delete(_RESERVATIONS).where(
-    _RESERVATIONS.c.session_id == bindparam("b_session")
+_DELETE_RESERVATIONS = (
+    delete(_RESERVATIONS)
+    .where(_RESERVATIONS.c.session_id == bindparam("b_session"))
+    .returning(_RESERVATIONS.c.server_id, _RESERVATIONS.c.slots, _RESERVATIONS.c.expires_at)
 )
 
 
@@ -253,15 +252,31 @@ class Servers:
         return _rowcount(result)
 
     def reserve(self, server_id: str, slots: int, now: float) -> bool:
-        """Take ``slots`` cache slots if they are free and the lease is live (one conditional
-        UPDATE: the condition is re-checked under the row lock, so concurrent bookings can
-        never over-admit). Callers touching several servers in one transaction take them in
-        id order, so that two transactions never wait on each other's rows (a deadlock)."""
-        result = self.db.execute(_RESERVE, {"b_id": server_id, "b_slots": slots, "b_now": now})
-        return _rowcount(result) == 1
+        """Take ``slots`` cache slots on one server (see ``reserve_all``)."""
+        return self.reserve_all([(server_id, slots)], now)
+
+    def reserve_all(self, holds: Sequence[tuple[str, int]], now: float) -> bool:
+        """Take the slots on every (server id, slots) if all are free and the leases live:
+        one conditional UPDATE per server (not an executemany: psycopg does not report the
+        rows each one matched). The condition is re-checked under each row lock, so
+        concurrent bookings can never over-admit; False when a server refused (the caller
+        rolls the transaction back). Rows are taken in id order, so that two transactions
+        never wait on each other's rows (a deadlock)."""
+        for server_id, slots in sorted(holds):
+            parameters = {"b_id": server_id, "b_slots": slots, "b_now": now}
+            if _rowcount(self.db.execute(_RESERVE, parameters)) != 1:
+                return False
+        return True
 
     def unreserve(self, server_id: str, slots: int) -> None:
-        self.db.execute(_UNRESERVE, {"b_id": server_id, "b_slots": slots})
+        self.unreserve_all([(server_id, slots)])
+
+    def unreserve_all(self, holds: Sequence[tuple[str, int]]) -> None:
+        """Give slots back (never below zero), in id order like ``reserve_all``."""
+        if holds:
+            self.db.execute(
+                _UNRESERVE, [{"b_id": sid, "b_slots": slots} for sid, slots in sorted(holds)]
+            )
 
 
 # --- measurements -----------------------------------------------------------------------------
@@ -373,13 +388,11 @@ class Sessions:
         """Delete the session and give its slots back; None if it was not there (released
         or expired, possibly by another process a moment ago)."""
         parameters = {"b_session": session_id}
-        held = [Held(*row) for row in self.db.execute(_HELD, parameters)]
+        # Reservations first: deleting the session would cascade to them unreturned.
+        held = [Held(*row) for row in self.db.execute(_DELETE_RESERVATIONS, parameters)]
         if _rowcount(self.db.execute(_DELETE_SESSION, parameters)) != 1:
             return None
-        self.db.execute(_DELETE_RESERVATIONS, parameters)
-        servers = Servers(self.db)
-        for hold in sorted(held, key=lambda h: h.server_id):  # lock order: see Servers.reserve
-            servers.unreserve(hold.server_id, hold.slots)
+        Servers(self.db).unreserve_all([(h.server_id, h.slots) for h in held])
         return held
 
     def expired_ids(self, now: float, limit: int = 1000) -> list[str]:
