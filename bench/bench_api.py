@@ -9,17 +9,21 @@ Targets (the issue's): >= 1,000 route queries/s with p99 < 20 ms; >= 300 booking
 Bookings run book-then-release (a DELETE follows every 201), so the swarm never fills up:
 "booked/s" counts accepted bookings, req/s counts both requests.
 
-Measured on the 2-core development machine shared with other jobs (load average ~3, wrk on
-the same machine), --seconds 5, SQLite 1 process, PostgreSQL 2 processes:
+Measured on the 2-core development machine (wrk on the same machine, nothing else running),
+--seconds 5, SQLite 1 process, PostgreSQL 2 processes; medians of 3 runs of
+`--backend both` (the runs vary a lot: route p99 at -c8 on SQLite was 57, 15 and 15 ms):
 
     backend   wrk  routes/s (p99 ms)   booked/s (p99 ms)   heartbeats/s (p99 ms)
-    sqlite    -c8   1026 (45)           162 (165)            621 (68)
-    sqlite    -c32   911 (139)          121 (277)            419 (260)
-    postgres  -c8   2335 (133)          151 (257)            426 (120)
-    postgres  -c32  1737 (180)          122 (436)            477 (208)
+    sqlite    -c8   1983 (15)           225 (88)            2426 (6)
+    sqlite    -c32  1967 (130)          226 (177)           2202 (77)
+    postgres  -c8   3782 (48)           319 (75)            3448 (86)
+    postgres  -c32  1971 (165)          204 (272)           3978 (118)
 
-Route throughput meets 1,000/s; the p99 < 20 ms, 300 bookings/s and 2,000 heartbeats/s
-targets are not met on this machine (CPU-bound: the server and wrk share two busy cores).
+Met: >= 1,000 routes/s and >= 2,000 heartbeats/s on both backends; route p99 < 20 ms on
+SQLite at -c8 (median; not in every run); >= 300 bookings/s on PostgreSQL at -c8. Not met:
+route p99 on PostgreSQL (two processes, the database and wrk share two cores) and bookings on
+SQLite (185-331/s over the three runs). At -c32 the p99s are queueing (32 connections over
+~2,000 req/s is 16 ms before any work).
 """
 
 from __future__ import annotations
