@@ -10,20 +10,19 @@ Bookings run book-then-release (a DELETE follows every 201), so the swarm never 
 "booked/s" counts accepted bookings, req/s counts both requests.
 
 Measured on the 2-core development machine (wrk on the same machine, nothing else running),
---seconds 5, SQLite 1 process, PostgreSQL 2 processes; medians of 3 runs of
-`--backend both` (the runs vary a lot: route p99 at -c8 on SQLite was 57, 15 and 15 ms):
+--seconds 5, SQLite 1 process, PostgreSQL 2 processes; -c8: medians of 3 runs (per-run values
+in brackets), -c32: one run:
 
-    backend   wrk  routes/s (p99 ms)   booked/s (p99 ms)   heartbeats/s (p99 ms)
-    sqlite    -c8   1983 (15)           225 (88)            2426 (6)
-    sqlite    -c32  1967 (130)          226 (177)           2202 (77)
-    postgres  -c8   3782 (48)           319 (75)            3448 (86)
-    postgres  -c32  1971 (165)          204 (272)           3978 (118)
+    backend   wrk  routes/s, p99 ms               booked/s            heartbeats/s
+    sqlite    -c8  1778, 17.6 (14.5 17.6 18.5)    235 (235 225 249)   2158 (2003 2158 2451)
+    sqlite    -c32 1816, 149                      286                 2262
+    postgres  -c8  3466, 10.0 (10.5 10.0 7.4)     299 (278 303 299)   2905 (2759 2905 4130)
+    postgres  -c32 2332, 136                      173                 3349
 
-Met: >= 1,000 routes/s and >= 2,000 heartbeats/s on both backends; route p99 < 20 ms on
-SQLite at -c8 (median; not in every run); >= 300 bookings/s on PostgreSQL at -c8. Not met:
-route p99 on PostgreSQL (two processes, the database and wrk share two cores) and bookings on
-SQLite (185-331/s over the three runs). At -c32 the p99s are queueing (32 connections over
-~2,000 req/s is 16 ms before any work).
+Met at -c8 on both backends: >= 1,000 routes/s with p99 < 20 ms, >= 2,000 heartbeats/s. Not
+met: >= 300 bookings/s (each a booking and its release: two write transactions), SQLite 235/s,
+PostgreSQL 299/s. At -c32 the p99s are queueing (32 connections over ~2,000 req/s is 16 ms
+before any work).
 """
 
 from __future__ import annotations
