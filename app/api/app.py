@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import structlog
 from fastapi import Body, Depends, FastAPI, Header, Path, Query, Request, Response
@@ -55,6 +55,7 @@ from app.service.schemas import (
 from app.settings import Settings
 
 log = get_logger("bprr.api")
+_T = TypeVar("_T")
 bearer = HTTPBearer(auto_error=False, description="Admin, join or per-server token")
 IdPath = Annotated[str, Path(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:@-]+$")]
 
@@ -135,6 +136,14 @@ def create_app(
             yield
         finally:
             coordinator.close()
+
+    async def _write(call: Callable[..., _T], *args: Any) -> _T:
+        # Bookings and releases on the embedded SQLite are short library calls serialised by
+        # the coordinator's writer lock: run them on the event loop, where handing them to the
+        # thread pool cost more than the write. A networked database gets the thread pool.
+        if coordinator.embedded_database:
+            return call(*args)
+        return await run_in_threadpool(call, *args)
 
     app = FastAPI(
         title="bprr coordinator",
@@ -328,8 +337,8 @@ def create_app(
         response_model=SessionOut,
         responses=_errors(409, 503),
     )
-    def book(body: SessionIn) -> SessionOut:
-        return coordinator.book(body)
+    async def book(body: SessionIn) -> SessionOut:
+        return await _write(coordinator.book, body)
 
     @app.delete(
         "/v1/sessions/{session_id}",
@@ -338,8 +347,8 @@ def create_app(
         response_class=Response,
         responses=_errors(404),
     )
-    def release(session_id: IdPath) -> Response:
-        coordinator.release(session_id)
+    async def release(session_id: IdPath) -> Response:
+        await _write(coordinator.release, session_id)
         return Response(status_code=204)
 
     # --- scenario snapshot -----------------------------------------------------------------------

@@ -126,8 +126,9 @@ class Coordinator:
         self.read_sessions = sessionmaker(store_db.read_only(self.engine), expire_on_commit=False)
         self._rebuild_lock = threading.Lock()
         # SQLite: one writer at a time in this process (see the module docstring).
+        self.embedded_database = store_db.is_sqlite(self.engine)
         self._write_lock: threading.RLock | None = (
-            threading.RLock() if store_db.is_sqlite(self.engine) else None
+            threading.RLock() if self.embedded_database else None
         )
         self.instance_id = uuid.uuid4().hex
         self.view_refresh_s = view_refresh_s
