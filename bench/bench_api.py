@@ -10,19 +10,17 @@ Bookings run book-then-release (a DELETE follows every 201), so the swarm never 
 "booked/s" counts accepted bookings, req/s counts both requests.
 
 Measured on the 2-core development machine (wrk on the same machine, nothing else running),
---seconds 5, SQLite 1 process, PostgreSQL 2 processes; -c8: medians of 3 runs (per-run values
-in brackets), -c32: one run:
+--seconds 5, SQLite 1 process, PostgreSQL 2 processes, wrk -c8; medians of 3 runs (per-run
+values in brackets):
 
-    backend   wrk  routes/s, p99 ms               booked/s            heartbeats/s
-    sqlite    -c8  1778, 17.6 (14.5 17.6 18.5)    235 (235 225 249)   2158 (2003 2158 2451)
-    sqlite    -c32 1816, 149                      286                 2262
-    postgres  -c8  3466, 10.0 (10.5 10.0 7.4)     299 (278 303 299)   2905 (2759 2905 4130)
-    postgres  -c32 2332, 136                      173                 3349
+    backend   routes/s, p99 ms               booked/s            heartbeats/s
+    sqlite    1821, 13.0 (13.0 16.0 12.4)    430 (444 418 430)   2530 (2126 2645 2530)
+    postgres  3315, 12.6 (12.6 8.7 12.9)     281 (225 333 281)   2896 (1949 3002 2896)
 
-Met at -c8 on both backends: >= 1,000 routes/s with p99 < 20 ms, >= 2,000 heartbeats/s. Not
-met: >= 300 bookings/s (each a booking and its release: two write transactions), SQLite 235/s,
-PostgreSQL 299/s. At -c32 the p99s are queueing (32 connections over ~2,000 req/s is 16 ms
-before any work).
+Met on both backends: >= 1,000 routes/s with p99 < 20 ms, >= 2,000 heartbeats/s (median);
+>= 300 bookings/s (each a booking and its release) on SQLite. Not met: bookings on
+PostgreSQL (225-333/s: two processes, the database and wrk share two cores). At -c32 the
+p99s are queueing (32 connections over ~2,000 req/s is 16 ms before any work).
 """
 
 from __future__ import annotations
