@@ -8,6 +8,7 @@ L, s_m, s_c, M_j, tau_j, tau^I_j(l_in), t_cj (per-token hop cost) and t^I_cj (pr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
 import numpy as np
@@ -98,7 +99,7 @@ class Instance:
 
     # --- the paper's per-hop constants ---------------------------------------------------
 
-    @property
+    @cached_property  # derived once: route queries read it on every call
     def token_hop_ms(self) -> FloatArray:
         """t_cj: network + system cost of one decode step at server j for client c."""
         return self.rtt_ms + self.per_token_overhead_ms

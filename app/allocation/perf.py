@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from app.allocation.instance import Instance, Placement
+from app.allocation.scenario import cache_gb_per_block
 
 __all__ = [
     "Hop",
@@ -45,13 +46,6 @@ class Hop(NamedTuple):
 
 class InfeasiblePath(ValueError):
     """A chain of servers that cannot process the blocks in order (violates Lemma 1)."""
-
-
-def cache_gb_per_block(
-    kv_bytes_per_token_per_block: float, input_tokens: int, output_tokens: int
-) -> float:
-    """s_c = kv bytes per token per block x (l_in + l_max), in GB."""
-    return kv_bytes_per_token_per_block * (input_tokens + output_tokens) / 1e9
 
 
 def memory_used_gb(instance: Instance, span_length: int, cache_blocks: int) -> float:

@@ -186,8 +186,11 @@ class Scenario(_Strict):
     @property
     def cache_gb_per_block(self) -> float:
         """s_c: the attention cache one request needs on one block (GB)."""
-        tokens = self.requests.max_input_tokens + self.requests.max_output_tokens
-        return self.model.kv_bytes_per_token_per_block * tokens / GB
+        return cache_gb_per_block(
+            self.model.kv_bytes_per_token_per_block,
+            self.requests.max_input_tokens,
+            self.requests.max_output_tokens,
+        )
 
     def site_rtt(self, a: str, b: str) -> float:
         return _site_matrix(self.sites, self.site_rtt_ms)[self.sites.index(a)][self.sites.index(b)]
@@ -226,6 +229,13 @@ class Scenario(_Strict):
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2, exclude_none=True)
+
+
+def cache_gb_per_block(
+    kv_bytes_per_token_per_block: float, input_tokens: int, output_tokens: int
+) -> float:
+    """s_c = kv bytes per token per block x (l_in + l_max), in GB."""
+    return kv_bytes_per_token_per_block * (input_tokens + output_tokens) / GB
 
 
 def largest_remainder(weights: list[float], total: int) -> list[int]:

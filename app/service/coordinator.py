@@ -47,7 +47,7 @@ from app.service.errors import (
     Unauthorized,
     Unavailable,
 )
-from app.service.routeview import RoutePlan, RouteView, cache_slots
+from app.service.routeview import RoutePlan, RouteView, cache_slots, model_cache_gb
 from app.service.schemas import (
     Heartbeat,
     HeartbeatOut,
@@ -341,13 +341,8 @@ class Coordinator:
     def _slots_for(model: ModelRow | None, server: ServerRow) -> int:
         if model is None or server.loaded_start is None or server.loaded_end is None:
             return 0
-        cache_gb = (
-            model.kv_bytes_per_token_per_block
-            * (model.max_input_tokens + model.max_output_tokens)
-            / 1e9
-        )
         blocks = server.loaded_end - server.loaded_start
-        return cache_slots(server.memory_gb, model.block_memory_gb, cache_gb, blocks)
+        return cache_slots(server.memory_gb, model.block_memory_gb, model_cache_gb(model), blocks)
 
     # --- servers ---------------------------------------------------------------------------------
 
@@ -1143,12 +1138,7 @@ def _plannable(state: LiveState, now: float) -> list[ServerRow]:
     model = state.model
     if model is None:
         return []
-    one_block = (
-        model.block_memory_gb
-        + model.kv_bytes_per_token_per_block
-        * (model.max_input_tokens + model.max_output_tokens)
-        / 1e9
-    )
+    one_block = model.block_memory_gb + model_cache_gb(model)
     return [
         s
         for s in state.servers

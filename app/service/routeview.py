@@ -18,7 +18,9 @@ import numpy as np
 from app.allocation.instance import FloatArray, Instance, IntArray, Span
 from app.allocation.perf import Hop, RequestTiming, request_timing
 from app.allocation.routing import RouteIndex
+from app.allocation.scenario import cache_gb_per_block
 from app.service.state import LiveState
+from app.store.models import ModelRow
 
 MAX_SLOTS = 2**31 - 1
 
@@ -37,6 +39,13 @@ class ServerEntry:
     address: str
     span: Span
     lease_expires_at: float
+
+
+def model_cache_gb(model: ModelRow) -> float:
+    """s_c of the served model (one request on one block, GB)."""
+    return cache_gb_per_block(
+        model.kv_bytes_per_token_per_block, model.max_input_tokens, model.max_output_tokens
+    )
 
 
 def cache_slots(memory_gb: float, block_gb: float, cache_gb: float, blocks: int) -> int:
@@ -96,9 +105,7 @@ class RouteView:
         self.instance = Instance(
             num_blocks=model.num_blocks,
             block_gb=model.block_memory_gb,
-            cache_gb=model.kv_bytes_per_token_per_block
-            * (model.max_input_tokens + model.max_output_tokens)
-            / 1e9,
+            cache_gb=model_cache_gb(model),
             memory_gb=np.array([r.memory_gb for r in rows], dtype=float),
             decode_ms=np.array([r.decode_ms_per_block for r in rows], dtype=float),
             prefill_fixed_ms=np.array([r.prefill_fixed_ms for r in rows], dtype=float),
