@@ -811,10 +811,9 @@ class Coordinator:
         hops = [(view.entries[h.server].id, h.start, h.end, h.blocks) for h in plan.hops]
         try:
             with self.tx() as db:
-                # Rows are locked in id order: two bookings over the same servers in another
-                # hop order would otherwise deadlock on PostgreSQL (detected after 1 s).
-                if not repo.Servers(db).reserve_all([(h[0], h[3]) for h in hops], now):
-                    raise _Contended()  # rolls the other hops back
+                # The new rows first, the server rows last: the row locks of the reservation
+                # are then held only until the commit, which is what bounds bookings per
+                # second when many bookings want the same chain.
                 repo.Sessions(db).add(
                     SessionRow(
                         id=session_id,
@@ -830,6 +829,10 @@ class Coordinator:
                     ),
                     [(server_id, blocks) for server_id, _, _, blocks in hops],
                 )
+                # Rows are locked in id order: two bookings over the same servers in another
+                # hop order would otherwise deadlock on PostgreSQL (detected after 1 s).
+                if not repo.Servers(db).reserve_all([(h[0], h[3]) for h in hops], now):
+                    raise _Contended()  # rolls the session and the other hops back
         except _Contended:
             return None
         except OperationalError as error:  # e.g. a PostgreSQL serialization hiccup

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, delete, func, select
 
 from app.service.errors import Unavailable
 from app.service.schemas import SessionIn
@@ -176,3 +176,24 @@ def test_two_instances_one_leader_no_overadmission(
         assert httpx.get(f"{bases[1]}/v1/routes", params=body, timeout=5).status_code in {200, 503}
     finally:
         engine.dispose()
+
+
+def test_booking_over_a_server_gone_since_the_view_takes_another_chain(
+    client: TestClient, database_url: str
+) -> None:
+    """Another process removed a server after this one built its route view: the booking's
+    conditional reservation finds no row, rolls back, and the retry routes around it."""
+    small_swarm(client, count=4, memory_gb=6.0)
+    first = client.get("/v1/routes", params=route_params())
+    assert first.status_code == 200, first.text
+    gone = first.json()["hops"][0]["server_id"]
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(delete(ServerRow).where(ServerRow.id == gone))
+    finally:
+        engine.dispose()
+    booked = client.post("/v1/sessions", json=route_params())
+    assert booked.status_code == 201, booked.text
+    assert gone not in {hop["server_id"] for hop in booked.json()["route"]["hops"]}
+    assert_not_overcommitted(database_url)
