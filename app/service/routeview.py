@@ -72,6 +72,9 @@ class RouteView:
             for row in state.servers
         }
         rows = []
+        # Until the re-plan after a model change publishes, the current placement is for the
+        # old model: its spans beyond the new model's blocks serve nothing.
+        num_blocks = state.model.num_blocks if state.model is not None else None
         for row in state.servers:
             span = self.spans.get(row.id)
             if (
@@ -79,6 +82,7 @@ class RouteView:
                 or row.state != "online"
                 or row.loaded_start != span.start
                 or row.loaded_end != span.end
+                or (num_blocks is not None and span.end > num_blocks)
             ):
                 continue
             rows.append(row)

@@ -179,3 +179,17 @@ def test_model_change_sets_a_replan_request(client: TestClient) -> None:
     client.put("/v1/model", json=changed, headers=admin())
     outcome = coordinator.planner_tick()
     assert outcome.startswith(("published", "kept"))
+
+
+def test_a_smaller_model_before_its_replan_gets_no_route_and_no_error(client: TestClient) -> None:
+    """The placement still published is for the old model: spans past the new model's last
+    block serve nothing, so routes are refused (503) and heartbeats still answered."""
+    tokens = small_swarm(client)
+    assert client.get("/v1/routes", params=route_params()).status_code == 200
+    smaller = dict(SMALL_MODEL, num_blocks=2)
+    assert client.put("/v1/model", json=smaller, headers=admin()).status_code == 200
+    beat = heartbeat(client, "s0", tokens["s0"], None, decode_ms_per_block=3.0)
+    assert beat.status_code == 200, beat.text
+    route = client.get("/v1/routes", params=route_params())
+    assert route.status_code == 503, route.text
+    assert client.post("/v1/sessions", json=route_params()).status_code == 503
