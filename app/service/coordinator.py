@@ -124,6 +124,9 @@ class Coordinator:
         self.engine = engine or store_db.make_engine(settings.database_url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.read_sessions = sessionmaker(store_db.read_only(self.engine), expire_on_commit=False)
+        self.statement_sessions = sessionmaker(
+            store_db.autocommit(self.engine), expire_on_commit=False
+        )
         self._rebuild_lock = threading.Lock()
         # SQLite: one writer at a time in this process (see the module docstring).
         self.embedded_database = store_db.is_sqlite(self.engine)
@@ -185,6 +188,19 @@ class Coordinator:
         """A transaction that only reads (on SQLite it does not take the write lock)."""
         self.flush_renewals()
         with self._nested(), self.read_sessions() as db, db.begin():
+            yield db
+
+    @contextmanager
+    def booking_tx(self) -> Iterator[Session]:
+        """The unit of work of a booking or a release. On PostgreSQL the repository does each
+        in one statement, run in autocommit so that the chain's row locks are held only while
+        the database runs it; on SQLite an ordinary write transaction."""
+        if self.embedded_database:
+            with self.tx() as db:
+                yield db
+            return
+        self.flush_renewals()
+        with self._nested(), self.statement_sessions() as db:
             yield db
 
     @contextmanager
@@ -809,30 +825,22 @@ class Coordinator:
         session_id = uuid.uuid4().hex
         expires_at = now + plan.timing.total_ms / 1000 + self.settings.session_grace_s
         hops = [(view.entries[h.server].id, h.start, h.end, h.blocks) for h in plan.hops]
+        row = SessionRow(
+            id=session_id,
+            client_site=body.client_site,
+            input_tokens=body.input_tokens,
+            output_tokens=body.output_tokens,
+            generation=view.generation,
+            created_at=now,
+            expires_at=expires_at,
+            first_token_ms=plan.timing.first_token_ms,
+            per_token_ms=plan.timing.per_token_ms,
+            path=json.dumps([[s, a, b] for s, a, b, _ in hops]),
+        )
         try:
-            with self.tx() as db:
-                # The new rows first, the server rows last: the row locks of the reservation
-                # are then held only until the commit, which is what bounds bookings per
-                # second when many bookings want the same chain.
-                repo.Sessions(db).add(
-                    SessionRow(
-                        id=session_id,
-                        client_site=body.client_site,
-                        input_tokens=body.input_tokens,
-                        output_tokens=body.output_tokens,
-                        generation=view.generation,
-                        created_at=now,
-                        expires_at=expires_at,
-                        first_token_ms=plan.timing.first_token_ms,
-                        per_token_ms=plan.timing.per_token_ms,
-                        path=json.dumps([[s, a, b] for s, a, b, _ in hops]),
-                    ),
-                    [(server_id, blocks) for server_id, _, _, blocks in hops],
-                )
-                # Rows are locked in id order: two bookings over the same servers in another
-                # hop order would otherwise deadlock on PostgreSQL (detected after 1 s).
-                if not repo.Servers(db).reserve_all([(h[0], h[3]) for h in hops], now):
-                    raise _Contended()  # rolls the session and the other hops back
+            with self.booking_tx() as db:
+                if not repo.Sessions(db).book(row, [(h[0], h[3]) for h in hops], now):
+                    raise _Contended()  # rolls back the hops already taken
         except _Contended:
             return None
         except OperationalError as error:  # e.g. a PostgreSQL serialization hiccup
@@ -848,7 +856,7 @@ class Coordinator:
         )
 
     def release(self, session_id: str) -> None:
-        with self.tx() as db:
+        with self.booking_tx() as db:
             released = repo.Sessions(db).release(session_id)
         if released is None:
             raise NotFound(f"session {session_id!r} does not exist (released or expired)")
@@ -869,12 +877,13 @@ class Coordinator:
         if not expired:
             return 0
         released: list[repo.Held] = []
-        with self.tx() as db:
-            sessions = repo.Sessions(db)
-            for session_id in expired:
-                held = sessions.release(session_id)
-                if held is not None:
-                    released.extend(held)
+        for session_id in expired:
+            # One unit per session, like a client's release: one transaction holding many
+            # sessions' server rows would lock them out of id order and could deadlock.
+            with self.booking_tx() as db:
+                held = repo.Sessions(db).release(session_id)
+            if held is not None:
+                released.extend(held)
         self._forget(released)
         return len(expired)
 

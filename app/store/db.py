@@ -2,7 +2,8 @@
 
 SQLite runs in WAL mode and every transaction starts with ``BEGIN IMMEDIATE`` so that two
 writers never deadlock on a lock upgrade; PostgreSQL runs at READ COMMITTED, where the
-conditional updates used for reservations re-check their condition under the row lock.
+conditional updates used for reservations re-check their condition under the row lock, and
+books and releases sessions in one autocommitted statement each (``autocommit``).
 """
 
 from __future__ import annotations
@@ -74,6 +75,12 @@ def _sqlite_setup(engine: Engine) -> None:
 def read_only(engine: Engine) -> Engine:
     """The same engine (and pool), marked for read-only transactions."""
     return engine.execution_options(**{READ_ONLY_OPTION: True})
+
+
+def autocommit(engine: Engine) -> Engine:
+    """The same engine (and pool) with every statement its own transaction, for units of
+    work that are one statement (PostgreSQL's bookings and releases)."""
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def is_sqlite(engine: Engine) -> bool:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, case, delete, func, insert, select, update
+from sqlalchemy import Table, bindparam, case, delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -50,6 +50,10 @@ def insert_ignore(db: Session, model: type[Base], values: dict[str, Any]) -> boo
     return db.execute(statement.returning(key)).first() is not None
 
 
+def _is_postgres(db: Session) -> bool:
+    return db.get_bind().dialect.name == "postgresql"
+
+
 def _rowcount(result: Any) -> int:
     count: int = result.rowcount
     return count
@@ -84,6 +88,70 @@ _DELETE_RESERVATIONS = (
     delete(_RESERVATIONS)
     .where(_RESERVATIONS.c.session_id == bindparam("b_session"))
     .returning(_RESERVATIONS.c.server_id, _RESERVATIONS.c.slots, _RESERVATIONS.c.expires_at)
+)
+
+# PostgreSQL books and releases a session in ONE statement, run outside any transaction
+# (autocommit): the chain's server rows are then locked only while the database executes it,
+# never across a round trip to a Python thread that may be waiting for the GIL. With the
+# statements of the portable path, a hot chain's row locks were held across four round trips
+# and bookings queued on them (pg_stat_activity: mostly "Lock: tuple" waits at 32 clients).
+# No deadlocks: everything that writes several server rows writes them in id order (here the
+# `locked` CTE, FOR UPDATE re-checking the condition on the newest row; ``reserve_all``,
+# ``unreserve_all``, ``renew_leases``), and a release takes its session row before anything
+# else (`held` reads `gone`), so that two releases of one session queue on that row.
+_SESSION_COLUMNS = [column.key for column in _SESSIONS.columns]
+_BOOK_IN_ONE_STATEMENT = text(
+    f"""
+WITH want AS (
+    SELECT w.id, w.slots
+    FROM unnest(CAST(:b_ids AS text[]), CAST(:b_slots AS integer[])) AS w(id, slots)
+),
+locked AS (
+    SELECT s.id FROM servers AS s JOIN want AS w ON w.id = s.id
+    WHERE s.reserved_slots + w.slots <= s.cache_slots AND s.lease_expires_at > :b_now
+    ORDER BY s.id
+    FOR UPDATE OF s
+),
+admitted AS (SELECT count(*) = :b_hops AS ok FROM locked),
+taken AS (
+    UPDATE servers AS s SET reserved_slots = s.reserved_slots + w.slots
+    FROM want AS w
+    WHERE s.id = w.id AND (SELECT ok FROM admitted)
+),
+new_session AS (
+    INSERT INTO sessions ({", ".join(_SESSION_COLUMNS)})
+    SELECT {", ".join(f":s_{name}" for name in _SESSION_COLUMNS)}
+    WHERE (SELECT ok FROM admitted)
+),
+new_reservations AS (
+    INSERT INTO reservations (session_id, server_id, slots, expires_at)
+    SELECT :s_id, w.id, w.slots, :s_expires_at FROM want AS w
+    WHERE (SELECT ok FROM admitted)
+)
+SELECT ok FROM admitted
+"""
+)
+_RELEASE_IN_ONE_STATEMENT = text(
+    """
+WITH gone AS (
+    DELETE FROM sessions WHERE id = :b_session RETURNING id
+),
+held AS (
+    DELETE FROM reservations WHERE session_id = (SELECT id FROM gone)
+    RETURNING server_id, slots, expires_at
+),
+locked AS (
+    SELECT s.id FROM servers AS s WHERE s.id IN (SELECT server_id FROM held)
+    ORDER BY s.id
+    FOR UPDATE OF s
+),
+given_back AS (
+    UPDATE servers AS s SET reserved_slots = GREATEST(s.reserved_slots - h.slots, 0)
+    FROM held AS h
+    WHERE s.id = h.server_id AND (SELECT count(*) FROM locked) >= 0
+)
+SELECT h.server_id, h.slots, h.expires_at FROM held AS h
+"""
 )
 
 
@@ -246,7 +314,7 @@ class Servers:
                     "b_now": r.now,
                     "b_free": r.free_cache_slots,
                 }
-                for r in renewals
+                for r in sorted(renewals, key=lambda renewal: renewal.server_id)
             ],
         )
         return _rowcount(result)
@@ -384,10 +452,39 @@ class Sessions:
             ],
         )
 
+    def book(self, row: SessionRow, hops: Sequence[tuple[str, int]], now: float) -> bool:
+        """Take the slots on every (server id, slots) if all are free and the leases live,
+        and insert the session with one reservation per hop; False when a server refused.
+
+        PostgreSQL does it all in one statement (all or nothing; run it outside a transaction
+        to hold the row locks for the shortest time). Elsewhere it is ``reserve_all`` then
+        ``add``, and after False the caller must roll back the hops already taken.
+        """
+        if _is_postgres(self.db):
+            parameters: dict[str, Any] = {
+                f"s_{name}": getattr(row, name) for name in _SESSION_COLUMNS
+            }
+            parameters.update(
+                b_ids=[server_id for server_id, _ in hops],
+                b_slots=[slots for _, slots in hops],
+                b_hops=len(hops),
+                b_now=now,
+            )
+            return bool(self.db.execute(_BOOK_IN_ONE_STATEMENT, parameters).scalar_one())
+        if not Servers(self.db).reserve_all(hops, now):
+            return False
+        self.add(row, hops)
+        return True
+
     def release(self, session_id: str) -> list[Held] | None:
         """Delete the session and give its slots back; None if it was not there (released
-        or expired, possibly by another process a moment ago)."""
+        or expired, possibly by another process a moment ago). One statement on PostgreSQL."""
         parameters = {"b_session": session_id}
+        if _is_postgres(self.db):
+            rows = self.db.execute(_RELEASE_IN_ONE_STATEMENT, parameters).all()
+            if not rows:
+                return None
+            return [Held(r.server_id, r.slots, r.expires_at) for r in rows]
         # Reservations first: deleting the session would cascade to them unreturned.
         held = [Held(*row) for row in self.db.execute(_DELETE_RESERVATIONS, parameters)]
         if _rowcount(self.db.execute(_DELETE_SESSION, parameters)) != 1:

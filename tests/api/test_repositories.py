@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.store import db as store_db
 from app.store import repositories as repo
-from app.store.models import ServerRow, SessionRow
+from app.store.models import ReservationRow, ServerRow, SessionRow
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,6 +103,98 @@ def test_reserve_never_exceeds_the_cache_and_release_gives_back(engine: Engine) 
     with Session(engine) as db:
         row = db.get(ServerRow, "a")
         assert row is not None and row.reserved_slots == 0
+
+
+def _session_row(session_id: str) -> SessionRow:
+    return SessionRow(
+        id=session_id,
+        client_site="east",
+        input_tokens=1,
+        output_tokens=1,
+        generation=1,
+        created_at=50.0,
+        expires_at=60.0,
+        first_token_ms=1.0,
+        per_token_ms=1.0,
+        path="[]",
+    )
+
+
+def _seed_chain(engine: Engine) -> None:
+    """Servers a (4 cache slots) and b (2), leases live until t=100."""
+    _seed(engine)
+    with Session(engine) as db, db.begin():
+        repo.Servers(db).add(_server("b", cache_slots=2))
+
+
+def _held(engine: Engine) -> tuple[dict[str, int], dict[str, int], int]:
+    """Reserved slots per server, reservation slots per server, number of sessions."""
+    with Session(engine) as db:
+        reserved = select(ServerRow.id, ServerRow.reserved_slots)
+        held = select(ReservationRow.server_id, ReservationRow.slots)
+        sessions = db.scalar(select(func.count()).select_from(SessionRow)) or 0
+        return (
+            {server_id: slots for server_id, slots in db.execute(reserved)},
+            {server_id: slots for server_id, slots in db.execute(held)},
+            sessions,
+        )
+
+
+def _book(engine: Engine, session_id: str, hops: list[tuple[str, int]], now: float) -> bool:
+    """As the service does on SQLite: a refused booking is rolled back."""
+    with Session(engine) as db:
+        db.begin()
+        booked = repo.Sessions(db).book(_session_row(session_id), hops, now)
+        if booked:
+            db.commit()
+        else:
+            db.rollback()
+        return booked
+
+
+def test_booking_is_all_or_nothing_and_release_gives_back_once(engine: Engine) -> None:
+    _seed_chain(engine)
+    assert not _book(engine, "x", [("b", 3), ("a", 2)], now=50.0)  # b has 2 slots
+    assert not _book(engine, "x", [("a", 2), ("b", 1)], now=150.0)  # the leases expired
+    assert not _book(engine, "x", [("a", 2), ("gone", 1)], now=50.0)  # no such server
+    assert _held(engine) == ({"a": 0, "b": 0}, {}, 0)
+    assert _book(engine, "y", [("b", 2), ("a", 3)], now=50.0)
+    assert _held(engine) == ({"a": 3, "b": 2}, {"a": 3, "b": 2}, 1)
+    assert not _book(engine, "z", [("a", 1), ("b", 1)], now=50.0)  # b is full now
+    assert _held(engine) == ({"a": 3, "b": 2}, {"a": 3, "b": 2}, 1)
+    with Session(engine) as db, db.begin():
+        released = repo.Sessions(db).release("y")
+    assert released is not None
+    assert sorted((h.server_id, h.slots, h.expires_at) for h in released) == [
+        ("a", 3, 60.0),
+        ("b", 2, 60.0),
+    ]
+    assert _held(engine) == ({"a": 0, "b": 0}, {}, 0)
+    with Session(engine) as db, db.begin():
+        assert repo.Sessions(db).release("y") is None  # already released
+
+
+@pytest.mark.postgres
+def test_postgres_books_and_releases_in_one_statement_outside_a_transaction(
+    pg_url: str,
+) -> None:
+    """In autocommit (as the service runs them), a refused booking writes nothing and an
+    accepted one or a release is visible to other connections at once, with no commit."""
+    engine = store_db.make_engine(pg_url)
+    try:
+        store_db.upgrade(engine)
+        _seed_chain(engine)
+        with Session(store_db.autocommit(engine)) as db:
+            sessions = repo.Sessions(db)
+            assert not sessions.book(_session_row("x"), [("a", 4), ("b", 3)], 50.0)
+            assert _held(engine) == ({"a": 0, "b": 0}, {}, 0)
+            assert sessions.book(_session_row("y"), [("a", 4), ("b", 2)], 50.0)
+            assert _held(engine) == ({"a": 4, "b": 2}, {"a": 4, "b": 2}, 1)
+            released = sessions.release("y")
+            assert released is not None and len(released) == 2
+            assert _held(engine) == ({"a": 0, "b": 0}, {}, 0)
+    finally:
+        engine.dispose()
 
 
 def test_lease_renewal_matches_only_an_unchanged_server(engine: Engine) -> None:
