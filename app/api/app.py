@@ -61,8 +61,11 @@ IdPath = Annotated[str, Path(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The error responses of a /v1 route: ``codes``, 422 for a malformed request, and 503
+    (every route needs the database; an unreachable one is a 503 with Retry-After)."""
     declared: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in codes}
     declared[422] = {"model": ValidationErrorOut}
+    declared[503] = {"model": ErrorOut}
     return declared
 
 
@@ -285,7 +288,7 @@ def create_app(
         tags=["placements"],
         status_code=201,
         response_model=PlacementOut,
-        responses=_errors(401, 403, 409, 503),
+        responses=_errors(401, 403, 409),
     )
     def post_placement(credentials: Token, body: PlacementRequest | None = None) -> PlacementOut:
         coordinator.check_admin(_token(credentials))
@@ -320,7 +323,7 @@ def create_app(
 
     # --- routes and sessions -------------------------------------------------------------------
 
-    @app.get("/v1/routes", tags=["routes"], response_model=RouteOut, responses=_errors(409, 503))
+    @app.get("/v1/routes", tags=["routes"], response_model=RouteOut, responses=_errors(409))
     async def get_route(
         client_site: Annotated[str, Query(min_length=1, max_length=200)],
         input_tokens: Annotated[int, Query(ge=0, le=10_000_000)],
@@ -335,7 +338,7 @@ def create_app(
         tags=["routes"],
         status_code=201,
         response_model=SessionOut,
-        responses=_errors(409, 503),
+        responses=_errors(409),
     )
     async def book(body: SessionIn) -> SessionOut:
         return await _write(coordinator.book, body)
@@ -364,7 +367,7 @@ def create_app(
         tags=["scenario"],
         status_code=201,
         response_model=ScenarioLoadOut,
-        responses=_errors(401, 403, 409, 503),
+        responses=_errors(401, 403, 409),
     )
     def post_scenario(
         credentials: Token,

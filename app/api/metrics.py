@@ -13,6 +13,19 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from app.service.coordinator import Coordinator
+from app.service.errors import Unavailable
+
+_GAUGES = [  # metric, key of Coordinator.stats(), help
+    ("bprr_live_servers", "live_servers", "Servers with a live lease serving their assigned span"),
+    ("bprr_block_coverage", "coverage", "Fraction of blocks hosted by a live, loaded server"),
+    ("bprr_placement_generation", "generation", "Generation of the published placement"),
+    ("bprr_active_sessions", "active_sessions", "Sessions holding cache reservations"),
+    (
+        "bprr_reserved_cache_slots",
+        "reserved_slots",
+        "Cache slots held by sessions on routable servers",
+    ),
+]
 
 
 class SwarmCollector(Collector):
@@ -22,33 +35,20 @@ class SwarmCollector(Collector):
         self.coordinator = coordinator
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.coordinator.stats()
         counters = self.coordinator.counters
+        try:
+            stats = self.coordinator.stats()
+            stats["active_sessions"] = float(self.coordinator.active_sessions())
+        except Unavailable:  # the scrape still answers, saying so, during an outage
+            stats = None
         yield GaugeMetricFamily(
-            "bprr_live_servers",
-            "Servers with a live lease serving their assigned span",
-            value=stats["live_servers"],
+            "bprr_database_up",
+            "1 when this scrape could read the coordinator's database, else 0",
+            value=0.0 if stats is None else 1.0,
         )
-        yield GaugeMetricFamily(
-            "bprr_block_coverage",
-            "Fraction of blocks hosted by a live, loaded server",
-            value=stats["coverage"],
-        )
-        yield GaugeMetricFamily(
-            "bprr_placement_generation",
-            "Generation of the published placement",
-            value=stats["generation"],
-        )
-        yield GaugeMetricFamily(
-            "bprr_active_sessions",
-            "Sessions holding cache reservations",
-            value=float(self.coordinator.active_sessions()),
-        )
-        yield GaugeMetricFamily(
-            "bprr_reserved_cache_slots",
-            "Cache slots held by sessions on routable servers",
-            value=stats["reserved_slots"],
-        )
+        if stats is not None:
+            for name, key, documentation in _GAUGES:
+                yield GaugeMetricFamily(name, documentation, value=stats[key])
         yield CounterMetricFamily(
             "bprr_sessions_booked",
             "Sessions booked by this process",

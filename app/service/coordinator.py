@@ -103,6 +103,18 @@ def _span(start: int | None, end: int | None) -> SpanModel | None:
 LEASE_FLUSH_S = 0.1
 
 
+@contextmanager
+def _database_errors() -> Iterator[None]:
+    """A database that cannot be reached, or that aborted the work (a deadlock, a lost
+    connection), is the service being unavailable for a moment: 503 with Retry-After, never
+    a 500. The transaction has been rolled back; nothing was written."""
+    try:
+        yield
+    except OperationalError as error:
+        log.warning("database unavailable", error=type(error.orig or error).__name__)
+        raise Unavailable("the database is unreachable or busy; retry", retry_after_s=1.0) from None
+
+
 @dataclass
 class Counters:
     sessions_booked: int = 0
@@ -172,23 +184,33 @@ class Coordinator:
         for thread in (self._thread, self._flusher):
             if thread is not None:
                 thread.join(timeout=30)
-        self.flush_renewals()
-        self.release_leadership()
+        for last_write in (self.flush_renewals, self.release_leadership):
+            try:
+                last_write()
+            except Exception as error:  # the database is gone: leases expire by themselves
+                log.warning("not written at shutdown", step=last_write.__name__, error=str(error))
         self.engine.dispose()
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
         """One write transaction (committed on exit, rolled back on an exception)."""
-        self.flush_renewals()
-        with self._nested(), self._write_lock or nullcontext(), self.sessions() as db, db.begin():
-            yield db
+        with _database_errors():
+            self.flush_renewals()
+            with (
+                self._nested(),
+                self._write_lock or nullcontext(),
+                self.sessions() as db,
+                db.begin(),
+            ):
+                yield db
 
     @contextmanager
     def read_tx(self) -> Iterator[Session]:
         """A transaction that only reads (on SQLite it does not take the write lock)."""
-        self.flush_renewals()
-        with self._nested(), self.read_sessions() as db, db.begin():
-            yield db
+        with _database_errors():
+            self.flush_renewals()
+            with self._nested(), self.read_sessions() as db, db.begin():
+                yield db
 
     @contextmanager
     def booking_tx(self) -> Iterator[Session]:
@@ -199,9 +221,10 @@ class Coordinator:
             with self.tx() as db:
                 yield db
             return
-        self.flush_renewals()
-        with self._nested(), self.statement_sessions() as db:
-            yield db
+        with _database_errors():
+            self.flush_renewals()
+            with self._nested(), self.statement_sessions() as db:
+                yield db
 
     @contextmanager
     def _nested(self) -> Iterator[None]:
@@ -842,9 +865,6 @@ class Coordinator:
                 if not repo.Sessions(db).book(row, [(h[0], h[3]) for h in hops], now):
                     raise _Contended()  # rolls back the hops already taken
         except _Contended:
-            return None
-        except OperationalError as error:  # e.g. a PostgreSQL serialization hiccup
-            log.warning("booking retried", error=type(error).__name__)
             return None
         with self._view_lock:
             for server_id, _, _, blocks in hops:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect
 
 from app.cli import main
 from app.store import db as store_db
-from tests.api.conftest import AppFactory, FakeClock, admin
+from tests.api.conftest import PG_ADMIN_DSN, AppFactory, FakeClock, admin
 from tests.api.helpers import heartbeat, register, route_params, server_body, small_swarm
 
 
@@ -155,3 +158,65 @@ def test_no_admin_token_disables_admin_routes(make_client: AppFactory, sqlite_ur
 
 def test_example_file_exists() -> None:
     assert (Path(__file__).resolve().parents[2] / "examples" / "paper-clustered-9.json").exists()
+
+
+@pytest.fixture
+def outage_database() -> Iterator[tuple[str, Callable[[bool], None]]]:
+    """A PostgreSQL database of its own, and a switch that takes it away (new connections
+    refused, open ones terminated) and brings it back."""
+    name = f"bprr_outage_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        connection.execute(f'CREATE DATABASE "{name}"')
+        user = connection.execute("SELECT current_user").fetchone()
+
+    def reachable(up: bool) -> None:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as connection:
+            connection.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(up).lower()}')
+            if not up:
+                connection.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                    (name,),
+                )
+
+    yield f"postgresql+psycopg://{user[0] if user else 'postgres'}@127.0.0.1:5432/{name}", reachable
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.postgres
+def test_an_unreachable_database_is_a_503_and_the_service_recovers(
+    outage_database: tuple[str, Callable[[bool], None]], make_client: AppFactory
+) -> None:
+    url, reachable = outage_database
+    client = make_client(url)
+    tokens = small_swarm(client, memory_gb=10.0)  # room for several sessions
+    booked = client.post("/v1/sessions", json=route_params())
+    assert booked.status_code == 201, booked.text
+    reachable(False)
+    try:
+        refused = [
+            client.get("/v1/servers"),
+            client.post("/v1/sessions", json=route_params()),
+            client.delete(f"/v1/sessions/{booked.json()['id']}"),
+            client.put(
+                "/v1/rtts",
+                json={"entries": [{"a": "east", "b": "s0", "rtt_ms": 5.0}]},
+                headers=admin(),
+            ),
+            client.post("/v1/placements", json={"algorithm": "cg"}, headers=admin()),
+        ]
+        for response in refused:
+            assert response.status_code == 503, (response.request.url, response.text)
+            assert "database" in response.json()["detail"]
+            assert response.headers["Retry-After"] == "1"
+        assert client.get("/readyz").json()["database"] is False
+        metrics = client.get("/metrics")
+        assert metrics.status_code == 200 and "bprr_database_up 0.0" in metrics.text
+    finally:
+        reachable(True)
+    assert "bprr_database_up 1.0" in client.get("/metrics").text
+    # Nothing was lost: the booked session is still there to release.
+    assert client.get("/v1/servers").status_code == 200
+    assert heartbeat(client, "s0", tokens["s0"], None).status_code == 200
+    assert client.delete(f"/v1/sessions/{booked.json()['id']}").status_code == 204
