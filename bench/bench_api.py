@@ -10,17 +10,21 @@ Bookings run book-then-release (a DELETE follows every 201), so the swarm never 
 "booked/s" counts accepted bookings, req/s counts both requests.
 
 Measured on the 2-core development machine (wrk on the same machine, nothing else running),
---seconds 5, SQLite 1 process, PostgreSQL 2 processes, wrk -c8; medians of 3 runs (per-run
-values in brackets):
+--seconds 5, SQLite 1 process, PostgreSQL 2 processes; medians of 3 runs (per-run values in
+brackets):
 
-    backend   routes/s, p99 ms               booked/s            heartbeats/s
-    sqlite    1821, 13.0 (13.0 16.0 12.4)    430 (444 418 430)   2530 (2126 2645 2530)
-    postgres  3315, 12.6 (12.6 8.7 12.9)     281 (225 333 281)   2896 (1949 3002 2896)
+    backend   wrk   routes/s, p99 ms              booked/s, p99 ms           heartbeats/s
+    sqlite    -c8   2200 (2200 2211 2098), 8.9    466 (471 465 466), 18.8    3028 (3037 2870 3028)
+    sqlite    -c32  2100 (2202 2087 2100), 91.7   464 (464 452 468), 323     3056 (3112 3056 3029)
+    postgres  -c8   4026 (4026 3889 4115), 7.8    487 (486 487 508), 22.0    5035 (5035 4882 5240)
+    postgres  -c32  4051 (4051 3960 4260), 17.9   483 (483 469 500), 76.6    5357 (5397 5357 5281)
 
-Met on both backends: >= 1,000 routes/s with p99 < 20 ms, >= 2,000 heartbeats/s (median);
->= 300 bookings/s (each a booking and its release) on SQLite. Not met: bookings on
-PostgreSQL (225-333/s: two processes, the database and wrk share two cores). At -c32 the
-p99s are queueing (32 connections over ~2,000 req/s is 16 ms before any work).
+Met on both backends: >= 1,000 routes/s with p99 < 20 ms (at -c8; on PostgreSQL at -c32 too),
+>= 300 bookings/s (each a booking and its release) and >= 2,000 heartbeats/s, at -c8 and -c32.
+At -c32 on one SQLite process the p99s are queueing: 32 connections over ~2,100 req/s is
+15 ms of waiting before any work. PostgreSQL bookings were 397/s (-c8) and 290/s (-c32) in
+the same session before a booking and a release became one statement each (row locks held
+across round trips to GIL-bound threads: the -c32 runs were mostly "Lock: tuple" waits).
 """
 
 from __future__ import annotations
