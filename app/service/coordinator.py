@@ -896,14 +896,10 @@ class Coordinator:
             expired = repo.Sessions(db).expired_ids(now)
         if not expired:
             return 0
-        released: list[repo.Held] = []
-        for session_id in expired:
-            # One unit per session, like a client's release: one transaction holding many
-            # sessions' server rows would lock them out of id order and could deadlock.
-            with self.booking_tx() as db:
-                held = repo.Sessions(db).release(session_id)
-            if held is not None:
-                released.extend(held)
+        # On PostgreSQL every release commits by itself (booking_tx): one transaction holding
+        # many sessions' server rows would lock them out of id order and could deadlock.
+        with self.booking_tx() as db:
+            released = repo.Sessions(db).release_all(expired)
         self._forget(released)
         return len(expired)
 

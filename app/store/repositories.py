@@ -492,6 +492,13 @@ class Sessions:
         Servers(self.db).unreserve_all([(h.server_id, h.slots) for h in held])
         return held
 
+    def release_all(self, session_ids: Iterable[str]) -> list[Held]:
+        """``release`` each session; what they held (sessions already gone hold nothing)."""
+        released: list[Held] = []
+        for session_id in session_ids:
+            released.extend(self.release(session_id) or [])
+        return released
+
     def expired_ids(self, now: float, limit: int = 1000) -> list[str]:
         return list(
             self.db.scalars(select(SessionRow.id).where(SessionRow.expires_at <= now).limit(limit))
