@@ -395,6 +395,7 @@ class Coordinator:
         server_id = body.id or f"srv-{uuid.uuid4().hex[:12]}"
         token = secrets.token_urlsafe(32)
         now = self.clock()
+        ttl = self.settings.lease_ttl_s
         try:
             with self.tx() as db:
                 repo.Sites(db).ensure(body.site)
@@ -406,11 +407,16 @@ class Coordinator:
                             f"id: server {server_id!r} is already registered with boot epoch "
                             f"{row.boot_epoch}; re-register with a larger boot_epoch"
                         )
-                    repo.Reservations(db).drop_for_server(server_id)
+                    # The reservations first, then the row (a release's order), and the count
+                    # lowered by what was dropped rather than set to 0: a booking committed in
+                    # between keeps its reservation counted.
+                    dropped = repo.Reservations(db).drop_for_server(server_id)
+                    _apply_registration(row, body, hash_token(token), now, ttl)
+                    servers.unreserve(server_id, dropped)
                 else:
-                    row = ServerRow(id=server_id, registered_at=now)
+                    row = ServerRow(id=server_id, registered_at=now, reserved_slots=0)
                     servers.add(row)
-                _apply_registration(row, body, hash_token(token), now, self.settings.lease_ttl_s)
+                    _apply_registration(row, body, hash_token(token), now, ttl)
                 repo.PlannerState(db).request(f"server {server_id} joined", now)
         except IntegrityError:
             raise Conflict(f"id: server {server_id!r} registered concurrently; retry") from None
@@ -539,8 +545,7 @@ class Coordinator:
             or row.loaded_end != new_end
             or row.boot_epoch != body.boot_epoch
         )
-        if row.state != body.state and body.state == "draining":
-            repo.PlannerState(db).request(f"server {server_id} is draining", now)
+        draining = row.state != body.state and body.state == "draining"
         row.boot_epoch = body.boot_epoch
         row.state = body.state
         row.loaded_start, row.loaded_end = new_start, new_end
@@ -559,6 +564,8 @@ class Coordinator:
             )
         row.lease_expires_at = now + self.settings.lease_ttl_s
         row.last_heartbeat_at = now
+        if draining:  # after the row's changes: the server row is locked first, as in `leave`
+            repo.PlannerState(db).request(f"server {server_id} is draining", now)
         rtts = repo.Rtts(db)
         for target, value in body.rtts.items():
             rtts.smooth(server_id, target, value, alpha, now)
@@ -1010,7 +1017,8 @@ class Coordinator:
             with self.tx() as db:
                 model_row = repo.Models(db).get()
                 servers = repo.Servers(db)
-                for placed_span in placed.spans:
+                # In id order: each get() autoflushes the previous row's update.
+                for placed_span in sorted(placed.spans, key=lambda span: span.server_id):
                     server = servers.get(placed_span.server_id)
                     if server is None:
                         continue
@@ -1246,7 +1254,6 @@ def _apply_registration(
     row.loaded_end = None
     row.free_cache_slots = None
     row.cache_slots = 0
-    row.reserved_slots = 0
     row.lease_expires_at = now + ttl
     row.last_heartbeat_at = None
 

@@ -97,8 +97,10 @@ _DELETE_RESERVATIONS = (
 # and bookings queued on them (pg_stat_activity: mostly "Lock: tuple" waits at 32 clients).
 # No deadlocks: everything that writes several server rows writes them in id order (here the
 # `locked` CTE, FOR UPDATE re-checking the condition on the newest row; ``reserve_all``,
-# ``unreserve_all``, ``renew_leases``), and a release takes its session row before anything
-# else (`held` reads `gone`), so that two releases of one session queue on that row.
+# ``unreserve_all``, ``renew_leases``, ORM flushes), and a release takes its session row before
+# anything else (`held` reads `gone`), so that two releases of one session queue on that row.
+# "Id order" is code-point order, as Python's sorted() and SQLAlchemy's flush see it: the
+# COLLATE "C" keeps a database whose default collation sorts "a" before "B" from disagreeing.
 _SESSION_COLUMNS = [column.key for column in _SESSIONS.columns]
 _BOOK_IN_ONE_STATEMENT = text(
     f"""
@@ -109,7 +111,7 @@ WITH want AS (
 locked AS (
     SELECT s.id FROM servers AS s JOIN want AS w ON w.id = s.id
     WHERE s.reserved_slots + w.slots <= s.cache_slots AND s.lease_expires_at > :b_now
-    ORDER BY s.id
+    ORDER BY s.id COLLATE "C"
     FOR UPDATE OF s
 ),
 admitted AS (SELECT count(*) = :b_hops AS ok FROM locked),
@@ -142,7 +144,7 @@ held AS (
 ),
 locked AS (
     SELECT s.id FROM servers AS s WHERE s.id IN (SELECT server_id FROM held)
-    ORDER BY s.id
+    ORDER BY s.id COLLATE "C"
     FOR UPDATE OF s
 ),
 given_back AS (
@@ -150,7 +152,7 @@ given_back AS (
     FROM held AS h
     WHERE s.id = h.server_id AND (SELECT count(*) FROM locked) >= 0
 )
-SELECT h.server_id, h.slots, h.expires_at FROM held AS h
+SELECT h.server_id, h.slots, h.expires_at FROM gone LEFT JOIN held AS h ON true
 """
 )
 
@@ -427,8 +429,14 @@ class Reservations:
             held[server_id].append((expires_at, slots))
         return held
 
-    def drop_for_server(self, server_id: str) -> None:
-        self.db.execute(delete(ReservationRow).where(ReservationRow.server_id == server_id))
+    def drop_for_server(self, server_id: str) -> int:
+        """Delete the reservations held on one server; the slots they held."""
+        statement = (
+            delete(ReservationRow)
+            .where(ReservationRow.server_id == server_id)
+            .returning(ReservationRow.slots)
+        )
+        return sum(self.db.scalars(statement))
 
 
 class Sessions:
@@ -482,9 +490,9 @@ class Sessions:
         parameters = {"b_session": session_id}
         if _is_postgres(self.db):
             rows = self.db.execute(_RELEASE_IN_ONE_STATEMENT, parameters).all()
-            if not rows:
+            if not rows:  # `gone` deleted nothing
                 return None
-            return [Held(r.server_id, r.slots, r.expires_at) for r in rows]
+            return [Held(r.server_id, r.slots, r.expires_at) for r in rows if r.server_id]
         # Reservations first: deleting the session would cascade to them unreturned.
         held = [Held(*row) for row in self.db.execute(_DELETE_RESERVATIONS, parameters)]
         if _rowcount(self.db.execute(_DELETE_SESSION, parameters)) != 1:

@@ -7,21 +7,34 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, delete, func, select
+from sqlalchemy import create_engine, delete, func, select, text
+from sqlalchemy.orm import Session
 
 from app.service.errors import Unavailable
 from app.service.schemas import SessionIn
-from app.store.models import LeaderRow, ReservationRow, ServerRow
-from tests.api.conftest import ADMIN, JOIN, example_scenario
-from tests.api.helpers import route_params, small_swarm
+from app.store import db as store_db
+from app.store import repositories as repo
+from app.store.models import LeaderRow, ReservationRow, ServerRow, SessionRow
+from tests.api.conftest import (
+    ADMIN,
+    JOIN,
+    PG_ADMIN_DSN,
+    AppFactory,
+    FakeClock,
+    bearer,
+    example_scenario,
+)
+from tests.api.helpers import route_params, server_body, small_swarm
 
 
 def assert_not_overcommitted(url: str) -> int:
@@ -197,3 +210,162 @@ def test_booking_over_a_server_gone_since_the_view_takes_another_chain(
     assert booked.status_code == 201, booked.text
     assert gone not in {hop["server_id"] for hop in booked.json()["route"]["hops"]}
     assert_not_overcommitted(database_url)
+
+
+@pytest.fixture
+def icu_database() -> Iterator[str]:
+    """A PostgreSQL database whose default collation (ICU en-US, like en_US.UTF-8 in the
+    postgres image) sorts "a" before "B", where Python sorts "B" before "a"."""
+    name = f"bprr_icu_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        connection.execute(
+            f'CREATE DATABASE "{name}" TEMPLATE template0 LOCALE_PROVIDER icu '
+            "ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+        )
+        user = connection.execute("SELECT current_user").fetchone()
+    yield f"postgresql+psycopg://{user[0] if user else 'postgres'}@127.0.0.1:5432/{name}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.postgres
+def test_bookings_lock_rows_in_the_order_python_writes_them_whatever_the_collation(
+    icu_database: str,
+) -> None:
+    """A transaction that updates servers "B" then "a" (Python's order, as lease renewals and
+    ORM flushes do) holds "B"; a booking over both must queue on "B" holding nothing, so the
+    transaction's update of "a" goes through. Locking in the database's collation ("a" first)
+    deadlocks here."""
+    engine = store_db.make_engine(icu_database)
+    try:
+        store_db.upgrade(engine)
+        with Session(engine) as db, db.begin():
+            repo.Sites(db).add_all(["east"])
+            for server_id in ("B", "a"):
+                repo.Servers(db).add(_server_row(server_id))
+        outcome: dict[str, Any] = {}
+
+        def book() -> None:
+            with Session(store_db.autocommit(engine)) as db:
+                db.execute(text("SET application_name = 'bprr_booking'"))
+                row = SessionRow(
+                    id="x",
+                    client_site="east",
+                    input_tokens=1,
+                    output_tokens=1,
+                    generation=1,
+                    created_at=1.0,
+                    expires_at=2.0,
+                    first_token_ms=1.0,
+                    per_token_ms=1.0,
+                    path="[]",
+                )
+                try:
+                    outcome["booked"] = repo.Sessions(db).book(row, [("a", 1), ("B", 1)], 1.0)
+                except Exception as error:  # a deadlock victim
+                    outcome["error"] = repr(error)
+
+        with engine.connect() as writer:
+            renew = text("UPDATE servers SET last_heartbeat_at = 1 WHERE id = :id")
+            writer.execute(renew, {"id": "B"})
+            booking = threading.Thread(target=book)
+            booking.start()
+            _wait_until_waiting_on_a_lock(writer, "bprr_booking")
+            writer.execute(renew, {"id": "a"})  # deadlocks if the booking holds "a"
+            writer.commit()
+            booking.join(timeout=30)
+        assert outcome == {"booked": True}
+    finally:
+        engine.dispose()
+
+
+def _server_row(server_id: str) -> ServerRow:
+    return ServerRow(
+        id=server_id,
+        site="east",
+        gpu=None,
+        memory_gb=10.0,
+        decode_ms_per_block=2.0,
+        prefill_fixed_ms=1.0,
+        prefill_per_token_ms=0.1,
+        network_mbps=None,
+        address="10.0.0.1:1",
+        boot_epoch=1,
+        token_hash="h" * 64,
+        state="online",
+        loaded_start=0,
+        loaded_end=2,
+        free_cache_slots=None,
+        cache_slots=4,
+        reserved_slots=0,
+        lease_expires_at=100.0,
+        last_heartbeat_at=None,
+        registered_at=0.0,
+    )
+
+
+def _wait_until_waiting_on_a_lock(connection: Any, application_name: str) -> None:
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE application_name = :name AND wait_event_type = 'Lock'"
+    )
+    deadline = time.monotonic() + 10
+    with connection.engine.connect() as observer:
+        while observer.execute(query, {"name": application_name}).scalar_one() == 0:
+            assert time.monotonic() < deadline, "the booking never waited on the held row"
+            observer.rollback()
+            time.sleep(0.02)
+
+
+@pytest.mark.postgres
+def test_reregistration_keeps_a_booking_committed_meanwhile_counted(
+    make_client: AppFactory, pg_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server re-registers (new boot epoch) while another process books a session on it,
+    committed between the registration's drop of the old reservations and its update of the
+    row: that reservation must stay counted (before, the count was reset to 0 and the release
+    of that session later let the server be over-admitted)."""
+    client = make_client(pg_url)  # PostgreSQL: SQLite has no second writer to interleave
+    small_swarm(client, count=3, memory_gb=6.0)
+    coordinator = client.app.state.coordinator  # type: ignore[attr-defined]
+    drop = repo.Reservations.drop_for_server
+
+    def book_elsewhere(session_id: str, server_id: str) -> None:
+        with Session(store_db.autocommit(coordinator.engine)) as other:
+            row = SessionRow(
+                id=session_id,
+                client_site="east",
+                input_tokens=1,
+                output_tokens=1,
+                generation=1,
+                created_at=clock.now,
+                expires_at=clock.now + 60,
+                first_token_ms=1.0,
+                per_token_ms=1.0,
+                path="[]",
+            )
+            assert repo.Sessions(other).book(row, [(server_id, 1)], clock.now)
+
+    def drop_then_book_elsewhere(self: repo.Reservations, server_id: str) -> int:
+        dropped = drop(self, server_id)
+        book_elsewhere("meanwhile", server_id)
+        return dropped
+
+    book_elsewhere("before", "s0")  # dropped by the re-registration
+
+    monkeypatch.setattr(repo.Reservations, "drop_for_server", drop_then_book_elsewhere)
+    again = client.post("/v1/servers", json=server_body(0, boot_epoch=2), headers=bearer(JOIN))
+    assert again.status_code == 201, again.text
+    engine = create_engine(pg_url)
+    try:
+        with engine.connect() as connection:
+            reserved = connection.execute(
+                select(ServerRow.reserved_slots).where(ServerRow.id == "s0")
+            ).scalar_one()
+            held = connection.execute(
+                select(func.sum(ReservationRow.slots)).where(ReservationRow.server_id == "s0")
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    assert reserved == held == 1

@@ -172,6 +172,13 @@ def test_booking_is_all_or_nothing_and_release_gives_back_once(engine: Engine) -
     assert _held(engine) == ({"a": 0, "b": 0}, {}, 0)
     with Session(engine) as db, db.begin():
         assert repo.Sessions(db).release("y") is None  # already released
+    # A session whose reservations are gone (its server re-registered) is still released.
+    assert _book(engine, "z", [("a", 1)], now=50.0)
+    with Session(engine) as db, db.begin():
+        assert repo.Reservations(db).drop_for_server("a") == 1
+    with Session(engine) as db, db.begin():
+        assert repo.Sessions(db).release("z") == []
+        assert repo.Sessions(db).release("z") is None
 
 
 @pytest.mark.postgres
