@@ -14,14 +14,14 @@ Measured on the 2-core development machine (wrk on the same machine, nothing els
 brackets):
 
     backend   wrk   routes/s, p99 ms              booked/s, p99 ms           heartbeats/s
-    sqlite    -c8   2200 (2200 2211 2098), 8.9    466 (471 465 466), 18.8    3028 (3037 2870 3028)
-    sqlite    -c32  2100 (2202 2087 2100), 91.7   464 (464 452 468), 323     3056 (3112 3056 3029)
-    postgres  -c8   4026 (4026 3889 4115), 7.8    487 (486 487 508), 22.0    5035 (5035 4882 5240)
-    postgres  -c32  4051 (4051 3960 4260), 17.9   483 (483 469 500), 76.6    5357 (5397 5357 5281)
+    sqlite    -c8   2205 (2215 2180 2205), 8.6    494 (509 492 494), 17.5    3129 (3220 3077 3129)
+    sqlite    -c32  2261 (2277 2218 2261), 76.6   490 (505 490 490), 269     3234 (3310 3186 3234)
+    postgres  -c8   4254 (4254 4123 4409), 6.9    499 (496 510 499), 23.8    5304 (5268 5306 5304)
+    postgres  -c32  4302 (4343 4302 4161), 16.6   502 (513 502 500), 77.0    5843 (5887 5843 5601)
 
 Met on both backends: >= 1,000 routes/s with p99 < 20 ms (at -c8; on PostgreSQL at -c32 too),
 >= 300 bookings/s (each a booking and its release) and >= 2,000 heartbeats/s, at -c8 and -c32.
-At -c32 on one SQLite process the p99s are queueing: 32 connections over ~2,100 req/s is
+At -c32 on one SQLite process the p99s are queueing: 32 connections over ~2,200 req/s is
 15 ms of waiting before any work. PostgreSQL bookings were 397/s (-c8) and 290/s (-c32) in
 the same session before a booking and a release became one statement each (row locks held
 across round trips to GIL-bound threads: the -c32 runs were mostly "Lock: tuple" waits).
