@@ -1,4 +1,5 @@
-"""Small swarms for the coordinator tests, driven through the HTTP API."""
+"""Small swarms for the coordinator tests, driven through the HTTP API, and rows for the
+repository-level tests."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
+from app.store.models import ServerRow, SessionRow
 from tests.api.conftest import JOIN, admin, bearer
 
 SMALL_MODEL: dict[str, Any] = {
@@ -66,3 +68,45 @@ def small_swarm(client: TestClient, count: int = 3, memory_gb: float = 6.0) -> d
 
 def route_params(site: str = "east", inputs: int = 50, outputs: int = 50) -> dict[str, Any]:
     return {"client_site": site, "input_tokens": inputs, "output_tokens": outputs}
+
+
+def server_row(server_id: str, cache_slots: int = 4, boot_epoch: int = 3) -> ServerRow:
+    """An online server at site "east" serving blocks [0, 2), lease live until t=100."""
+    return ServerRow(
+        id=server_id,
+        site="east",
+        gpu=None,
+        memory_gb=10.0,
+        decode_ms_per_block=2.0,
+        prefill_fixed_ms=1.0,
+        prefill_per_token_ms=0.1,
+        network_mbps=None,
+        address="10.0.0.1:1",
+        boot_epoch=boot_epoch,
+        token_hash="h" * 64,
+        state="online",
+        loaded_start=0,
+        loaded_end=2,
+        free_cache_slots=None,
+        cache_slots=cache_slots,
+        reserved_slots=0,
+        lease_expires_at=100.0,
+        last_heartbeat_at=None,
+        registered_at=0.0,
+    )
+
+
+def session_row(session_id: str, created_at: float = 50.0, expires_at: float = 60.0) -> SessionRow:
+    """A session from site "east" (for ``Sessions.book`` / ``add``)."""
+    return SessionRow(
+        id=session_id,
+        client_site="east",
+        input_tokens=1,
+        output_tokens=1,
+        generation=1,
+        created_at=created_at,
+        expires_at=expires_at,
+        first_token_ms=1.0,
+        per_token_ms=1.0,
+        path="[]",
+    )

@@ -24,7 +24,7 @@ from app.service.errors import Unavailable
 from app.service.schemas import SessionIn
 from app.store import db as store_db
 from app.store import repositories as repo
-from app.store.models import LeaderRow, ReservationRow, ServerRow, SessionRow
+from app.store.models import LeaderRow, ReservationRow, ServerRow
 from tests.api.conftest import (
     ADMIN,
     JOIN,
@@ -34,7 +34,7 @@ from tests.api.conftest import (
     bearer,
     example_scenario,
 )
-from tests.api.helpers import route_params, server_body, small_swarm
+from tests.api.helpers import route_params, server_body, server_row, session_row, small_swarm
 
 
 def assert_not_overcommitted(url: str) -> int:
@@ -243,24 +243,13 @@ def test_bookings_lock_rows_in_the_order_python_writes_them_whatever_the_collati
         with Session(engine) as db, db.begin():
             repo.Sites(db).add_all(["east"])
             for server_id in ("B", "a"):
-                repo.Servers(db).add(_server_row(server_id))
+                repo.Servers(db).add(server_row(server_id))
         outcome: dict[str, Any] = {}
 
         def book() -> None:
             with Session(store_db.autocommit(engine)) as db:
                 db.execute(text("SET application_name = 'bprr_booking'"))
-                row = SessionRow(
-                    id="x",
-                    client_site="east",
-                    input_tokens=1,
-                    output_tokens=1,
-                    generation=1,
-                    created_at=1.0,
-                    expires_at=2.0,
-                    first_token_ms=1.0,
-                    per_token_ms=1.0,
-                    path="[]",
-                )
+                row = session_row("x", created_at=1.0, expires_at=2.0)
                 try:
                     outcome["booked"] = repo.Sessions(db).book(row, [("a", 1), ("B", 1)], 1.0)
                 except Exception as error:  # a deadlock victim
@@ -278,31 +267,6 @@ def test_bookings_lock_rows_in_the_order_python_writes_them_whatever_the_collati
         assert outcome == {"booked": True}
     finally:
         engine.dispose()
-
-
-def _server_row(server_id: str) -> ServerRow:
-    return ServerRow(
-        id=server_id,
-        site="east",
-        gpu=None,
-        memory_gb=10.0,
-        decode_ms_per_block=2.0,
-        prefill_fixed_ms=1.0,
-        prefill_per_token_ms=0.1,
-        network_mbps=None,
-        address="10.0.0.1:1",
-        boot_epoch=1,
-        token_hash="h" * 64,
-        state="online",
-        loaded_start=0,
-        loaded_end=2,
-        free_cache_slots=None,
-        cache_slots=4,
-        reserved_slots=0,
-        lease_expires_at=100.0,
-        last_heartbeat_at=None,
-        registered_at=0.0,
-    )
 
 
 def _wait_until_waiting_on_a_lock(connection: Any, application_name: str) -> None:
@@ -333,18 +297,7 @@ def test_reregistration_keeps_a_booking_committed_meanwhile_counted(
 
     def book_elsewhere(session_id: str, server_id: str) -> None:
         with Session(store_db.autocommit(coordinator.engine)) as other:
-            row = SessionRow(
-                id=session_id,
-                client_site="east",
-                input_tokens=1,
-                output_tokens=1,
-                generation=1,
-                created_at=clock.now,
-                expires_at=clock.now + 60,
-                first_token_ms=1.0,
-                per_token_ms=1.0,
-                path="[]",
-            )
+            row = session_row(session_id, created_at=clock.now, expires_at=clock.now + 60)
             assert repo.Sessions(other).book(row, [(server_id, 1)], clock.now)
 
     def drop_then_book_elsewhere(self: repo.Reservations, server_id: str) -> int:

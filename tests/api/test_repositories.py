@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.store import db as store_db
 from app.store import repositories as repo
 from app.store.models import ReservationRow, ServerRow, SessionRow
+from tests.api.helpers import server_row, session_row
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,35 +27,10 @@ def engine(database_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
-def _server(server_id: str, cache_slots: int = 4) -> ServerRow:
-    return ServerRow(
-        id=server_id,
-        site="east",
-        gpu=None,
-        memory_gb=10.0,
-        decode_ms_per_block=2.0,
-        prefill_fixed_ms=1.0,
-        prefill_per_token_ms=0.1,
-        network_mbps=None,
-        address="10.0.0.1:1",
-        boot_epoch=3,
-        token_hash="h" * 64,
-        state="online",
-        loaded_start=0,
-        loaded_end=2,
-        free_cache_slots=None,
-        cache_slots=cache_slots,
-        reserved_slots=0,
-        lease_expires_at=100.0,
-        last_heartbeat_at=None,
-        registered_at=0.0,
-    )
-
-
 def _seed(engine: Engine) -> None:
     with Session(engine) as db, db.begin():
         repo.Sites(db).add_all(["east"])
-        repo.Servers(db).add(_server("a"))
+        repo.Servers(db).add(server_row("a"))
         repo.PlannerState(db).ensure(0.0)
 
 
@@ -64,21 +40,7 @@ def test_repositories_never_commit(engine: Engine) -> None:
         db.begin()
         servers = repo.Servers(db)
         assert servers.reserve("a", 3, now=50.0)
-        repo.Sessions(db).add(
-            SessionRow(
-                id="x",
-                client_site="east",
-                input_tokens=1,
-                output_tokens=1,
-                generation=1,
-                created_at=50.0,
-                expires_at=60.0,
-                first_token_ms=1.0,
-                per_token_ms=1.0,
-                path="[]",
-            ),
-            [("a", 3)],
-        )
+        repo.Sessions(db).add(session_row("x"), [("a", 3)])
         repo.PlannerState(db).request("test", 50.0)
         assert repo.Leader(db).acquire("me", 50.0, 60.0)
         repo.Rtts(db).smooth("east", "a", 12.0, 0.5, 50.0)
@@ -105,26 +67,11 @@ def test_reserve_never_exceeds_the_cache_and_release_gives_back(engine: Engine) 
         assert row is not None and row.reserved_slots == 0
 
 
-def _session_row(session_id: str) -> SessionRow:
-    return SessionRow(
-        id=session_id,
-        client_site="east",
-        input_tokens=1,
-        output_tokens=1,
-        generation=1,
-        created_at=50.0,
-        expires_at=60.0,
-        first_token_ms=1.0,
-        per_token_ms=1.0,
-        path="[]",
-    )
-
-
 def _seed_chain(engine: Engine) -> None:
     """Servers a (4 cache slots) and b (2), leases live until t=100."""
     _seed(engine)
     with Session(engine) as db, db.begin():
-        repo.Servers(db).add(_server("b", cache_slots=2))
+        repo.Servers(db).add(server_row("b", cache_slots=2))
 
 
 def _held(engine: Engine) -> tuple[dict[str, int], dict[str, int], int]:
@@ -144,7 +91,7 @@ def _book(engine: Engine, session_id: str, hops: list[tuple[str, int]], now: flo
     """As the service does on SQLite: a refused booking is rolled back."""
     with Session(engine) as db:
         db.begin()
-        booked = repo.Sessions(db).book(_session_row(session_id), hops, now)
+        booked = repo.Sessions(db).book(session_row(session_id), hops, now)
         if booked:
             db.commit()
         else:
@@ -193,9 +140,9 @@ def test_postgres_books_and_releases_in_one_statement_outside_a_transaction(
         _seed_chain(engine)
         with Session(store_db.autocommit(engine)) as db:
             sessions = repo.Sessions(db)
-            assert not sessions.book(_session_row("x"), [("a", 4), ("b", 3)], 50.0)
+            assert not sessions.book(session_row("x"), [("a", 4), ("b", 3)], 50.0)
             assert _held(engine) == ({"a": 0, "b": 0}, {}, 0)
-            assert sessions.book(_session_row("y"), [("a", 4), ("b", 2)], 50.0)
+            assert sessions.book(session_row("y"), [("a", 4), ("b", 2)], 50.0)
             assert _held(engine) == ({"a": 4, "b": 2}, {"a": 4, "b": 2}, 1)
             released = sessions.release("y")
             assert released is not None and len(released) == 2
