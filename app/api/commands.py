@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 
 def register(cli: typer.Typer) -> None:
@@ -49,20 +52,13 @@ def register(cli: typer.Typer) -> None:
             _serve_demo(demo, host, port, database_url, workers, demo_speed, demo_seed)
             return
         import uvicorn
-        from pydantic import ValidationError
 
         from app.cli import UserError
-        from app.settings import Settings
         from app.store.db import SchemaBehindError, ensure_schema, make_engine
 
         if database_url is not None:
             os.environ["BPRR_DATABASE_URL"] = database_url
-        try:
-            settings = Settings()
-        except ValidationError as error:
-            first = error.errors()[0]
-            field = ".".join(str(p) for p in first["loc"])
-            raise UserError(f"BPRR_{field.upper()}: {first['msg']}") from None
+        settings = _settings()
         if workers < 1:
             raise UserError("--workers: must be at least 1")
         if port is not None and not 0 <= port <= 65535:
@@ -92,6 +88,21 @@ def register(cli: typer.Typer) -> None:
         )
 
 
+def _settings() -> Settings:
+    """The settings from the environment; a bad value is one line naming its variable."""
+    from pydantic import ValidationError
+
+    from app.cli import UserError
+    from app.settings import Settings
+
+    try:
+        return Settings()
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise UserError(f"BPRR_{field.upper()}: {first['msg']}") from None
+
+
 def _serve_demo(
     scenario: Path,
     host: str | None,
@@ -101,10 +112,7 @@ def _serve_demo(
     speed: float,
     seed: int | None,
 ) -> None:
-    from pydantic import ValidationError
-
     from app.cli import UserError
-    from app.settings import Settings
 
     if database_url is not None:
         raise UserError("--database-url: the demo runs on its own fresh SQLite file")
@@ -122,12 +130,7 @@ def _serve_demo(
                 "--demo needs the client package bprr_client: pip install -e clients/python"
             ) from None
         raise
-    try:
-        settings = Settings()
-    except ValidationError as error:
-        first = error.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise UserError(f"BPRR_{field.upper()}: {first['msg']}") from None
+    settings = _settings()
     options = DemoOptions(
         scenario_path=scenario,
         host=host or settings.host,
