@@ -14,34 +14,15 @@ import pytest
 from bprr_client import PrefillSpeed, ServerAgent, ServerInfo
 from bprr_client.probes import Prober
 from fastapi.testclient import TestClient
-from pydantic import SecretStr
 
 from app.api.app import create_app
-from app.settings import Settings
 
-ADMIN = "admin-secret"
-JOIN = "join-secret"
+# The coordinator suite's tokens, clock, settings and model: one definition for both suites.
+from tests.api.conftest import JOIN, FakeClock, admin, make_settings
+from tests.api.helpers import SMALL_MODEL
+
 BASE = "http://coordinator"
-MODEL: dict[str, Any] = {
-    "name": "tiny",
-    "num_blocks": 8,
-    "block_memory_gb": 1.0,
-    "kv_bytes_per_token_per_block": 1_000_000,
-    "max_input_tokens": 100,
-    "max_output_tokens": 100,
-    "overheads": {"per_token_ms": 10},
-}
-
-
-class FakeClock:
-    def __init__(self, start: float = 1_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+MODEL = SMALL_MODEL
 
 
 Failure = Exception | tuple[int, dict[str, str]]
@@ -73,14 +54,7 @@ class Forward(httpx.BaseTransport):
 
 
 def make_app(url: str, clock: FakeClock, **overrides: Any) -> TestClient:
-    values: dict[str, Any] = {
-        "database_url": url,
-        "admin_token": SecretStr(ADMIN),
-        "join_token": SecretStr(JOIN),
-        "planner_interval_s": 0,
-    }
-    values.update(overrides)
-    client = TestClient(create_app(Settings(**values), clock=clock, background=False))
+    client = TestClient(create_app(make_settings(url, **overrides), clock=clock, background=False))
     client.__enter__()
     return client
 
@@ -105,10 +79,6 @@ def app(sqlite_url: str, clock: FakeClock) -> Iterator[TestClient]:
 @pytest.fixture
 def forward(app: TestClient) -> Forward:
     return Forward(app)
-
-
-def admin() -> dict[str, str]:
-    return {"Authorization": f"Bearer {ADMIN}"}
 
 
 def put_model(app: TestClient) -> None:

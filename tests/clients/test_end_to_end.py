@@ -17,7 +17,8 @@ import httpx
 import pytest
 from bprr_client import PrefillSpeed, RouteClient, ServerAgent, ServerInfo
 
-from tests.clients.conftest import ADMIN, JOIN, MODEL
+from tests.api.conftest import ADMIN, JOIN
+from tests.clients.conftest import MODEL
 
 BIN = Path(sys.executable).parent
 
