@@ -1,4 +1,5 @@
-"""Prometheus metrics: HTTP metrics from the instrumentator plus the swarm's own gauges."""
+"""Prometheus metrics: HTTP metrics from the instrumentator plus the swarm's own gauges, the
+per-server gauges read from the route view, and the labelled metrics of app.service.telemetry."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from app.service.coordinator import Coordinator
 from app.service.errors import Unavailable
+from app.service.telemetry import REGISTRY, ServerCollector, ServerSample, route_view_samples
 
 _GAUGES = [  # metric, key of Coordinator.stats(), help
     ("bprr_live_servers", "live_servers", "Servers with a live lease serving their assigned span"),
@@ -33,6 +35,10 @@ class SwarmCollector(Collector):
 
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
+        self.servers = ServerCollector(self._server_samples)
+
+    def _server_samples(self) -> list[ServerSample]:
+        return route_view_samples(self.coordinator.view(), self.coordinator.clock())
 
     def collect(self) -> Iterator[Metric]:
         counters = self.coordinator.counters
@@ -70,3 +76,5 @@ class SwarmCollector(Collector):
             count_value=len(counters.solver_seconds),
             sum_value=sum(counters.solver_seconds),
         )
+        yield from self.servers.collect()
+        yield from REGISTRY.collect()
