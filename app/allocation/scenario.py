@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 GB = 1e9
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # shipped traces and tables
 
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -99,11 +100,33 @@ class Overheads(_Strict):
     per_request_ms: NonNegative = 0.0
 
 
+class LengthDistribution(_Strict):
+    """Token counts of the requests (mean and quantiles), e.g. measured by the coordinator."""
+
+    mean: NonNegative
+    p50: NonNegative
+    p90: NonNegative
+    p99: NonNegative
+    max: NonNegative
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LengthDistribution:
+        if not self.p50 <= self.p90 <= self.p99 <= self.max:
+            raise ValueError("quantiles must satisfy p50 <= p90 <= p99 <= max")
+        if self.mean > self.max:
+            raise ValueError(f"mean: {self.mean} exceeds max {self.max}")
+        return self
+
+
 class PoissonWorkload(_Strict):
     arrival: Literal["poisson"]
     rate_per_s: Positive
     num_requests: Annotated[int, Field(ge=1, le=100_000_000)]
     seed: int = 0
+    # Optional length distributions (docs/SCENARIO.md); without them every request asks for
+    # the caps, as the paper does.
+    input_tokens: LengthDistribution | None = None
+    output_tokens: LengthDistribution | None = None
 
 
 class TraceWorkload(_Strict):
@@ -166,13 +189,6 @@ class Scenario(_Strict):
                     f"{where}.id: duplicate id {member_id!r} (already used by {ids[member_id]})"
                 )
             ids[member_id] = where
-        one_block = self.model.block_memory_gb + self.cache_gb_per_block
-        for index, server in enumerate(self.servers):
-            if server.memory_gb < one_block:
-                raise ValueError(
-                    f"servers[{index}].memory_gb: {server.memory_gb} GB cannot hold even one block "
-                    f"with one attention cache ({one_block:.4f} GB needed)"
-                )
         if self.rtt_ms is not None:
             for a, row in self.rtt_ms.items():
                 for b in row:
@@ -191,6 +207,20 @@ class Scenario(_Strict):
             self.requests.max_input_tokens,
             self.requests.max_output_tokens,
         )
+
+    def too_small_servers(self) -> list[int]:
+        """Servers that cannot hold one block and one request's cache: they stay idle."""
+        one_block = self.model.block_memory_gb + self.cache_gb_per_block
+        return [i for i, s in enumerate(self.servers) if s.memory_gb < one_block]
+
+    def warnings(self) -> list[str]:
+        """What a person should know about the swarm, without rejecting it."""
+        one_block = self.model.block_memory_gb + self.cache_gb_per_block
+        return [
+            f"servers[{i}] ({self.servers[i].id}): {self.servers[i].memory_gb} GB cannot hold "
+            f"one block with one request's cache ({one_block:.4f} GB needed); left idle"
+            for i in self.too_small_servers()
+        ]
 
     def site_rtt(self, a: str, b: str) -> float:
         return _site_matrix(self.sites, self.site_rtt_ms)[self.sites.index(a)][self.sites.index(b)]
@@ -342,10 +372,26 @@ def load_scenario(path: str | Path) -> Scenario:
         raise ScenarioError(f"{path}: a scenario must be a JSON object")
     scenario = parse_scenario(data)
     if isinstance(scenario.workload, TraceWorkload):
-        trace = Path(scenario.workload.trace)
-        if not trace.is_absolute():
-            # Relative trace paths are relative to the scenario file, so examples travel.
-            resolved = (path.parent / trace).resolve()
-            workload = scenario.workload.model_copy(update={"trace": str(resolved)})
-            scenario = scenario.model_copy(update={"workload": workload})
+        trace = resolve_trace(scenario.workload.trace, path.parent)
+        workload = scenario.workload.model_copy(update={"trace": str(trace)})
+        scenario = scenario.model_copy(update={"workload": workload})
     return scenario
+
+
+def resolve_trace(trace: str, base: Path | None = None) -> Path:
+    """Where a trace named in a scenario lives.
+
+    A relative path is relative to the scenario file (so examples travel); a bare file name
+    that is not there is the shipped copy in app/data, wherever the scenario file lives.
+    """
+    given = Path(trace)
+    if given.is_absolute():
+        return given
+    if base is not None and (base / given).exists():
+        return (base / given).resolve()
+    if given.exists():
+        return given.resolve()
+    shipped = DATA_DIR / given.name
+    if shipped.exists():
+        return shipped
+    return (base / given).resolve() if base is not None else given

@@ -2,31 +2,37 @@
 
 A workload is four equal-length arrays, sorted by arrival time: arrival (ms since the start),
 client index (drawn by share), input tokens and output tokens. Poisson requests use the
-scenario's maxima (l_in, l_max), as the paper does; trace requests carry their own token
+scenario's maxima (l_in, l_max), as the paper does, unless the workload gives length
+distributions (drawn from, capped at the maxima); trace requests carry their own token
 counts, capped at the scenario's maxima (SCENARIO.md), so that one attention-cache slot (sized
 for the maxima) always holds a request.
 """
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 
-from app.allocation.scenario import PoissonWorkload, Scenario, TraceWorkload
+from app.allocation.scenario import PoissonWorkload, Scenario, TraceWorkload, resolve_trace
+from app.allocation.traces import WorkloadError, read_trace
+from app.allocation.workload import WorkloadProfile
+
+__all__ = [
+    "Workload",
+    "WorkloadError",
+    "poisson_workload",
+    "read_trace",
+    "scenario_workload",
+    "trace_workload",
+]
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 IntArray = NDArray[np.int64]
 FloatArray = NDArray[np.float64]
-
-
-class WorkloadError(ValueError):
-    """A workload that cannot be built; the message names the field or the file."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,8 +68,7 @@ def poisson_workload(
     gaps = rng.exponential(1000.0 / rate_per_s, size=num_requests)
     arrival = np.cumsum(gaps)
     client = _draw_clients(scenario, rng, num_requests)
-    inputs = np.full(num_requests, scenario.requests.max_input_tokens, dtype=np.int64)
-    outputs = np.full(num_requests, scenario.requests.max_output_tokens, dtype=np.int64)
+    inputs, outputs = _lengths(scenario, rng, num_requests)
     return Workload(
         arrival_ms=arrival.astype(np.float64),
         client=client,
@@ -73,64 +78,30 @@ def poisson_workload(
     )
 
 
+def _lengths(scenario: Scenario, rng: np.random.Generator, count: int) -> tuple[IntArray, IntArray]:
+    """Token counts: the caps, or draws from the workload's length distributions (capped)."""
+    caps = scenario.requests
+    inputs = np.full(count, caps.max_input_tokens, dtype=np.int64)
+    outputs = np.full(count, caps.max_output_tokens, dtype=np.int64)
+    spec = scenario.workload
+    if isinstance(spec, PoissonWorkload) and (spec.input_tokens or spec.output_tokens):
+        # A separate stream, so adding lengths leaves the arrivals and clients unchanged.
+        draws = np.random.default_rng([spec.seed, 7]).random((2, count))
+        profile = WorkloadProfile.from_scenario(scenario)
+        if spec.input_tokens is not None:
+            values = np.rint(profile.input_tokens.quantile(draws[0]))
+            inputs = np.clip(values, 0, caps.max_input_tokens).astype(np.int64)
+        if spec.output_tokens is not None:
+            values = np.rint(profile.output_tokens.quantile(draws[1]))
+            outputs = np.clip(values, 1, caps.max_output_tokens).astype(np.int64)
+    return inputs, outputs
+
+
 def _draw_clients(scenario: Scenario, rng: np.random.Generator, count: int) -> IntArray:
     shares = np.array([c.share for c in scenario.clients], dtype=float)
     if shares.size == 1:
         return np.zeros(count, dtype=np.int64)
     return rng.choice(shares.size, size=count, p=shares / shares.sum()).astype(np.int64)
-
-
-def read_trace(path: str | Path, limit: int | None = None) -> tuple[FloatArray, IntArray, IntArray]:
-    """Read an Azure LLM inference trace: (arrival ms from the first request, inputs, outputs)."""
-    path = Path(path)
-    times: list[float] = []
-    inputs: list[int] = []
-    outputs: list[int] = []
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            missing = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"} - set(
-                reader.fieldnames or []
-            )
-            if missing:
-                raise WorkloadError(
-                    f"{path}: trace lacks column(s) {', '.join(sorted(missing))} "
-                    "(need TIMESTAMP, ContextTokens, GeneratedTokens)"
-                )
-            for line, row in enumerate(reader, start=2):
-                if limit is not None and len(times) >= limit:
-                    break
-                try:
-                    times.append(_parse_timestamp(row["TIMESTAMP"]))
-                    inputs.append(int(row["ContextTokens"]))
-                    outputs.append(int(row["GeneratedTokens"]))
-                except (TypeError, ValueError):
-                    raise WorkloadError(f"{path}, line {line}: malformed trace row") from None
-    except OSError as error:
-        raise WorkloadError(f"workload.trace: cannot read {path} ({error.strerror})") from None
-    if not times:
-        raise WorkloadError(f"workload.trace: {path} holds no requests")
-    stamps = np.array(times, dtype=np.float64)
-    order = np.argsort(stamps, kind="stable")
-    stamps = stamps[order]
-    return (
-        (stamps - stamps[0]) * 1000.0,
-        np.array(inputs, dtype=np.int64)[order],
-        np.array(outputs, dtype=np.int64)[order],
-    )
-
-
-def _parse_timestamp(text: str) -> float:
-    value = text.strip()
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    # Azure's format has 7 fractional digits; datetime takes at most 6.
-    if "." in value:
-        head, fraction = value.split(".", 1)
-        value = f"{head}.{fraction[:6]}"
-    return datetime.fromisoformat(value).timestamp()
 
 
 def trace_workload(
@@ -169,7 +140,5 @@ def scenario_workload(scenario: Scenario, seed: int | None = None) -> Workload:
             scenario, spec.rate_per_s, spec.num_requests, spec.seed if seed is None else seed
         )
     assert isinstance(spec, TraceWorkload)
-    trace = Path(spec.trace)
-    if not trace.is_absolute() and not trace.exists() and (DATA_DIR / trace.name).exists():
-        trace = DATA_DIR / trace.name  # shipped traces by bare name
+    trace = resolve_trace(spec.trace)  # a bare name is the shipped copy in app/data
     return trace_workload(scenario, trace, spec.time_scale, spec.limit, seed or 0)
