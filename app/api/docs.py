@@ -30,6 +30,13 @@ DOC_ASSETS = {
 }
 # The assets are versioned with the package: a browser may keep them for a day.
 _CACHE = {"Cache-Control": "public, max-age=86400"}
+# The browser itself refuses anything from outside the coordinator: ReDoc's footer, for one,
+# shows a logo from its CDN (hidden when it fails to load). Inline scripts and styles: the
+# pages' init script and the bundles' injected styles; blob: workers: ReDoc's search.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'"
+)
 # No validator badge (it loads an image from validator.swagger.io).
 _SWAGGER_PARAMETERS = {"validatorUrl": None, "deepLinking": True, "displayRequestDuration": True}
 
@@ -58,7 +65,7 @@ def install_offline_docs(app: FastAPI) -> None:
     def swagger_ui(request: Request) -> HTMLResponse:
         # Behind a proxy that strips a path prefix (root_path), every URL carries it.
         root = request.scope.get("root_path", "").rstrip("/")
-        return get_swagger_ui_html(
+        page = get_swagger_ui_html(
             openapi_url=root + openapi_url,
             title=f"{title} - Swagger UI",
             swagger_js_url=root + ASSET_PREFIX + "swagger-ui-bundle.js",
@@ -67,16 +74,20 @@ def install_offline_docs(app: FastAPI) -> None:
             oauth2_redirect_url=root + oauth2_redirect,
             swagger_ui_parameters=_SWAGGER_PARAMETERS,
         )
+        page.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+        return page
 
     def redoc(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "").rstrip("/")
-        return get_redoc_html(
+        page = get_redoc_html(
             openapi_url=root + openapi_url,
             title=f"{title} - ReDoc",
             redoc_js_url=root + ASSET_PREFIX + "redoc.standalone.js",
             redoc_favicon_url=root + ASSET_PREFIX + "swagger-ui-favicon-32x32.png",
             with_google_fonts=False,
         )
+        page.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+        return page
 
     app.add_api_route("/docs", swagger_ui, include_in_schema=False, response_class=HTMLResponse)
     app.add_api_route(

@@ -9,14 +9,10 @@ screenshot to out/dashboard/dashboard.png (printed; gitignored) for a person to 
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -24,25 +20,9 @@ import httpx
 import pytest
 
 from tests.api.conftest import ADMIN, JOIN, ROOT, example_scenario
+from tests.dashboard.browser import free_port, parse, run_chromium
 
 SCREENSHOT = ROOT / "out" / "dashboard" / "dashboard.png"
-
-
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        pytest.fail(
-            "headless Chromium is needed: `apt-get install -y chromium` "
-            "(make test installs it when run as root)"
-        )
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture
@@ -136,68 +116,13 @@ def populate(base: str) -> dict[str, Any]:
     return {"placement": placement, "session": booked.json(), "servers": servers}
 
 
-def run_chromium(*args: str) -> subprocess.CompletedProcess[str]:
-    with tempfile.TemporaryDirectory(prefix="bprr-chromium-") as profile:
-        command = [
-            chromium(),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--hide-scrollbars",
-            f"--user-data-dir={profile}",
-            "--virtual-time-budget=5000",
-            *args,
-        ]
-        return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-
-
-class _Dom(HTMLParser):
-    """Elements by id (their text) and every element's attributes, from the dumped DOM."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.elements: list[tuple[str, dict[str, str]]] = []
-        self.text_by_id: dict[str, str] = {}
-        self._open: list[str | None] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        values = {k: v or "" for k, v in attrs}
-        self.elements.append((tag, values))
-        if tag not in {"meta", "link", "br", "img", "input", "line", "circle", "rect"}:
-            self._open.append(values.get("id"))
-            if values.get("id"):
-                self.text_by_id.setdefault(values["id"], "")
-
-    def handle_endtag(self, tag: str) -> None:
-        if self._open and tag not in {"line", "circle", "rect"}:
-            self._open.pop()
-
-    def handle_data(self, data: str) -> None:
-        for element_id in self._open:
-            if element_id:
-                self.text_by_id[element_id] += data
-
-    def with_class(self, tag: str, *classes: str) -> list[dict[str, str]]:
-        return [
-            attrs
-            for name, attrs in self.elements
-            if name == tag and set(classes) <= set(attrs.get("class", "").split())
-        ]
-
-
 def test_dashboard_renders_the_live_swarm(coordinator: str) -> None:
     swarm = populate(coordinator)
     placement = swarm["placement"]
 
     dumped = run_chromium("--dump-dom", f"{coordinator}/")
     assert dumped.returncode == 0, dumped.stderr[-2000:]
-    dom = _Dom()
-    dom.feed(dumped.stdout)
+    dom = parse(dumped.stdout)
     body = [attrs for tag, attrs in dom.elements if tag == "body"]
     assert body and body[0].get("data-loaded") == "true", "the page never finished a refresh"
     assert dom.text_by_id["status"].startswith("live")
