@@ -24,6 +24,27 @@ IntArray = NDArray[np.int64]
 MEMORY_EPSILON = 1e-9
 
 
+GB = 1e9
+MAX_CACHE_UNITS = 2**62
+
+
+def cache_token_capacity(
+    memory_gb: float, block_gb: float, kv_bytes_per_token_per_block: float, blocks: int
+) -> int:
+    """Cache token-block units a server hosting ``blocks`` blocks has left after the weights.
+
+    One unit is the kv cache of one token on one block; a request of T = input + output
+    tokens that runs k blocks on the server reserves k x T units. Capped to 2**62.
+    """
+    if kv_bytes_per_token_per_block <= 0 or blocks < 0:
+        raise ValueError("kv_bytes_per_token_per_block must be > 0 and blocks >= 0")
+    free_bytes = (memory_gb - block_gb * blocks) * GB
+    if free_bytes <= 0:
+        return 0
+    units = np.floor(free_bytes / kv_bytes_per_token_per_block + MEMORY_EPSILON)
+    return int(min(MAX_CACHE_UNITS, units))
+
+
 class Span(NamedTuple):
     """Blocks [start, end) hosted by one server (0-based, half-open as in PETALS)."""
 
@@ -61,6 +82,8 @@ class Instance:
     client_shares: FloatArray  # normalised to sum 1
     server_ids: tuple[str, ...]
     client_ids: tuple[str, ...]
+    # None: derived from cache_gb and the caps (instances built by hand before it existed).
+    kv_bytes_per_token_per_block: float | None = None
 
     @classmethod
     def from_scenario(cls, scenario: Scenario) -> Instance:
@@ -87,6 +110,7 @@ class Instance:
             client_shares=shares / shares.sum(),
             server_ids=tuple(s.id for s in scenario.servers),
             client_ids=tuple(c.id for c in scenario.clients),
+            kv_bytes_per_token_per_block=scenario.model.kv_bytes_per_token_per_block,
         )
 
     @property
@@ -117,6 +141,19 @@ class Instance:
         """tau^I_j(l): prefill time of one block at server j for a prompt of l tokens."""
         tokens = self.input_tokens if input_tokens is None else input_tokens
         return self.prefill_fixed_ms + self.prefill_per_token_ms * tokens
+
+    @property
+    def kv_bytes(self) -> float:
+        """Bytes of attention cache of one token on one block (one cache token-block unit)."""
+        if self.kv_bytes_per_token_per_block is not None:
+            return self.kv_bytes_per_token_per_block
+        return self.cache_gb * GB / max(1, self.input_tokens + self.output_tokens)
+
+    def cache_tokens(self, server: int, span_length: int) -> int:
+        """Cache token-block units left on ``server`` after the weights of its span."""
+        return cache_token_capacity(
+            float(self.memory_gb[server]), self.block_gb, self.kv_bytes, span_length
+        )
 
     def cache_slots(self, server: int, span_length: int) -> int:
         """Attention-cache slots (one request, one block each) left after the weights."""

@@ -277,3 +277,95 @@ def with_workload(scenario: Scenario, rate_per_s: float, num_requests: int, seed
     data = scenario.model_dump(exclude_none=True)
     data["workload"] = _poisson(rate_per_s, num_requests, seed)
     return parse_scenario(data)
+
+
+# --- the follow-up paper's MIG swarm (Llama-2-7B on A100 MIG slices, Azure code trace) --------
+
+LLAMA2_7B = {
+    "name": "llama-2-7b",
+    "num_blocks": 32,
+    "block_memory_gb": 0.4048,  # 202.4 M parameters per block in fp16
+    "kv_bytes_per_token_per_block": 16384,  # 2 x 4096 x 2 bytes
+    "hidden_size": 4096,
+}
+# Speeds: the memory-bound roofline of the slice (block bytes / its share of A100-80GB
+# bandwidth) x 3 for kernel overheads; prefill per token: 2 x params FLOPs at 30% of the
+# slice's share of 312 TFLOPS. 3g.40gb has 4/8 of the memory and 3/7 of the compute; 2g.20gb
+# 2/8 and 2/7. Usable memory: the slice less 0.5 GB for the CUDA context.
+MIG_3G_40GB = {
+    "gpu": "A100-MIG-3g.40gb",
+    "memory_gb": 39.5,
+    "decode_ms_per_block": 1.191,
+    "prefill_ms_per_block": {"fixed": 1.191, "per_token": 0.01012},
+}
+MIG_2G_20GB = {
+    "gpu": "A100-MIG-2g.20gb",
+    "memory_gb": 19.5,
+    "decode_ms_per_block": 2.382,
+    "prefill_ms_per_block": {"fixed": 2.382, "per_token": 0.01518},
+}
+MIG_OVERHEADS = {
+    "per_token_ms": 20,
+    "prefill_fixed_ms": 20,
+    "prefill_per_token_ms": 0.01,
+    "per_request_ms": 70,
+}
+CODE_TRACE = "azure_llm_inference_trace_2023_code.csv"
+TABLE1_RATE = 2.57
+
+
+def mig_swarm(
+    num_servers: int = 9,
+    rate_per_s: float = TABLE1_RATE,
+    num_requests: int = 1000,
+    seed: int = 1,
+    trace: bool = True,
+) -> Scenario:
+    """The follow-up paper's swarm: 40 GB and 20 GB MIG slices in a 1:2 mix, Llama-2-7B.
+
+    Nine servers (3 x 3g.40gb + 6 x 2g.20gb) is its Table I testbed, on one site (1 ms);
+    larger swarms spread over max(1, n // 30) sites, 5 ms inside and 10-60 ms between
+    (seeded). Workload: the first ``num_requests`` requests of the Azure code trace, time
+    rescaled to ``rate_per_s`` (caps 3712 in, 256 out as in the paper), or Poisson arrivals
+    at the same rate with the caps when ``trace`` is False.
+    """
+    from app.allocation.scenario import resolve_trace
+    from app.allocation.traces import read_trace
+    from app.allocation.workload import trace_rate
+
+    if num_servers < 1:
+        raise ValueError("num_servers: must be at least 1")
+    rng = np.random.default_rng(seed)
+    k = 1 if num_servers <= 9 else max(1, num_servers // 30)
+    sites = [f"dc{i}" for i in range(k)]
+    between = rng.uniform(10, 60, size=(k, k))
+    rtt = np.triu(between, 1)
+    inside = 1.0 if k == 1 else 5.0
+    rtt = rtt + rtt.T + inside * np.eye(k)
+    big = max(1, round(num_servers / 3))
+    kinds = [MIG_3G_40GB] * big + [MIG_2G_20GB] * (num_servers - big)
+    where = rng.integers(0, k, size=num_servers)
+    servers = [
+        {"id": f"{'3g' if kind is MIG_3G_40GB else '2g'}-{j}", "site": sites[int(where[j])], **kind}
+        for j, kind in enumerate(kinds)
+    ]
+    workload: dict[str, Any]
+    if trace:
+        arrival, _, _ = read_trace(resolve_trace(CODE_TRACE), num_requests)
+        scale = trace_rate(arrival) / rate_per_s
+        workload = {"trace": CODE_TRACE, "limit": num_requests, "time_scale": round(scale, 9)}
+    else:
+        workload = _poisson(rate_per_s, num_requests, seed)
+    return parse_scenario(
+        {
+            "name": f"mig-{num_servers}-rate{rate_per_s:g}-seed{seed}",
+            "model": LLAMA2_7B,
+            "requests": {"max_input_tokens": 3712, "max_output_tokens": 256},
+            "sites": sites,
+            "site_rtt_ms": np.round(rtt, 3).tolist(),
+            "servers": servers,
+            "clients": [{"id": "c0", "site": sites[int(rng.integers(0, k))], "share": 1.0}],
+            "overheads": MIG_OVERHEADS,
+            "workload": workload,
+        }
+    )

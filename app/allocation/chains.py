@@ -1,0 +1,514 @@
+"""Chains: GBP-CR placement, GCA cache allocation and the Theorem-4 response-time bounds.
+
+From Sun, He, Hou (MobiHoc '26, arXiv 2604.14993; ../shared/CHAINS.md), in the project's
+0-based half-open spans. Per server j and per job (the profile's mean lengths, perf.py's model):
+
+    tau_c_j = prefill hop + (mean_out - 1) x token hop      (communication, once per hop)
+    tau_p_j = prefill of one block + (mean_out - 1) x decode (computation, per block)
+
+- GBP-CR(c): m_j(c) = min(floor(M_j / (s_m + s_c c)), L); servers by amortised time
+  t_j / m_j ascending fill one chain at a time from block 0 (the last server of a chain shifts
+  back to host its full m_j); stop once c x (sum of the chains' rates) >= lambda / rho. Servers
+  past the stop stay idle; running out of servers first is reported (``rate_target_met``).
+- GCA: on any placement, repeatedly take the fastest chain (a shortest path over block
+  boundaries, Lemma 1) whose every hop has m_ij free cache slots, give it capacity
+  c_k = min_j floor(residual_j / m_ij), subtract, until no chain remains.
+- Theorem 4: birth-death bounds on the number in system under JFFC; mean response = E[Z] / lambda.
+
+s_c (one job on one block) is sized for the profile's mean request (``design_tokens`` cache
+tokens); at run time every request still reserves its own tokens (dispatch.jffc_pick checks).
+
+Choosing c without trying every c (``plan_chains``): GBP-CR depends on c only through the
+vector m(c) and its stop point. m(c) is a step function, constant on intervals bounded by the
+breakpoints where some floor(M_j / (s_m + s_c c)) drops (at most #distinct memories x L of
+them). Inside one interval the server order and spans are identical; a smaller c only stops
+later, i.e. places a longer prefix of the same order, and GCA then allocates the memory of a
+superset of servers. Theorem 4's lower bound cannot grow when slots are added (its death rate
+at n is the sum of the n fastest slot rates, which a superset of slots can only raise), so the
+interval's smallest c is its best candidate and only breakpoints are evaluated. Intervals are
+visited by a cheap bound (M/M/C with the placement's fastest chain rate for every slot and C =
+sum of residual slots / L, never above the true lower bound) and skipped once that bound
+cannot beat the best found. tests/allocation/test_chains.py checks the result against the
+exhaustive search over every c on random small swarms.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from app.allocation.instance import (
+    GB,
+    MAX_CACHE_UNITS,
+    MEMORY_EPSILON,
+    FloatArray,
+    Instance,
+    IntArray,
+    Placement,
+    Span,
+)
+from app.allocation.perf import Hop
+from app.allocation.workload import WorkloadProfile
+
+DEFAULT_RHO = 0.7
+
+
+class ChainsInfeasible(ValueError):
+    """No c lets the servers hold the model with room for one job's cache."""
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A fixed path over all blocks with ``capacity`` job slots; a job takes ``service_ms``."""
+
+    hops: tuple[Hop, ...]
+    capacity: int
+    service_ms: float
+
+    @property
+    def rate_per_s(self) -> float:
+        """mu_k: jobs per second one slot completes."""
+        return 1000.0 / self.service_ms if self.service_ms > 0 else math.inf
+
+    def to_json(self, server_ids: Sequence[str] | None = None) -> dict[str, object]:
+        hops = [
+            [server_ids[h.server] if server_ids is not None else h.server, h.start, h.end]
+            for h in self.hops
+        ]
+        return {"hops": hops, "capacity": self.capacity, "service_ms": round(self.service_ms, 6)}
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Theorem 4: mean response time (s) under JFFC is within [lower_s, upper_s]."""
+
+    lower_s: float
+    upper_s: float
+    stable: bool
+    total_rate_per_s: float  # nu = sum c_k mu_k
+    slots: int  # C = sum c_k
+
+    @property
+    def mid_s(self) -> float:
+        return (self.lower_s + self.upper_s) / 2
+
+
+@dataclass(frozen=True)
+class JobCosts:
+    """tau_c (per hop) and tau_p (per block) for one job of the profile, ms; per server."""
+
+    tau_c: FloatArray
+    tau_p: FloatArray
+    per_request_ms: float
+
+    def service_ms(self, hops: Sequence[Hop]) -> float:
+        return self.per_request_ms + float(
+            sum(self.tau_c[h.server] + self.tau_p[h.server] * h.blocks for h in hops)
+        )
+
+
+def job_costs(instance: Instance, profile: WorkloadProfile) -> JobCosts:
+    """Mean per-job costs of each server, averaged over clients by share."""
+    mean_in = profile.mean_input_tokens
+    later = profile.mean_output_tokens - 1.0
+    prefill_hop = (
+        instance.rtt_ms
+        + instance.prefill_fixed_overhead_ms
+        + instance.prefill_per_token_overhead_ms * mean_in
+    )
+    per_client = prefill_hop + later * instance.token_hop_ms  # [client, server]
+    tau_c = instance.client_shares @ per_client
+    tau_p = instance.prefill_fixed_ms + instance.prefill_per_token_ms * mean_in
+    tau_p = tau_p + later * instance.decode_ms
+    return JobCosts(
+        np.asarray(tau_c, dtype=float), np.asarray(tau_p, dtype=float), instance.per_request_ms
+    )
+
+
+# --- GBP-CR ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GbpResult:
+    c: int
+    placement: Placement
+    chains: tuple[tuple[Hop, ...], ...]  # GBP-CR's own chains, in the order completed
+    rate_target_met: bool
+    block_counts: tuple[int, ...]
+
+
+def block_counts(instance: Instance, s_c_gb: float, c: int) -> list[int]:
+    """m_j(c) = min(floor(M_j / (s_m + s_c c)), L)."""
+    per_block = instance.block_gb + s_c_gb * c
+    counts = np.minimum(
+        np.floor(instance.memory_gb / per_block + MEMORY_EPSILON), instance.num_blocks
+    )
+    return [int(m) for m in counts.tolist()]
+
+
+def gbp_cr(
+    instance: Instance,
+    costs: JobCosts,
+    s_c_gb: float,
+    c: int,
+    rate_per_s: float,
+    rho: float = DEFAULT_RHO,
+    counts: Sequence[int] | None = None,
+) -> GbpResult:
+    """Greedy block placement with cache reservation c (Algorithm 1 of the follow-up)."""
+    if c < 1:
+        raise ValueError("c: must be at least 1")
+    if not 0 < rho <= 1:
+        raise ValueError("rho: must be in (0, 1]")
+    L = instance.num_blocks
+    m = list(counts) if counts is not None else block_counts(instance, s_c_gb, c)
+    if sum(m) < L:
+        raise ChainsInfeasible(
+            f"c={c}: the servers hold {sum(m)} of {L} blocks with room for {c} jobs' caches"
+        )
+    order = gbp_order(costs, m)
+    target = rate_per_s / rho
+    spans: list[Span | None] = [None] * instance.num_servers
+    chains: list[tuple[Hop, ...]] = []
+    current: list[Hop] = []
+    a = 0
+    tau_c = costs.tau_c.tolist()
+    tau_p = costs.tau_p.tolist()
+    service = costs.per_request_ms
+    rate = 0.0
+    met = False
+    for j in order:
+        start = min(a, L - m[j])
+        spans[j] = Span(start, start + m[j])
+        current.append(Hop(j, a, start + m[j]))
+        service += tau_c[j] + tau_p[j] * m[j]
+        a = min(a + m[j], L)
+        if a >= L:
+            chains.append(tuple(current))
+            rate += 1000.0 / service
+            current, a, service = [], 0, costs.per_request_ms
+            if c * rate >= target:
+                met = True
+                break
+    return GbpResult(c, tuple(spans), tuple(chains), met, tuple(m))
+
+
+def gbp_order(costs: JobCosts, m: Sequence[int]) -> list[int]:
+    """Servers with m_j > 0 by amortised time (tau_c + tau_p m) / m ascending, ties by index."""
+    counts = np.asarray(m, dtype=float)
+    usable = np.flatnonzero(counts > 0)
+    amortised = (costs.tau_c[usable] + costs.tau_p[usable] * counts[usable]) / counts[usable]
+    return [int(j) for j in usable[np.lexsort((usable, amortised))].tolist()]
+
+
+# --- GCA -------------------------------------------------------------------------------
+
+
+def residual_slots(instance: Instance, placement: Placement, design_tokens: int) -> list[int]:
+    """floor((M_j - s_m m_j) / s_c): job slots per server with s_c for ``design_tokens``."""
+    lengths = np.array([0 if s is None else s.length for s in placement], dtype=float)
+    free_bytes = (instance.memory_gb - instance.block_gb * lengths) * GB
+    units = np.floor(np.maximum(free_bytes, 0.0) / instance.kv_bytes + MEMORY_EPSILON)
+    slots = np.minimum(units, MAX_CACHE_UNITS) // design_tokens
+    return [
+        0 if span is None else int(v) for span, v in zip(placement, slots.tolist(), strict=True)
+    ]
+
+
+def gca(
+    instance: Instance,
+    costs: JobCosts,
+    placement: Placement,
+    residual: Sequence[int],
+) -> tuple[Chain, ...]:
+    """Greedy cache allocation: chains fastest first, each with its capacity c_k.
+
+    The shortest path runs over block boundaries (state b: blocks [0, b) done); entering
+    server j at boundary b is Lemma 1's edge into j with m_ij = end_j - b blocks. Edges are
+    only ever removed, so after a chain only boundaries from the first affected span end on
+    are recomputed.
+    """
+    L = instance.num_blocks
+    left = [int(r) for r in residual]
+    # Pairs (server, entry) grouped by the span end they lead to.
+    placed = [j for j, span in enumerate(placement) if span is not None and left[j] >= 1]
+    for j in placed:
+        span = placement[j]
+        assert span is not None
+        if not 0 <= span.start < span.end <= L:
+            raise ValueError(f"server {j}: span [{span.start}, {span.end}) is out of range")
+    starts = np.array([placement[j].start for j in placed], dtype=np.int64)  # type: ignore[union-attr]
+    ends = np.array([placement[j].end for j in placed], dtype=np.int64)  # type: ignore[union-attr]
+    lengths = ends - starts
+    total = int(lengths.sum())
+    pair_server = np.repeat(np.array(placed, dtype=np.int64), lengths)
+    first = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    pair_entry = np.repeat(starts, lengths) + (np.arange(total, dtype=np.int64) - first)
+    pair_end = np.repeat(ends, lengths)
+    # Only boundary 0 and the span ends can be reached: other entries never start an edge.
+    reachable = np.zeros(L + 1, dtype=bool)
+    reachable[0] = True
+    reachable[ends] = True
+    keep = reachable[pair_entry]
+    pair_server, pair_entry, pair_end = pair_server[keep], pair_entry[keep], pair_end[keep]
+    order = np.argsort(pair_end, kind="stable")
+    pair_server, pair_entry, pair_end = pair_server[order], pair_entry[order], pair_end[order]
+    bounds = np.searchsorted(pair_end, np.arange(L + 2))
+    left_array = np.array(left, dtype=np.int64)
+    entries: list[IntArray] = []
+    servers: list[IntArray] = []
+    blocks: list[IntArray] = []
+    cost: list[FloatArray] = []
+    for e in range(L + 1):
+        srv = pair_server[bounds[e] : bounds[e + 1]]
+        ent = pair_entry[bounds[e] : bounds[e + 1]]
+        k = e - ent
+        servers.append(srv)
+        entries.append(ent)
+        blocks.append(k)
+        edge = costs.tau_c[srv] + costs.tau_p[srv] * k
+        # An edge needs m_ij free slots at its target.
+        cost.append(np.where(left_array[srv] >= k, edge, np.inf))
+    dist = np.full(L + 1, np.inf)
+    dist[0] = 0.0
+    choice = np.full(L + 1, -1, dtype=np.int64)
+    nonempty = [e for e in range(1, L + 1) if servers[e].size]
+
+    def relax(first_end: int) -> None:
+        for e in nonempty:
+            if e < first_end:
+                continue
+            candidates = dist[entries[e]] + cost[e]
+            best = int(candidates.argmin())
+            dist[e] = candidates[best]
+            choice[e] = best
+        for e in range(max(1, first_end), L + 1):
+            if not servers[e].size:
+                dist[e] = np.inf
+
+    relax(1)
+    chains: list[Chain] = []
+    while np.isfinite(dist[L]):
+        hops: list[Hop] = []
+        b = L
+        while b > 0:
+            i = int(choice[b])
+            entry = int(entries[b][i])
+            hops.append(Hop(int(servers[b][i]), entry, b))
+            b = entry
+        hops.reverse()
+        capacity = min(left[h.server] // h.blocks for h in hops)
+        if capacity < 1:  # pragma: no cover - unusable edges carry infinite cost
+            raise AssertionError("GCA picked an edge without free slots")
+        chains.append(Chain(tuple(hops), capacity, costs.service_ms(hops)))
+        first_end = L
+        for h in hops:
+            left[h.server] -= capacity * h.blocks
+            span = placement[h.server]
+            assert span is not None
+            e = span.end
+            # Every edge into this server ends at its span end; drop those now too wide.
+            dead = (servers[e] == h.server) & (blocks[e] > left[h.server])
+            if dead.any():
+                cost[e] = np.where(dead, np.inf, cost[e])
+                first_end = min(first_end, e)
+        relax(first_end)
+    return tuple(chains)
+
+
+# --- Theorem 4 -------------------------------------------------------------------------
+
+
+def response_bounds(rate_per_s: float, chains: Sequence[Chain]) -> Bounds:
+    """Lower and upper bounds on the mean response time (s) of JFFC over ``chains``."""
+    if rate_per_s <= 0:
+        raise ValueError("rate_per_s: must be positive")
+    rates = np.array([ch.rate_per_s for ch in chains], dtype=float)
+    caps = np.array([ch.capacity for ch in chains], dtype=np.int64)
+    slots = int(caps.sum())
+    nu = float((rates * caps).sum())
+    if slots == 0 or rate_per_s >= nu:
+        return Bounds(math.inf, math.inf, False, nu, slots)
+    slot_rates = np.repeat(rates, caps)
+    fast_first = np.sort(slot_rates)[::-1]
+    lower = _mean_in_system(rate_per_s, np.cumsum(fast_first), nu) / rate_per_s
+    upper = _mean_in_system(rate_per_s, np.cumsum(fast_first[::-1]), nu) / rate_per_s
+    return Bounds(lower, upper, True, nu, slots)
+
+
+def _mean_in_system(lam: float, death: FloatArray, nu: float) -> float:
+    """E[Z] of a birth-death chain: birth lam, death death[n-1] for n <= C, nu beyond."""
+    capacity = death.size
+    log_phi = np.concatenate(([0.0], np.cumsum(np.log(lam / death))))  # n = 0..C
+    r = lam / nu
+    top = float(log_phi.max())
+    phi = np.exp(log_phi - top)
+    n = np.arange(capacity + 1, dtype=float)
+    tail_mass = phi[-1] * r / (1 - r)
+    tail_mean = phi[-1] * (capacity * r / (1 - r) + r / (1 - r) ** 2)
+    return float(((n * phi).sum() + tail_mean) / (phi.sum() + tail_mass))
+
+
+def erlang_bound(lam: float, mu: float, slots: int) -> float:
+    """Mean response (s) of M/M/C with C = slots servers of rate mu (inf if unstable)."""
+    if slots < 1 or mu <= 0 or lam >= mu * slots:
+        return math.inf
+    death = mu * np.minimum(np.arange(1, slots + 1, dtype=float), slots)
+    return _mean_in_system(lam, death, mu * slots) / lam
+
+
+# --- the plan --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChainPlan:
+    c: int
+    placement: Placement
+    chains: tuple[Chain, ...]  # fastest first
+    bounds: Bounds
+    design_tokens: int
+    rate_target_met: bool
+    candidates_evaluated: int = 0
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+def chains_for_placement(
+    instance: Instance,
+    profile: WorkloadProfile,
+    placement: Placement,
+    costs: JobCosts | None = None,
+) -> tuple[tuple[Chain, ...], Bounds]:
+    """GCA chains of any placement and their Theorem-4 bounds for the profile."""
+    costs = costs or job_costs(instance, profile)
+    tokens = profile.design_tokens()
+    chains = gca(instance, costs, placement, residual_slots(instance, placement, tokens))
+    return chains, response_bounds(profile.rate_per_s, chains)
+
+
+def max_reservation(instance: Instance, s_c_gb: float) -> int:
+    """c_max = floor((max_j M_j - s_m) / s_c)."""
+    top = float(instance.memory_gb.max()) if instance.num_servers else 0.0
+    return max(0, math.floor((top - instance.block_gb) / s_c_gb + MEMORY_EPSILON))
+
+
+def breakpoints(instance: Instance, s_c_gb: float, c_max: int) -> list[int]:
+    """The smallest c of every interval of c over which m(c) is constant."""
+    memories = np.unique(instance.memory_gb)
+    cs = np.arange(1, c_max + 1, dtype=float)
+    per_block = instance.block_gb + s_c_gb * cs
+    m = np.minimum(
+        np.floor(memories[:, None] / per_block[None, :] + MEMORY_EPSILON), instance.num_blocks
+    )
+    changed = np.flatnonzero((m[:, 1:] != m[:, :-1]).any(axis=0)) + 2
+    return [1, *changed.tolist()]
+
+
+def evaluate_c(
+    instance: Instance,
+    profile: WorkloadProfile,
+    c: int,
+    rho: float = DEFAULT_RHO,
+    costs: JobCosts | None = None,
+) -> ChainPlan:
+    """GBP-CR at c, then GCA on its placement, then the bounds."""
+    costs = costs or job_costs(instance, profile)
+    tokens = profile.design_tokens()
+    s_c = instance.kv_bytes * tokens / GB
+    gbp = gbp_cr(instance, costs, s_c, c, profile.rate_per_s, rho)
+    chains, bounds = chains_for_placement(instance, profile, gbp.placement, costs)
+    return ChainPlan(c, gbp.placement, chains, bounds, tokens, gbp.rate_target_met)
+
+
+def plan_chains(
+    instance: Instance, profile: WorkloadProfile, rho: float = DEFAULT_RHO
+) -> ChainPlan:
+    """GBP-CR + GCA at the c that minimises Theorem 4's lower bound (see the module doc)."""
+    costs = job_costs(instance, profile)
+    tokens = profile.design_tokens()
+    s_c = instance.kv_bytes * tokens / GB
+    c_max = max_reservation(instance, s_c)
+    if c_max < 1:
+        raise ChainsInfeasible(
+            "infeasible: no server holds one block and one job's cache "
+            f"({instance.block_gb + s_c:.4f} GB needed)"
+        )
+    lam = profile.rate_per_s
+    candidates: list[tuple[float, int, GbpResult]] = []
+    for c in breakpoints(instance, s_c, c_max):
+        try:
+            gbp = gbp_cr(instance, costs, s_c, c, lam, rho)
+        except ChainsInfeasible:
+            break  # m(c) only shrinks as c grows
+        cheap = round(_cheap_bound(instance, costs, gbp.placement, tokens, lam), 9)
+        candidates.append((cheap, c, gbp))
+    if not candidates:
+        raise ChainsInfeasible(
+            f"infeasible: the servers cannot hold all {instance.num_blocks} blocks even with "
+            "room for a single job's cache"
+        )
+    candidates.sort(key=lambda item: (item[0], item[1]))
+    best: ChainPlan | None = None
+    evaluated = 0
+    for cheap, c, gbp in candidates:
+        best_lower = math.inf if best is None else plan_key(best)[0]
+        if best is not None and math.isfinite(best_lower):
+            if cheap > best_lower:
+                break  # sorted by the cheap bound: no later candidate can do better
+            if cheap == best_lower and c > best.c:
+                continue  # at best a tie, and ties go to the smaller c
+        evaluated += 1
+        chains, bounds = chains_for_placement(instance, profile, gbp.placement, costs)
+        plan = ChainPlan(c, gbp.placement, chains, bounds, tokens, gbp.rate_target_met)
+        if best is None or plan_key(plan) < plan_key(best):
+            best = plan
+    assert best is not None
+    warnings: list[str] = []
+    if not best.rate_target_met and best.bounds.total_rate_per_s < lam / rho:
+        warnings.append(
+            "chains: the servers ran out before the chains' service rate reached "
+            f"lambda / rho = {lam / rho:.3f} jobs/s (GBP-CR at c = {best.c}; after GCA the "
+            f"chains serve {best.bounds.total_rate_per_s:.3f} jobs/s)"
+        )
+    if not best.bounds.stable:
+        warnings.append(
+            f"chains: unstable, the arrival rate {lam:.3f}/s is at least the chains' total "
+            f"service rate {best.bounds.total_rate_per_s:.3f}/s"
+        )
+    return ChainPlan(
+        best.c,
+        best.placement,
+        best.chains,
+        best.bounds,
+        tokens,
+        best.rate_target_met,
+        evaluated,
+        tuple(warnings),
+    )
+
+
+def plan_key(plan: ChainPlan) -> tuple[float, float, int]:
+    """Order of preference: lower bound, then (unstable plans) more service rate, then c."""
+    # Rounded so that floating-point noise between equal plans does not decide; ties: smaller c.
+    return (round(plan.bounds.lower_s, 9), -round(plan.bounds.total_rate_per_s, 9), plan.c)
+
+
+def _cheap_bound(
+    instance: Instance, costs: JobCosts, placement: Placement, tokens: int, lam: float
+) -> float:
+    """A value never above the placement's Theorem-4 lower bound.
+
+    Every slot is given the rate of a chain faster than any real one (a chain runs L blocks,
+    each at no less than the smallest amortised time (tau_c_j + tau_p_j m_j) / m_j of the
+    servers it uses), and C = sum of residual slots / L (each job holds L slot-blocks).
+    """
+    lengths = np.array([0 if s is None else s.length for s in placement], dtype=float)
+    used = lengths > 0
+    if not used.any():
+        return math.inf
+    amortised = (costs.tau_c[used] + costs.tau_p[used] * lengths[used]) / lengths[used]
+    mu = 1000.0 / (costs.per_request_ms + instance.num_blocks * float(amortised.min()))
+    slots = sum(residual_slots(instance, placement, tokens)) // instance.num_blocks
+    return erlang_bound(lam, mu, max(slots, 0))
