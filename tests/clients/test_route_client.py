@@ -96,17 +96,29 @@ def test_a_retry_after_beyond_the_patience_is_not_waited_for(forward: Forward) -
     assert sleeps == [] and len(forward.requests) == 1
 
 
-def test_a_sent_booking_is_not_repeated_after_a_timeout(app: TestClient, forward: Forward) -> None:
+def test_a_booking_is_retried_with_the_same_idempotency_key(
+    app: TestClient, forward: Forward
+) -> None:
+    """A booking that may have been carried out (a read timeout) is sent again with the
+    same Idempotency-Key, so the coordinator returns the session it booked, not a second."""
     swarm(app, forward)
     routes, _ = client(forward)
     forward.fail = [httpx.ReadTimeout("slow")]
     before = len(forward.requests)
-    with pytest.raises(CoordinatorUnreachable):
-        routes.book(10, 10)
-    assert len(forward.requests) == before + 1
-    # ... but a booking that never left (connection refused) is, and so is a GET after a timeout.
-    forward.fail = [httpx.ConnectError("refused")]
+    session = routes.book(10, 10)
+    sent = forward.requests[before:]
+    assert len(sent) == 2
+    keys = {request.headers["Idempotency-Key"] for request in sent}
+    assert len(keys) == 1 and len(keys.pop()) >= 16
+    assert routes.release(session)
+    # a caller's own key is used as given, and each booking gets a fresh one otherwise
+    before = len(forward.requests)
+    routes.release(routes.book(10, 10, idempotency_key="order-17"))
     routes.release(routes.book(10, 10))
+    routes.release(routes.book(10, 10))
+    booked = [r for r in forward.requests[before:] if r.method == "POST"]
+    assert booked[0].headers["Idempotency-Key"] == "order-17"
+    assert booked[1].headers["Idempotency-Key"] != booked[2].headers["Idempotency-Key"]
     forward.fail = [httpx.ReadTimeout("slow"), (502, {})]
     assert routes.route(10, 10).hops
 

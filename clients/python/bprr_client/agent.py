@@ -189,7 +189,7 @@ class ServerAgent:
     def register(self) -> Registration:
         """POST /v1/servers with a boot epoch larger than any this agent used before."""
         self.boot_epoch = max(self.boot_epoch + 1, self._epoch_source())
-        body = self.server.model_dump(mode="json", exclude_none=True)
+        body = self.server.to_json(exclude_none=True)
         if self.server_id is not None:
             body["id"] = self.server_id
         body["boot_epoch"] = self.boot_epoch
@@ -202,7 +202,7 @@ class ServerAgent:
             if response.status_code in (401, 403):
                 raise AgentError(f"registration refused (join token?): {detail}")
             raise AgentError(f"registration refused ({response.status_code}): {detail}")
-        registration = Registration.model_validate(response.json())
+        registration = Registration.parse(response.json())
         self.registration = registration
         self.server_id = registration.id
         self._server_auth.token = registration.token
@@ -229,7 +229,7 @@ class ServerAgent:
             prefill_ms_per_block=None if speed is None else speed.prefill_ms_per_block,
             rtts=rtts,
         )
-        payload = body.model_dump(mode="json", exclude_none=True)
+        payload = body.to_json(exclude_none=True)
         if not rtts:
             del payload["rtts"]
         response = self._call(
@@ -251,7 +251,7 @@ class ServerAgent:
             raise _Transient(f"422: {error_detail(response)}", hint_s=0.0)
         if status != 200:
             raise AgentError(f"heartbeat refused ({status}): {error_detail(response)}")
-        reply = HeartbeatReply.model_validate(response.json())
+        reply = HeartbeatReply.parse(response.json())
         with self._lock:  # sent: forget what was reported (unless re-measured meanwhile)
             for key, value in rtts.items():
                 if self._pending_rtts.get(key) == value:
@@ -362,7 +362,7 @@ class ServerAgent:
     def peers(self) -> list[Server]:
         response = self._call("GET", "/v1/servers", idempotent=True)
         raise_for_status(response)
-        return [Server.model_validate(item) for item in response.json()]
+        return [Server.parse(item) for item in response.json()]
 
     def leave(self) -> bool:
         """DELETE /v1/servers/{id}; True when the coordinator removed it (or it was gone)."""

@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import httpx
-from pydantic import BaseModel, ValidationError
 
 from bprr_client.agent import ServerAgent, SpanHost
 from bprr_client.http import CoordinatorError, CoordinatorUnreachable, raise_for_status
-from bprr_client.models import PrefillSpeed, Server, ServerInfo, Speed
+from bprr_client.models import PrefillSpeed, Server, ServerInfo, Speed, ValidationError, WireModel
 from bprr_client.petals import PetalsOptions, ProcessSupervisor, petals_command
 from bprr_client.probes import HttpProber, Prober, TcpProber
 from bprr_client.routes import RouteClient
@@ -143,11 +142,11 @@ def _field_error(error: ValidationError) -> str:
     return f"--{field}: {first['msg']}"
 
 
-def _print(model: BaseModel | list[Server]) -> None:
+def _print(model: WireModel | list[Server]) -> None:
     if isinstance(model, list):
-        print(json.dumps([m.model_dump(mode="json") for m in model], indent=2))
+        print(json.dumps([m.to_json() for m in model], indent=2))
     else:
-        print(model.model_dump_json(indent=2))
+        print(model.dumps(indent=2))
 
 
 def read_speeds(path: Path) -> Speed:
@@ -160,7 +159,7 @@ def read_speeds(path: Path) -> Speed:
     if not isinstance(data, dict):
         raise UsageError(f"--speeds-file: {path} does not hold a JSON object")
     try:
-        return Speed.model_validate(
+        return Speed.parse(
             {k: data[k] for k in ("decode_ms_per_block", "prefill_ms_per_block") if k in data}
         )
     except ValidationError as error:
@@ -197,7 +196,7 @@ class SpeedsFile:
         return speed
 
 
-def _speeds(args: argparse.Namespace) -> tuple[float | None, PrefillSpeed]:
+def _speeds(args: argparse.Namespace) -> tuple[float, PrefillSpeed]:
     prefill_flags = (args.prefill_fixed_ms, args.prefill_per_token_ms)
     if args.speeds_file is not None:
         if args.decode_ms_per_block is not None or prefill_flags != (None, None):
@@ -294,7 +293,7 @@ def _execute(
                 except httpx.TransportError as error:
                     raise CoordinatorUnreachable(f"GET /v1/servers: {error}") from error
                 raise_for_status(response)
-                _print([Server.model_validate(item) for item in response.json()])
+                _print([Server.parse(item) for item in response.json()])
     return 0
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -19,6 +21,8 @@ from bprr_client.http import (
     request,
 )
 from bprr_client.models import Route, Session, SessionRequest
+
+log = logging.getLogger("bprr_client.routes")
 
 
 class RouteClient:
@@ -53,12 +57,15 @@ class RouteClient:
         )
         self._sleep = sleep
         self._rng = rng or random.Random()
+        self._timeout = timeout
+        # session id -> its token (returned once by the booking; sent on release)
+        self._session_tokens: dict[str, str] = {}
 
     # --- plumbing -----------------------------------------------------------------------------
 
     def _send(self, method: str, url: str, *, idempotent: bool, **kwargs: Any) -> httpx.Response:
         if self._auth is not None:
-            kwargs["auth"] = self._auth
+            kwargs.setdefault("auth", self._auth)
         return request(
             self._http,
             method,
@@ -87,41 +94,74 @@ class RouteClient:
         }
         response = self._send("GET", "/v1/routes", idempotent=True, params=params)
         raise_for_status(response)
-        return Route.model_validate(response.json())
+        return Route.parse(response.json())
 
     def book(
-        self, input_tokens: int, output_tokens: int, client_site: str | None = None
+        self,
+        input_tokens: int,
+        output_tokens: int,
+        client_site: str | None = None,
+        *,
+        wait_s: float = 0.0,
+        idempotency_key: str | None = None,
     ) -> Session:
         """Book a session: the coordinator reserves cache on every hop of the returned path.
 
-        A 503 (nothing fits now) is retried after its Retry-After; the request itself is
-        not repeated after a timeout once sent (it may have booked)."""
+        ``wait_s`` > 0 waits up to that long in the coordinator's central queue when nothing
+        fits now (0: refused at once with 503 + Retry-After, which is retried after the
+        hint). Every booking carries an ``Idempotency-Key`` (a fresh uuid unless given), so
+        a retry after a timeout returns the same session instead of booking twice. The
+        session's token is kept and sent when it is released."""
         body = SessionRequest(
             client_site=self._site(client_site),
             input_tokens=input_tokens,
             output_tokens=output_tokens,
+            wait_s=wait_s,
         )
-        response = self._send(
-            "POST", "/v1/sessions", idempotent=False, json=body.model_dump(mode="json")
-        )
+        payload = body.to_json()
+        if not wait_s:
+            del payload["wait_s"]  # the default; older coordinators do not know the field
+        headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+        kwargs: dict[str, Any] = {"json": payload, "headers": headers}
+        if wait_s:
+            log.info("booking: waiting up to %.1f s in the coordinator's queue", wait_s)
+            kwargs["timeout"] = _longer(self._timeout, wait_s)
+        response = self._send("POST", "/v1/sessions", idempotent=True, **kwargs)
         raise_for_status(response)
-        return Session.model_validate(response.json())
+        session = Session.parse(response.json())
+        if session.token:
+            self._session_tokens[session.id] = session.token
+        return session
 
-    def release(self, session: Session | str) -> bool:
-        """Release a session; False when it was already gone (released or expired)."""
+    def release(self, session: Session | str, token: str | None = None) -> bool:
+        """Release a session, with its token (kept from the booking, or ``token``); False
+        when it was already gone (released or expired)."""
         session_id = session if isinstance(session, str) else session.id
-        response = self._send("DELETE", f"/v1/sessions/{session_id}", idempotent=True)
+        token = token or self._session_tokens.get(session_id)
+        if token is None and isinstance(session, Session):
+            token = session.token
+        kwargs: dict[str, Any] = {}
+        if token:
+            kwargs["auth"] = BearerAuth(token)
+        response = self._send("DELETE", f"/v1/sessions/{session_id}", idempotent=True, **kwargs)
         if response.status_code == 404:
+            self._session_tokens.pop(session_id, None)
             return False
         raise_for_status(response)
+        self._session_tokens.pop(session_id, None)
         return True
 
     @contextmanager
     def session(
-        self, input_tokens: int, output_tokens: int, client_site: str | None = None
+        self,
+        input_tokens: int,
+        output_tokens: int,
+        client_site: str | None = None,
+        *,
+        wait_s: float = 0.0,
     ) -> Iterator[Session]:
         """Book a session for the ``with`` block and release it on the way out."""
-        booked = self.book(input_tokens, output_tokens, client_site)
+        booked = self.book(input_tokens, output_tokens, client_site, wait_s=wait_s)
         try:
             yield booked
         finally:
@@ -141,3 +181,10 @@ class RouteClient:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _longer(timeout: httpx.Timeout | float, wait_s: float) -> httpx.Timeout:
+    """The client's timeout with the read timeout stretched by a queue wait."""
+    base = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+    read = (base.read or 10.0) + wait_s
+    return httpx.Timeout(connect=base.connect, read=read, write=base.write, pool=base.pool)
