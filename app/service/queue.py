@@ -35,16 +35,17 @@ from contextlib import AbstractContextManager
 from sqlalchemy.orm import Session
 
 from app.logging import get_logger
-from app.service.errors import ServiceError
+from app.service.errors import ServiceError, Unavailable
 from app.service.session_settings import SessionSettings
-from app.store.booking_queue import BookingQueue, QueuedRequest, Ticket
+from app.store.booking_queue import ADMITTED, REFUSED, BookingQueue, QueuedRequest, Ticket
 
 log = get_logger("bprr.queue")
 
 WriteTx = Callable[[], AbstractContextManager[Session]]
 Clock = Callable[[], float]
 # Books the head inside the admission transaction: the reply (JSON, without the token) when
-# booked, None when no chain can take it now (the round stops there).
+# booked, None when no chain can take it now (the round stops there); raises HeadRefused
+# when it can never be served (its site or lengths no longer valid).
 AdmitFn = Callable[[Session, Ticket, float], str | None]
 MAX_ADMISSIONS_PER_ROUND = 256
 
@@ -58,6 +59,10 @@ class TooManyRequests(ServiceError):
         seconds = max(1, int(-(-retry_after_s // 1)))
         super().__init__(message, {"Retry-After": str(seconds)})
         self.retry_after_s = retry_after_s
+
+
+class HeadRefused(Exception):
+    """The head can never be served as asked; its client gets a 503 with this reason."""
 
 
 class CentralQueue:
@@ -121,14 +126,21 @@ class CentralQueue:
 
     def withdraw(self, session_id: str, future: Future[str]) -> str | None:
         """Stop waiting: None if the ticket left the queue unserved, else the reply of the
-        session it was admitted to just before (the caller returns or releases it)."""
+        session it was admitted to just before (the caller returns or releases it).
+        Raises Unavailable if it was refused."""
         with self._resolve_lock:
             with self._lock:
                 self._waiting.pop(session_id, None)
             if future.done():
                 return future.result()
             with self.write_tx() as db:
-                return BookingQueue(db).withdraw(session_id)
+                answer = BookingQueue(db).withdraw(session_id)
+        if answer is None:
+            return None
+        state, reply = answer
+        if state == REFUSED:
+            raise Unavailable(reply, retry_after_s=self.settings.queue_poll_s)
+        return reply
 
     def wait(self, request: QueuedRequest, wait_s: float) -> str | None:
         """Enqueue and block until admitted (the reply) or ``wait_s`` ran out (None)."""
@@ -168,7 +180,11 @@ class CentralQueue:
                 if head is None:
                     depth = 0
                     break
-                reply = self.admit(db, head, now)
+                try:
+                    reply = self.admit(db, head, now)
+                except HeadRefused as refused:
+                    queue.refuse(head.seq, str(refused))
+                    continue
                 if reply is None:
                     depth = queue.depth(now, stale)
                     break
@@ -187,14 +203,19 @@ class CentralQueue:
                 if not self._waiting:
                     return
             with self.write_tx() as db:
-                replies = BookingQueue(db).admitted_for(self.holder)
-            for session_id, reply in replies.items():
+                answers = BookingQueue(db).answered_for(self.holder)
+            for session_id, (state, reply) in answers.items():
                 with self._lock:
                     future = self._waiting.pop(session_id, None)
-                if future is not None:
+                if future is None:
+                    if state == ADMITTED and self.on_orphan is not None:
+                        self.on_orphan(session_id)
+                elif state == ADMITTED:
                     future.set_result(reply)
-                elif self.on_orphan is not None:
-                    self.on_orphan(session_id)
+                else:
+                    future.set_exception(
+                        Unavailable(reply, retry_after_s=self.settings.queue_poll_s)
+                    )
 
     # --- the pump thread -----------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from app.store.session_tables import QueueRow
 
 WAITING = "waiting"
 ADMITTED = "admitted"
+REFUSED = "refused"
 # Any constant works; it only has to be the same for every coordinator process.
 QUEUE_LOCK_ID = 0x62717565
 _QUEUE = cast(Table, QueueRow.__table__)
@@ -103,8 +104,15 @@ class BookingQueue:
         """Delete the waiting tickets past their deadline or whose holder stopped renewing
         them (its client gave up, its process died)."""
         statement = delete(_QUEUE).where(
-            _QUEUE.c.state == WAITING,
-            or_(_QUEUE.c.deadline <= now, _QUEUE.c.seen_at <= stale_before),
+            or_(
+                and_(
+                    _QUEUE.c.state == WAITING,
+                    or_(_QUEUE.c.deadline <= now, _QUEUE.c.seen_at <= stale_before),
+                ),
+                # Answered, and its holder never picked the answer up (it died): the session
+                # expires by itself.
+                and_(_QUEUE.c.state != WAITING, _QUEUE.c.deadline <= stale_before),
+            )
         )
         result: Any = self.db.execute(statement)
         return int(result.rowcount)
@@ -131,6 +139,12 @@ class BookingQueue:
             update(_QUEUE).where(_QUEUE.c.seq == seq).values(state=ADMITTED, reply=reply)
         )
 
+    def refuse(self, seq: int, reason: str) -> None:
+        """Take a head that can never be served out of the line; its holder answers it."""
+        self.db.execute(
+            update(_QUEUE).where(_QUEUE.c.seq == seq).values(state=REFUSED, reply=reason)
+        )
+
     def touch(self, holder: str, now: float) -> None:
         """Renew every waiting ticket of this holder."""
         self.db.execute(
@@ -139,14 +153,15 @@ class BookingQueue:
             .values(seen_at=now)
         )
 
-    def admitted_for(self, holder: str) -> dict[str, str]:
-        """session id -> reply of this holder's admitted tickets, deleted as they are read."""
+    def answered_for(self, holder: str) -> dict[str, tuple[str, str]]:
+        """session id -> (state, reply) of this holder's admitted or refused tickets,
+        deleted as they are read."""
         rows = self.db.execute(
             delete(_QUEUE)
-            .where(_QUEUE.c.holder == holder, _QUEUE.c.state == ADMITTED)
-            .returning(_QUEUE.c.session_id, _QUEUE.c.reply)
+            .where(_QUEUE.c.holder == holder, _QUEUE.c.state.in_([ADMITTED, REFUSED]))
+            .returning(_QUEUE.c.session_id, _QUEUE.c.state, _QUEUE.c.reply)
         ).all()
-        return {row.session_id: row.reply or "" for row in rows}
+        return {row.session_id: (row.state, row.reply or "") for row in rows}
 
     def waiting_ids(self, holder: str) -> set[str]:
         return set(
@@ -157,17 +172,18 @@ class BookingQueue:
             )
         )
 
-    def withdraw(self, session_id: str) -> str | None:
-        """Take a ticket out of the queue: None if it was still waiting (or gone), else the
-        reply it was admitted with (the session exists; the caller returns or releases it)."""
+    def withdraw(self, session_id: str) -> tuple[str, str] | None:
+        """Take a ticket out of the queue: None if it was still waiting (or gone), else
+        (state, reply) of its answer: admitted (the session exists; the caller returns or
+        releases it) or refused (the reason)."""
         row = self.db.execute(
             delete(_QUEUE)
             .where(_QUEUE.c.session_id == session_id)
             .returning(_QUEUE.c.state, _QUEUE.c.reply)
         ).first()
-        if row is None or row.state != ADMITTED:
+        if row is None or row.state == WAITING:
             return None
-        return str(row.reply or "")
+        return str(row.state), str(row.reply or "")
 
     def find_waiting(self, client: str, idempotency_key: str) -> str | None:
         """The session id of a waiting ticket with this client's Idempotency-Key, if any."""

@@ -38,7 +38,12 @@ class SessionRecordRow(Base):
     client_site: Mapped[str] = mapped_column(String(200))
     input_tokens: Mapped[int] = mapped_column(Integer)
     output_tokens: Mapped[int] = mapped_column(Integer)
+    # Servers it holds cache on (one reservation each): fewer reservations left than this
+    # means a server dropped them (it left or re-registered) and the session is lost.
     hops: Mapped[int] = mapped_column(Integer)
+    generation: Mapped[int] = mapped_column(Integer)
+    # The chain of the placement's chain plan it runs on (JFFC), else None.
+    chain: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[float] = mapped_column(Float)
     ended_at: Mapped[float | None] = mapped_column(Float)
     # released | expired | server_lost
@@ -49,7 +54,9 @@ class SessionRecordRow(Base):
 
 class QueueRow(Base):
     """A booking waiting in the central queue (state "waiting"), or admitted and not yet
-    picked up by the process whose client waits for it (state "admitted", ``reply`` set)."""
+    picked up by the process whose client waits for it (state "admitted", ``reply`` set),
+    or refused at the head because it can no longer be served (state "refused", ``reply``
+    the reason)."""
 
     __tablename__ = "booking_queue"
     __table_args__ = (Index("ix_booking_queue_state_seq", "state", "seq"),)

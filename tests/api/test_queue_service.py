@@ -223,3 +223,26 @@ def test_a_withdrawal_after_admission_returns_the_reply(engine: Engine) -> None:
         assert seqs_of(engine) == {}
     finally:
         queue.close()
+
+
+def test_a_head_that_can_never_be_served_is_refused_and_the_next_one_admitted(
+    engine: Engine,
+) -> None:
+    from app.service.errors import Unavailable
+    from app.service.queue import HeadRefused
+
+    def admit(_db: Session, ticket: Ticket, _now: float) -> str | None:
+        if ticket.request.client_site == "gone":
+            raise HeadRefused("client_site: unknown site 'gone'")
+        return "{}"
+
+    queue = make_queue(engine, Slots())
+    queue.admit = admit
+    try:
+        doomed = queue.enqueue(request("gone"), 5.0)
+        served = queue.enqueue(request("east"), 5.0)
+        assert served.result(timeout=10) == "{}"
+        with pytest.raises(Unavailable, match="unknown site"):
+            doomed.result(timeout=10)
+    finally:
+        queue.close()
