@@ -16,8 +16,11 @@ from rich.console import Console
 from rich.table import Table
 
 from app.allocation.cg import InfeasibleError
+from app.allocation.chains import ChainsInfeasible
 from app.allocation.scenario import ScenarioError, load_scenario
 from app.allocation.solve import ALGORITHMS, NoSolutionError, Solution, solve
+from app.allocation.traces import WorkloadError
+from app.allocation.workload import WorkloadProfile
 
 cli = typer.Typer(
     name="bprr",
@@ -37,6 +40,25 @@ def fail(message: str) -> None:
 
 
 def solution_json(solution: Solution, server_ids: tuple[str, ...]) -> dict[str, object]:
+    data = _solution_core(solution, server_ids)
+    if solution.chains:
+        details = solution.details
+        data["dispatcher"] = solution.dispatcher
+        data["chains"] = [
+            {**chain.to_json(server_ids), "rate_per_s": round(chain.rate_per_s, 6)}
+            for chain in solution.chains
+        ]
+        for key in ("c", "candidate", "candidates", "profile", "stable", "slots"):
+            if key in details:
+                data[key] = details[key]
+        for key in ("lower_bound_s", "upper_bound_s", "service_rate_per_s"):
+            value = details.get(key)
+            data[key] = round(value, 6) if isinstance(value, float) and value < 1e300 else None
+    data["warnings"] = solution.warnings
+    return data
+
+
+def _solution_core(solution: Solution, server_ids: tuple[str, ...]) -> dict[str, object]:
     return {
         "algorithm": solution.algorithm,
         "concurrency": solution.concurrency,
@@ -58,8 +80,14 @@ def solution_json(solution: Solution, server_ids: tuple[str, ...]) -> dict[str, 
 def solve_command(
     scenario_path: Annotated[Path, typer.Argument(metavar="SCENARIO", help="Scenario JSON file.")],
     algorithm: Annotated[
-        str, typer.Option("--algorithm", "-a", help="cg (CG-BPRR), milp (CP-SAT) or petals.")
-    ] = "cg",
+        str,
+        typer.Option(
+            "--algorithm",
+            "-a",
+            help="auto (best candidate for the workload), chains (GBP-CR + GCA + JFFC), "
+            "cg (CG-BPRR), milp (CP-SAT) or petals.",
+        ),
+    ] = "auto",
     concurrency: Annotated[
         int | None,
         typer.Option(
@@ -79,8 +107,14 @@ def solve_command(
     if time_limit <= 0:
         fail("--time-limit: must be positive")
     scenario = load_scenario(scenario_path)
-    solution = solve(scenario, algorithm, concurrency, time_limit)  # type: ignore[arg-type]
+    try:
+        profile = WorkloadProfile.from_scenario(scenario)
+    except (ValueError, WorkloadError) as error:
+        raise UserError(str(error)) from None
+    solution = solve(scenario, algorithm, concurrency, time_limit, profile)  # type: ignore[arg-type]
     server_ids = tuple(s.id for s in scenario.servers)
+    for warning in solution.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if as_json:
         print(json.dumps(solution_json(solution, server_ids)))
         return
@@ -104,6 +138,8 @@ def print_solution(
     for route in solution.routes:
         chain = " -> ".join(f"{server_ids[h.server]}[{h.start},{h.end})" for h in route.hops)
         console.print(f"client {client_ids[route.client]} ({route.requests} requests): {chain}")
+    if solution.chains:
+        print_chains(console, solution, server_ids)
     bound = (
         "n/a" if solution.bound_ms_per_token is None else f"{solution.bound_ms_per_token:.3f} ms"
     )
@@ -112,6 +148,47 @@ def print_solution(
         f"mean per-token time {solution.objective_ms_per_token:.3f} ms, bound {bound}, "
         f"optimal {optimal}, status {solution.status}, solved in {solution.solve_seconds:.3f} s"
     )
+
+
+def print_chains(console: Console, solution: Solution, server_ids: tuple[str, ...]) -> None:
+    details = solution.details
+    table = Table(title=f"{len(solution.chains)} chains (JFFC, fastest first)")
+    table.add_column("#", justify="right")
+    table.add_column("capacity", justify="right")
+    table.add_column("rate (jobs/s per slot)", justify="right")
+    table.add_column("service (ms)", justify="right")
+    table.add_column("hops")
+    for k, chain in enumerate(solution.chains):
+        hops = " -> ".join(f"{server_ids[h.server]}[{h.start},{h.end})" for h in chain.hops)
+        table.add_row(
+            str(k),
+            str(chain.capacity),
+            f"{chain.rate_per_s:.4f}",
+            f"{chain.service_ms:.1f}",
+            hops,
+        )
+    console.print(table)
+    for candidate in details.get("candidates", []) or []:  # type: ignore[attr-defined]
+        console.print(
+            f"candidate {candidate['name']}: predicted mean response "
+            f"{_seconds(candidate['score_s'])}, {candidate['chains']} chains"
+        )
+    if "candidate" in details:
+        console.print(f"auto chose: {details['candidate']}")
+    if "c" in details:
+        console.print(f"cache reservation c = {details['c']}")
+    console.print(
+        f"Theorem 4: mean response between {_seconds(details.get('lower_bound_s'))} and "
+        f"{_seconds(details.get('upper_bound_s'))} (service rate "
+        f"{float(details.get('service_rate_per_s', 0.0)):.3f} jobs/s, "  # type: ignore[arg-type]
+        f"{details.get('slots')} slots)"
+    )
+
+
+def _seconds(value: object) -> str:
+    if not isinstance(value, int | float) or value != value or value > 1e300:
+        return "unbounded (unstable)"
+    return f"{value:.3f} s"
 
 
 @cli.callback()
@@ -152,7 +229,14 @@ def main(argv: list[str] | None = None) -> None:
         message = getattr(error, "format_message", error.__str__)()
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
-    except (UserError, ScenarioError, InfeasibleError, NoSolutionError) as error:
+    except (
+        UserError,
+        ScenarioError,
+        InfeasibleError,
+        NoSolutionError,
+        ChainsInfeasible,
+        WorkloadError,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

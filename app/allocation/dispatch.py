@@ -18,7 +18,7 @@ Signatures::
     tokens_of(input_tokens: int, output_tokens: int) -> int
     units_needed(hops: Sequence[Hop], tokens: int) -> dict[int, int]        # server -> units
     jffc_pick(chains: Sequence[Chain], in_service: Sequence[int],
-              free_units: Sequence[int] | IntArray, tokens: int,
+              free_units: Sequence[int] | IntArray (any indexable), tokens: int,
               alive: Sequence[bool] | None = None) -> int | None
     free_from(capacity: int, used: int, releases: Sequence[tuple[float, int]],
               units: int, now: float) -> float                               # inf: never
@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -68,6 +69,12 @@ __all__ = [
 Releases = Sequence[Sequence[tuple[float, int]]]
 
 
+class UnitsLookup(Protocol):
+    """Free units by server index: a list, an array, or a lazy view."""
+
+    def __getitem__(self, server: int, /) -> Any: ...
+
+
 def tokens_of(input_tokens: int, output_tokens: int) -> int:
     """T: the cache tokens a request holds on every block it runs (at least 1)."""
     return max(1, int(input_tokens) + int(output_tokens))
@@ -84,7 +91,7 @@ def units_needed(hops: Sequence[Hop], tokens: int) -> dict[int, int]:
 def jffc_pick(
     chains: Sequence[Chain],
     in_service: Sequence[int],
-    free_units: Sequence[int] | IntArray,
+    free_units: UnitsLookup,
     tokens: int,
     alive: Sequence[bool] | None = None,
 ) -> int | None:

@@ -139,6 +139,16 @@ def petals_cache_slots(scenario: Scenario, block_counts: Sequence[int]) -> list[
     return [m * cache_tokens // tokens for m in block_counts]
 
 
+def petals_cache_units(scenario: Scenario, block_counts: Sequence[int]) -> list[int]:
+    """PETALS' fixed attention cache per server in token-block units: cache_tokens x m.
+
+    Each inference session reserves its own (prompt + max_new_tokens) x k inside it, as
+    PETALS 2.2 allocates per session (CONTRACTS.md section 1).
+    """
+    cache_tokens = scenario.model.effective_petals_cache_tokens
+    return [m * cache_tokens for m in block_counts]
+
+
 # --- throughput --------------------------------------------------------------------------
 
 

@@ -1,18 +1,23 @@
 """The discrete-event core: a heap of (time, priority, sequence) events and exact cache books.
 
-Request lifecycle: ARRIVAL -> the policy decides (start now, start later on a booked route, or
-fail and retry later) -> START: the attention cache the request needs (k_j slots on every
-server j of its path, one slot = one request on one block) is taken -> END: it is released.
-Prefill and the decode steps happen between START and END; because service times do not
-depend on what else runs (the paper's model), a request needs only those events, never one per
-token.
+Request lifecycle: ARRIVAL -> the policy decides (start now, start later on a booked route,
+wait in the central FIFO queue, or fail and retry later) -> START: the attention cache the
+request needs is taken -> END: it is released, and the head of the central queue is offered
+the freed room. Prefill and the decode steps happen between START and END; because service
+times do not depend on what else runs (the paper's model), a request needs only those events,
+never one per token.
 
-Two books per server keep memory exact:
-- ``in_use``: slots held by running requests (checked against the capacity at every START,
+Memory is token-granular (CONTRACTS.md section 1): one unit is the kv cache of one token on
+one block; a request of T = input + output tokens running k blocks on server j holds k x T of
+j's units (the policy's ``capacity``). Two books per server keep memory exact:
+- ``in_use``: units held by running requests (checked against the capacity at every START,
   so the simulator can never overcommit: it raises instead);
-- ``committed``: slots of running requests plus those booked to start later. A policy that
-  books a future start only does so when its slots are free from that instant on
-  (``earliest_start``), so a booked request never finds its slots taken.
+- ``committed``: units of running requests plus those booked to start later. A policy that
+  books a future start only does so when its units are free from that instant on
+  (``earliest_start``), so a booked request never finds its units taken.
+
+The central queue (``Wait``) is strictly FIFO: an arrival joins it behind anyone waiting, and
+after every END the head is offered to the policy again until one cannot start.
 
 Ordering is deterministic: events at the same instant run END, then START, then ARRIVAL/RETRY,
 each group in the order it was scheduled. Time is in milliseconds.
@@ -24,6 +29,7 @@ import bisect
 import heapq
 import math
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -31,6 +37,7 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from app.allocation import dispatch
 from app.allocation.instance import Instance, Placement
 from app.allocation.perf import Hop
 from app.simulation.service import PaperServiceModel
@@ -61,7 +68,12 @@ class Retry:
     at_ms: float
 
 
-Decision = Start | Retry
+@dataclass(frozen=True)
+class Wait:
+    """Nothing can take the request now: it waits in the central FIFO queue."""
+
+
+Decision = Start | Retry | Wait
 
 
 class Policy(Protocol):
@@ -72,10 +84,24 @@ class Policy(Protocol):
     def placement(self) -> Placement: ...
 
     @property
-    def capacity(self) -> Sequence[int]:  # attention-cache slots per server
+    def capacity(self) -> Sequence[int]:  # cache token-block units per server
         ...
 
     def decide(self, sim: Simulator, request: int, now: float) -> Decision: ...
+
+
+class FreeUnits:
+    """capacity - committed per server, read lazily (a policy reads only the hops it needs)."""
+
+    def __init__(self, sim: Simulator) -> None:
+        self._capacity = sim.capacity
+        self._committed = sim.committed
+
+    def __getitem__(self, server: int) -> int:
+        return self._capacity[server] - self._committed[server]
+
+    def __len__(self) -> int:
+        return len(self._capacity)
 
 
 @dataclass
@@ -91,14 +117,16 @@ class SimResult:
     output_tokens: NDArray[np.int64]
     attempts: NDArray[np.int64]
     hops: NDArray[np.int64]
-    capacity: list[int]
-    peak_slots: list[int]
+    capacity: list[int]  # cache units per server
+    peak_slots: list[int]  # most cache units held at once per server
     completions: NDArray[np.int64]
     events: int
     wall_seconds: float
     routes: list[tuple[Hop, ...]] = field(default_factory=list)  # each request's hops
     placement_seconds: float = 0.0
     extra: dict[str, object] = field(default_factory=dict)
+    # T = input + output tokens per request: the units it holds on each block it runs.
+    tokens: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def requests(self) -> int:
@@ -160,12 +188,19 @@ class Simulator:
         self.in_use = [0] * n
         self.peak = [0] * n
         self.active = [0] * n  # booked or running requests per server (the batch size)
-        self.bookings: list[list[tuple[float, int, int]]] = [[] for _ in range(n)]
+        # Per server: (release time, units) of running and booked requests, by time.
+        self.bookings: list[list[tuple[float, int]]] = [[] for _ in range(n)]
+        self.queue: deque[int] = deque()  # the central FIFO queue (policies that Wait)
+        self.max_queue = 0
+        self.free_units = FreeUnits(self)
         self.now = 0.0
         count = len(workload)
         self._client = workload.client.tolist()
         self._inputs = workload.input_tokens.tolist()
         self._outputs = workload.output_tokens.tolist()
+        self._tokens = [
+            dispatch.tokens_of(i, o) for i, o in zip(self._inputs, self._outputs, strict=True)
+        ]
         self._start = [math.nan] * count
         self._first = [math.nan] * count
         self._end = [math.nan] * count
@@ -184,43 +219,34 @@ class Simulator:
     def attempts_of(self, request: int) -> int:
         return self._attempts[request]
 
+    def tokens_of(self, request: int) -> int:
+        """T = input + output tokens: the units the request holds per block it runs."""
+        return self._tokens[request]
+
+    def lengths_of(self, request: int) -> tuple[int, int]:
+        return int(self._inputs[request]), int(self._outputs[request])
+
     def free(self, server: int) -> int:
-        """Slots on ``server`` neither used nor booked."""
+        """Units on ``server`` neither used nor booked."""
         return self.capacity[server] - self.committed[server]
 
-    def free_at_ms(self, server: int, slots: int, now: float) -> float:
-        """The instant from which ``slots`` slots are free on ``server`` for good (inf: never).
+    def free_at_ms(self, server: int, units: int, now: float) -> float:
+        """The instant from which ``units`` units are free on ``server`` for good (inf: never);
+        dispatch.free_from over the server's bookings."""
+        return dispatch.free_from(
+            self.capacity[server], self.committed[server], self.bookings[server], units, now
+        )
 
-        Scans the server's bookings in completion order, as WS-RR does; counting booked
-        requests as held from now on makes the answer safe to book against. The answer is
-        ``now`` or exactly a booking's completion time (never ``now + (end - now)``, which
-        can round one ulp below ``end`` and start the request before that END event).
-        """
-        free = self.capacity[server] - self.committed[server]
-        if free >= slots:
-            return now
-        if slots > self.capacity[server]:
-            return math.inf
-        for end, _, held in self.bookings[server]:  # kept sorted by completion time
-            free += held
-            if free >= slots:
-                return max(now, end)
-        return math.inf  # pragma: no cover - bookings always sum to committed
+    def wait_ms(self, server: int, units: int, now: float) -> float:
+        """How long until ``units`` units are free on ``server`` for good (inf: never)."""
+        return self.free_at_ms(server, units, now) - now
 
-    def wait_ms(self, server: int, slots: int, now: float) -> float:
-        """How long until ``slots`` slots are free on ``server`` for good (inf: never)."""
-        return self.free_at_ms(server, slots, now) - now
-
-    def earliest_start(self, hops: Sequence[Hop], now: float) -> float:
-        """The first instant from which every hop's slots are free (a server visited twice
-        needs the slots of both of its hops)."""
-        needed: dict[int, int] = {}
-        for server, start, end in hops:
-            needed[server] = needed.get(server, 0) + end - start
-        at = now
-        for server, slots in needed.items():
-            at = max(at, self.free_at_ms(server, slots, now))
-        return at
+    def earliest_start(self, hops: Sequence[Hop], tokens: int, now: float) -> float:
+        """The first instant from which every hop's units are free (a server visited twice
+        needs the units of both of its hops)."""
+        return dispatch.earliest_start(
+            hops, tokens, self.capacity, self.committed, self.bookings, now
+        )
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -252,12 +278,44 @@ class Simulator:
                 self.events += 1
                 self._decide(policy, index, at)
                 index += 1
+        if self.queue:
+            raise SimulationError(
+                f"{policy.name}: {len(self.queue)} request(s) still queued at the end "
+                f"(request {self.queue[0]} can never fit)"
+            )
         wall = time.perf_counter() - began
         return self._result(wall)
 
     def _decide(self, policy: Policy, request: int, now: float) -> None:
         self._attempts[request] += 1
+        if self.queue:  # FIFO: nobody overtakes a waiting request
+            self._enqueue(request)
+            return
         decision = policy.decide(self, request, now)
+        if isinstance(decision, Wait):
+            self._enqueue(request)
+            return
+        self._apply(policy, request, decision, now)
+
+    def _enqueue(self, request: int) -> None:
+        self.queue.append(request)
+        if len(self.queue) > self.max_queue:
+            self.max_queue = len(self.queue)
+
+    def _drain(self, now: float) -> None:
+        """Offer the freed room to the head of the central queue, in order."""
+        policy = self.policy
+        while self.queue:
+            head = self.queue[0]
+            decision = policy.decide(self, head, now)
+            if isinstance(decision, Wait):
+                return
+            self.queue.popleft()
+            self._apply(policy, head, decision, now)
+
+    def _apply(self, policy: Policy, request: int, decision: Decision, now: float) -> None:
+        if isinstance(decision, Wait):  # pragma: no cover - handled by the callers
+            raise SimulationError("a waiting request cannot be applied")
         if isinstance(decision, Retry):
             if self._attempts[request] >= MAX_ATTEMPTS:
                 raise SimulationError(
@@ -274,14 +332,16 @@ class Simulator:
             )
         hops = decision.hops
         self._hops[request] = hops
+        tokens = self._tokens[request]
         batch = []
         for server, start, end in hops:
-            self.committed[server] += end - start
+            units = (end - start) * tokens
+            self.committed[server] += units
             # A start now must fit now; a later start was checked by earliest_start (and the
-            # START event checks the slots actually held).
+            # START event checks the units actually held).
             if at == now and self.committed[server] > self.capacity[server]:
                 raise SimulationError(
-                    f"{policy.name}: request {request} books {end - start} slots on server "
+                    f"{policy.name}: request {request} books {units} units on server "
                     f"{server} beyond its capacity {self.capacity[server]}"
                 )
             self.active[server] += 1
@@ -292,7 +352,7 @@ class Simulator:
         self._first[request] = at + first
         self._end[request] = at + total
         for server, start, end in hops:
-            bisect.insort(self.bookings[server], (at + total, request, end - start))
+            bisect.insort(self.bookings[server], (at + total, (end - start) * tokens))
         if at == now:
             self.events += 1  # the START happens now; no need to queue it
             self._begin(request, at)
@@ -301,11 +361,12 @@ class Simulator:
 
     def _begin(self, request: int, now: float) -> None:
         self._start[request] = now
+        tokens = self._tokens[request]
         for server, start, end in self._hops[request]:
-            used = self.in_use[server] + end - start
+            used = self.in_use[server] + (end - start) * tokens
             if used > self.capacity[server]:
                 raise SimulationError(
-                    f"server {server} would hold {used} cache slots, capacity "
+                    f"server {server} would hold {used} cache units, capacity "
                     f"{self.capacity[server]} (request {request} at {now:.3f} ms)"
                 )
             self.in_use[server] = used
@@ -315,17 +376,24 @@ class Simulator:
 
     def _finish(self, request: int, now: float) -> None:
         self._completions[request] += 1
+        tokens = self._tokens[request]
         for server, start, end in self._hops[request]:
-            self.in_use[server] -= end - start
-            self.committed[server] -= end - start
+            units = (end - start) * tokens
+            self.in_use[server] -= units
+            self.committed[server] -= units
             self.active[server] -= 1
             books = self.bookings[server]
             done = bisect.bisect_right(books, (now, math.inf))
             if done:
                 del books[:done]
+        finished = getattr(self.policy, "finished", None)
+        if finished is not None:
+            finished(request)
+        if self.queue:
+            self._drain(now)
 
     def _result(self, wall: float) -> SimResult:
-        extra: dict[str, object] = {}
+        extra: dict[str, object] = {"max_queue": self.max_queue}
         return SimResult(
             policy=self.policy.name,
             scenario=self.scenario_name,
@@ -345,4 +413,5 @@ class Simulator:
             wall_seconds=wall,
             routes=list(self._hops),
             extra=extra,
+            tokens=np.array(self._tokens, dtype=np.int64),
         )

@@ -3,8 +3,11 @@
 =============== ======================================= ================= =====================
 name            placement                               cache per server  routing
 =============== ======================================= ================= =====================
+auto            the best candidate for the workload     memory - weights  JFFC over GCA chains,
+                (app.allocation.auto)                                     central FIFO queue
+chains          GBP-CR at the best c, GCA               memory - weights  JFFC, central queue
 petals          PETALS 2.2 (its counts, join order)     PETALS' fixed     PETALS (fail, ban,
-                                                        reservation       back off, retry)
+                                                        budget            back off, retry)
 petals-order    PETALS, servers join in CG's order      PETALS' fixed     PETALS
 petals-number   PETALS windows with CG's block counts   PETALS' fixed     PETALS
 petals-rr       PETALS 2.2                              PETALS' fixed     WS-RR
@@ -13,32 +16,45 @@ cg-wsrr         CG-BP for |R| from the arrival rate     memory - weights  WS-RR
 milp-wsrr       MILP-BPRR (time limit), CG hint         memory - weights  WS-RR
 =============== ======================================= ================= =====================
 
+Cache is counted in token-block units (the engine's docstring): every request reserves its own
+input + output tokens on every block it runs. "memory - weights": all memory left after the
+span's weights (instance.cache_tokens); PETALS' fixed budget: petals_cache_tokens x m units,
+inside which each session reserves its own tokens, as PETALS 2.2 allocates per session. The
+paper's baselines (cg-*, milp-wsrr, petals*) keep their papers' placement and routing rules:
+CG-BP sizes for the caps and WS-RR costs use l_max, as WS_RR.m does.
+
 Waiting (cg-sp and the WS-RR policies): a request whose route lacks cache books the route at
-the earliest instant from which all its slots are free (the engine's ``earliest_start``) and
-starts then; nothing else can take those slots meanwhile. PETALS does not wait: the request
-fails, the servers that lacked cache are banned for that client for 15 s x 2^f (f: earlier
-failures of that server for that client, reset by a success), and the client retries after
-min(2^(n-1), 60) s, n being the request's failures so far (PETALS' client backoff).
+the earliest instant from which all its units are free (the engine's ``earliest_start``) and
+starts then; nothing else can take those units meanwhile. Chain policies wait in the engine's
+central FIFO queue and start on the fastest free chain as soon as one frees (JFFC). PETALS
+does not wait: the request fails, the servers that lacked cache are banned for that client
+for 15 s x 2^f (f: earlier failures of that server for that client, reset by a success), and
+the client retries after min(2^(n-1), 60) s, n being the request's failures so far (PETALS'
+client backoff).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from app.allocation import cg
-from app.allocation.instance import FloatArray, Instance, IntArray, Placement
+from app.allocation import cg, dispatch
+from app.allocation.chains import Chain
+from app.allocation.instance import Instance, IntArray, Placement
 from app.allocation.perf import Hop
 from app.allocation.routing import Route, RouteIndex
 from app.allocation.scenario import Scenario
-from app.simulation.engine import Decision, Retry, SimulationError, Simulator, Start
+from app.allocation.workload import WorkloadProfile
+from app.simulation.engine import Decision, Retry, SimulationError, Simulator, Start, Wait
 
 POLICIES = (
+    "auto",
+    "chains",
     "petals",
     "cg-sp",
     "cg-wsrr",
@@ -56,7 +72,7 @@ def retry_delay_ms(failures: int) -> float:
     """PETALS' client backoff after the request's ``failures``-th failure: min(2^(n-1), 60) s."""
     if failures < 1:
         raise ValueError("failures: must be at least 1")
-    return min(2.0 ** (failures - 1), BACKOFF_CAP_S) * 1000.0
+    return min(2.0 ** min(failures - 1, 64), BACKOFF_CAP_S) * 1000.0
 
 
 def ban_ms(previous_failures: int) -> float:
@@ -70,8 +86,8 @@ class Router(Protocol):
     ) -> Route | None: ...
 
 
-def _lacking(sim: Simulator, hops: Sequence[Hop]) -> list[int]:
-    return [server for server, start, end in hops if sim.free(server) < end - start]
+def _lacking(sim: Simulator, hops: Sequence[Hop], tokens: int) -> list[int]:
+    return [s for s, units in dispatch.units_needed(hops, tokens).items() if sim.free(s) < units]
 
 
 class FixedRoutePolicy:
@@ -87,19 +103,18 @@ class FixedRoutePolicy:
 
     def decide(self, sim: Simulator, request: int, now: float) -> Decision:
         hops = self.routes[sim.client_of(request)]
-        at = sim.earliest_start(hops, now)
+        at = sim.earliest_start(hops, sim.tokens_of(request), now)
         if not math.isfinite(at):
             raise SimulationError(f"{self.name}: the route of request {request} can never fit")
         return Start(hops, at)
 
 
 class WsrrPolicy:
-    """WS-RR: shortest path where entering server j for k blocks costs its waiting time
-    (until k slots free up, its bookings scanned in completion order) plus the prefill and
-    l_max - 1 decode terms: t^I_cj + k tau^I_j + (l_max - 1)(t_cj + k tau_j), as WS_RR.m.
-
-    Each client's zero-wait route is cached: while all its servers have the slots, no route
-    is cheaper (waiting only adds cost), so the dynamic programme runs only when one lacks.
+    """WS-RR (app.allocation.dispatch.wsrr_route): shortest path where entering server j for
+    k blocks costs its waiting time (until k x T units free up, its bookings scanned in
+    completion order) plus t^I_cj + k tau^I_j + (l - 1)(t_cj + k tau_j). The paper's policies
+    price every request at the caps (l_in, l_max), as WS_RR.m does; each request still holds
+    only its own tokens.
     """
 
     def __init__(
@@ -109,12 +124,14 @@ class WsrrPolicy:
         self.placement = placement
         self.capacity = list(capacity)
         self.index = RouteIndex(placement, instance.num_blocks)
-        later = instance.output_tokens - 1
-        self.hop_fixed: FloatArray = instance.prefill_hop_ms() + later * instance.token_hop_ms
-        self.per_block: FloatArray = instance.prefill_ms() + later * instance.decode_ms
+        self.costs = [
+            dispatch.wsrr_costs(instance, c, instance.input_tokens, instance.output_tokens)
+            for c in range(instance.num_clients)
+        ]
+        # Each client's zero-wait route: while all its servers have room, none is cheaper.
         self.cached: list[tuple[Hop, ...]] = []
-        for client in range(instance.num_clients):
-            route = self.index.shortest(self.hop_fixed[client], self.per_block)
+        for hop_fixed, per_block in self.costs:
+            route = self.index.shortest(hop_fixed, per_block)
             if route is None:
                 raise SimulationError(f"{name}: no chain of servers covers every block")
             self.cached.append(route.hops)
@@ -122,32 +139,62 @@ class WsrrPolicy:
 
     def decide(self, sim: Simulator, request: int, now: float) -> Decision:
         client = sim.client_of(request)
+        tokens = sim.tokens_of(request)
         hops = self.cached[client]
-        if not _lacking(sim, hops):
+        if not _lacking(sim, hops, tokens):
             return Start(hops, now)
         self.recomputed += 1
-        route = self.index.shortest(self.hop_fixed[client], self.per_block, self._waits(sim, now))
-        if route is None:
+        hop_fixed, per_block = self.costs[client]
+        choice = dispatch.wsrr_route(
+            self.index,
+            hop_fixed,
+            per_block,
+            tokens,
+            sim.capacity,
+            sim.committed,
+            sim.bookings,
+            now,
+        )
+        if choice is None:
             raise SimulationError(f"{self.name}: request {request} can never fit anywhere")
-        return Start(route.hops, sim.earliest_start(route.hops, now))
+        return Start(choice.hops, choice.start_at)
 
-    def _waits(self, sim: Simulator, now: float) -> Callable[[IntArray, IntArray], FloatArray]:
-        free = np.array(self.capacity, dtype=np.int64) - np.array(sim.committed, dtype=np.int64)
 
-        def extra(servers: IntArray, blocks: IntArray) -> FloatArray:
-            cost = np.zeros(servers.size)
-            short = np.flatnonzero(free[servers] < blocks)
-            memo: dict[tuple[int, int], float] = {}
-            for i in short.tolist():
-                key = (int(servers[i]), int(blocks[i]))
-                value = memo.get(key)
-                if value is None:
-                    value = sim.wait_ms(key[0], key[1], now)
-                    memo[key] = value
-                cost[i] = value
-            return cost
+class ChainsPolicy:
+    """JFFC over fixed chains (dispatch.jffc_pick) with the engine's central FIFO queue."""
 
-        return extra
+    def __init__(
+        self, name: str, placement: Placement, capacity: Sequence[int], chains: Sequence[Chain]
+    ) -> None:
+        if not chains:
+            raise SimulationError(f"{name}: no chain covers every block")
+        self.name = name
+        self.placement = placement
+        self.capacity = list(capacity)
+        self.chains = list(chains)
+        self.in_service = [0] * len(self.chains)
+        self.chain_of: dict[int, int] = {}
+        # The most tokens any chain could ever take (every hop's whole capacity).
+        self._largest = max(
+            min(self.capacity[h.server] // h.blocks for h in chain.hops) for chain in self.chains
+        )
+
+    def decide(self, sim: Simulator, request: int, now: float) -> Decision:
+        tokens = sim.tokens_of(request)
+        if tokens > self._largest:
+            raise SimulationError(
+                f"{self.name}: request {request} needs {tokens} tokens per block, more than "
+                f"any chain's servers hold ({self._largest})"
+            )
+        k = dispatch.jffc_pick(self.chains, self.in_service, sim.free_units, tokens)
+        if k is None:
+            return Wait()
+        self.in_service[k] += 1
+        self.chain_of[request] = k
+        return Start(self.chains[k].hops, now)
+
+    def finished(self, request: int) -> None:
+        self.in_service[self.chain_of.pop(request)] -= 1
 
 
 class PetalsPolicy:
@@ -181,13 +228,15 @@ class PetalsPolicy:
         bans = self.banned_until[client]
         banned = [j for j, until in bans.items() if until > now]
         hops = self.cached[client]
-        if hops is None or banned or _lacking_span(sim, hops, self.placement):
+        tokens = sim.tokens_of(request)
+        if hops is None or banned or _lacking_span(sim, hops, self.placement, tokens):
             free = self._capacity_array - np.array(sim.committed, dtype=np.int64)
-            route = self.router.route(client, free, sorted(banned))
+            # PETALS' router judges free cache in sessions of this request's size.
+            route = self.router.route(client, free // tokens, sorted(banned))
             hops = None if route is None else route.hops
         if hops is None:
             return self._fail(request, now)
-        lacking = _lacking(sim, hops)
+        lacking = _lacking(sim, hops, tokens)
         if lacking:
             counts = self.fail_count[client]
             for server in lacking:
@@ -207,11 +256,11 @@ class PetalsPolicy:
         return Retry(now + retry_delay_ms(failures))
 
 
-def _lacking_span(sim: Simulator, hops: Sequence[Hop], placement: Placement) -> bool:
-    """Would PETALS' router penalise a server of this route (free cache < its span)?"""
+def _lacking_span(sim: Simulator, hops: Sequence[Hop], placement: Placement, tokens: int) -> bool:
+    """Would PETALS' router penalise a server of this route (free cache < T x its span)?"""
     for server, _, _ in hops:
         span = placement[server]
-        if span is not None and sim.free(server) < span.length:
+        if span is not None and sim.free(server) < span.length * tokens:
             return True
     return False
 
@@ -221,16 +270,16 @@ def _lacking_span(sim: Simulator, hops: Sequence[Hop], placement: Placement) -> 
 
 @dataclass
 class BuiltPolicy:
-    policy: FixedRoutePolicy | WsrrPolicy | PetalsPolicy
+    policy: FixedRoutePolicy | WsrrPolicy | PetalsPolicy | ChainsPolicy
     placement_seconds: float
     concurrency: int | None
     details: dict[str, object] = field(default_factory=dict)
 
 
 def cg_capacity(instance: Instance, placement: Placement) -> list[int]:
-    """Cache slots when a server gives all memory left after its weights to caches."""
+    """Cache units when a server gives all memory left after its weights to caches."""
     return [
-        0 if span is None else instance.cache_slots(j, span.length)
+        0 if span is None else instance.cache_tokens(j, span.length)
         for j, span in enumerate(placement)
     ]
 
@@ -241,13 +290,20 @@ def build_policy(
     instance: Instance,
     rate_per_s: float,
     milp_time_limit_s: float = 10.0,
+    profile: WorkloadProfile | None = None,
 ) -> BuiltPolicy:
-    """Place blocks for ``name`` and return the online policy, timing the placement."""
+    """Place blocks for ``name`` and return the online policy, timing the placement.
+
+    ``profile``: the workload the chain policies plan for (default: the scenario's lengths at
+    ``rate_per_s``); the paper's baselines size from the arrival rate and the caps.
+    """
     from app.allocation import petals
 
     if name not in POLICIES:
         raise ValueError(f"--policy: unknown policy {name!r} (choose from {', '.join(POLICIES)})")
     began = time.perf_counter()
+    if name in ("auto", "chains"):
+        return _build_chain_policy(name, scenario, instance, rate_per_s, profile, began)
     if name in ("cg-sp", "cg-wsrr", "milp-wsrr"):
         concurrency = cg.design_concurrency(instance, rate_per_s)
         if name == "milp-wsrr":
@@ -284,11 +340,43 @@ def build_policy(
             counts_override = list(cg_placement.block_counts)
     result = petals.petals_place(scenario, instance, order=order, block_counts=counts_override)
     seconds = time.perf_counter() - began
+    units = petals.petals_cache_units(scenario, result.block_counts)
     if name == "petals-rr":
-        policy = WsrrPolicy(name, instance, result.placement, result.cache_slots)
+        policy = WsrrPolicy(name, instance, result.placement, units)
     else:
         router = petals.PetalsRouter(scenario, instance, result.placement)
-        policy = PetalsPolicy(
-            name, instance.num_clients, result.placement, result.cache_slots, router
-        )
+        policy = PetalsPolicy(name, instance.num_clients, result.placement, units, router)
     return BuiltPolicy(policy, seconds, design, {"block_counts": list(result.block_counts)})
+
+
+def _build_chain_policy(
+    name: str,
+    scenario: Scenario,
+    instance: Instance,
+    rate_per_s: float,
+    profile: WorkloadProfile | None,
+    began: float,
+) -> BuiltPolicy:
+    from app.allocation.auto import plan_auto
+    from app.allocation.chains import plan_chains
+
+    if profile is None:
+        profile = WorkloadProfile.from_scenario(scenario, rate_per_s)
+    details: dict[str, object] = {}
+    if name == "chains":
+        plan = plan_chains(instance, profile)
+        placement, chains, bounds = plan.placement, plan.chains, plan.bounds
+        details["c"] = plan.c
+    else:
+        auto = plan_auto(scenario, instance, profile)
+        placement, chains, bounds = auto.best.placement, auto.best.chains, auto.best.bounds
+        details["candidate"] = auto.best.name
+        details["candidate_scores"] = {
+            c.name: round(c.score_s, 6) if math.isfinite(c.score_s) else None
+            for c in auto.candidates
+        }
+    seconds = time.perf_counter() - began
+    details["lower_bound_ms"] = bounds.lower_s * 1000.0 if bounds.stable else None
+    details["upper_bound_ms"] = bounds.upper_s * 1000.0 if bounds.stable else None
+    policy = ChainsPolicy(name, placement, cg_capacity(instance, placement), chains)
+    return BuiltPolicy(policy, seconds, None, details)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from app.allocation.instance import Instance
 from app.allocation.scenario import Scenario
+from app.allocation.workload import WorkloadProfile
 from app.simulation.engine import SimResult, Simulator
 from app.simulation.policies import build_policy
 from app.simulation.service import make_service_model
@@ -26,7 +27,10 @@ def simulate(
     instance = Instance.from_scenario(scenario)
     if workload is None:
         workload = scenario_workload(scenario, seed)
-    built = build_policy(policy, scenario, instance, workload.rate_per_s, milp_time_limit_s)
+    profile = workload_profile(workload)
+    built = build_policy(
+        policy, scenario, instance, workload.rate_per_s, milp_time_limit_s, profile
+    )
     sim = Simulator(
         instance,
         workload,
@@ -43,6 +47,13 @@ def simulate(
         if key != "block_counts":
             result.extra[key] = value
     return result
+
+
+def workload_profile(workload: Workload) -> WorkloadProfile:
+    """The profile the chain policies plan for: the workload's rate and length statistics."""
+    return WorkloadProfile.from_samples(
+        workload.rate_per_s, workload.input_tokens, workload.output_tokens
+    )
 
 
 def peak_concurrency(result: SimResult) -> int:

@@ -16,10 +16,11 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
 
 
 def test_solve_json_is_exactly_one_object(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(["solve", str(CLUSTERED), "--json", "--concurrency", "10"], capsys)
+    code, out, _ = run(["solve", str(CLUSTERED), "-a", "cg", "--json", "-R", "10"], capsys)
     assert code == 0
     result = json.loads(out)
     assert set(result) == {
+        "warnings",
         "algorithm",
         "concurrency",
         "placement",
@@ -37,7 +38,7 @@ def test_solve_json_is_exactly_one_object(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_solve_table(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(["solve", str(CLUSTERED), "-R", "5"], capsys)
+    code, out, _ = run(["solve", str(CLUSTERED), "-a", "cg", "-R", "5"], capsys)
     assert code == 0
     assert "a100-0" in out and "mean per-token time 625.379 ms" in out
 
@@ -50,7 +51,7 @@ def test_solve_table(capsys: pytest.CaptureFixture[str]) -> None:
         (["solve", str(CLUSTERED), "--concurrency", "0"], "--concurrency: must be at least 1"),
         (["solve", str(CLUSTERED), "--concurrency", "x"], "--concurrency"),
         (["solve", str(CLUSTERED), "--time-limit", "-1"], "--time-limit"),
-        (["solve", str(CLUSTERED), "-R", "5000"], "GB more GPU memory is missing"),
+        (["solve", str(CLUSTERED), "-a", "cg", "-R", "5000"], "GB more GPU memory is missing"),
         (["solve"], "Missing argument"),
     ],
 )

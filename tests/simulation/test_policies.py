@@ -42,7 +42,8 @@ def test_petals_retry_schedule_with_bans() -> None:
     instance = Instance.from_scenario(scenario)
     placement = (Span(0, 2),)
     router = petals.PetalsRouter(scenario, instance, placement)
-    policy = PetalsPolicy("petals", 1, placement, [2], router)
+    # PETALS' budget here: one 7-token request on 2 blocks = 14 cache units.
+    policy = PetalsPolicy("petals", 1, placement, [14], router)
     result = Simulator(instance, fixed_workload([0.0, 1.0]), policy).run()
     end0 = float(result.end_ms[0])
     assert 100_000 < end0 < 100_001
@@ -52,7 +53,7 @@ def test_petals_retry_schedule_with_bans() -> None:
     assert result.attempts.tolist() == [1, 8]
     assert result.start_ms[1] == pytest.approx(123_001.0)
     assert policy.bans == 3
-    assert result.peak_slots == [2]
+    assert result.peak_slots == [14]
 
 
 def bounded_scenario(rate: float, count: int, seed: int) -> tuple[object, Instance, int, float]:
