@@ -16,10 +16,11 @@ from rich.console import Console
 from rich.table import Table
 
 from app.allocation.scenario import ScenarioError
-from app.profiler.arch import PRESETS, ArchError, BlockArch, custom_arch
+from app.profiler.arch import PRESETS, ArchError, custom_arch
 from app.profiler.fit import FitError
 from app.profiler.profile import (
     DEFAULT_PLAN,
+    Architecture,
     TorchMissingError,
     cached_profile,
     default_cache_path,
@@ -27,6 +28,7 @@ from app.profiler.profile import (
 )
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+QUANT_BYTES = {"int8": 1.0, "nf4": 0.5}  # per weight; the rest stays in --dtype
 
 
 class ProfileUserError(ScenarioError):
@@ -58,10 +60,12 @@ def _available_bytes() -> int | None:
     return None
 
 
-def _check_memory(arch: BlockArch, blocks: int, dtype: str, device: str) -> None:
+def _check_memory(
+    arch: Architecture, blocks: int, dtype: str, device: str, quant: str = "none"
+) -> None:
     if device != "cpu":
         return
-    need = arch.params * BYTES[dtype] * blocks
+    need = arch.params * QUANT_BYTES.get(quant, BYTES[dtype]) * blocks
     available = _available_bytes()
     if available is not None and need > 0.8 * available:
         raise ProfileUserError(
@@ -75,11 +79,16 @@ def _print_report(report: dict[str, Any], from_cache: bool) -> None:
     console = Console()
     arch = report["architecture"]
     source = " (from the cache)" if from_cache else ""
+    built = ""
+    if "transformers" in report:
+        built = f", {arch['model_type']} blocks of transformers {report['transformers']}"
+        if report.get("quantization", "none") != "none":
+            built += f", {report['quantization']} (bitsandbytes {report['bitsandbytes']})"
     console.print(
         f"{arch['name']}: hidden {arch['hidden']}, {arch['heads']} heads "
         f"({arch['kv_heads']} kv), intermediate {arch['intermediate']}, "
-        f"{arch['params_per_block'] / 1e6:.1f} M params/block; {report['device']}, "
-        f"{report['dtype']}, torch {report['torch']}{source}"
+        f"{arch['params_per_block'] / 1e6:.3g} M params/block; {report['device']}, "
+        f"{report['dtype']}, torch {report['torch']}{built}{source}"
     )
     fit = report["fit"]
     prefill = report["prefill_ms_per_block"]
@@ -124,6 +133,21 @@ def profile_command(
         str | None,
         typer.Option("--arch", help=f"A preset: {', '.join(PRESETS)} (sizes below override it)."),
     ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="A Hugging Face config.json (or its folder): blocks built by transformers "
+            "(Llama, Mistral, Falcon, BLOOM, Qwen, ...), random weights, nothing downloaded.",
+        ),
+    ] = None,
+    quant: Annotated[
+        str,
+        typer.Option(
+            "--quant",
+            help="none, int8 or nf4 (bitsandbytes, with --config): quantised linear layers.",
+        ),
+    ] = "none",
     hidden: Annotated[int | None, typer.Option("--hidden", help="Hidden size.")] = None,
     heads: Annotated[int | None, typer.Option("--heads", help="Attention heads.")] = None,
     kv_heads: Annotated[
@@ -165,21 +189,7 @@ def profile_command(
 ) -> None:
     """Time random-weight transformer blocks and fit the server's speed fields
     (decode_ms_per_block, prefill_ms_per_block) by least squares."""
-    if arch_name is None and (hidden is None or heads is None):
-        raise ProfileUserError(
-            f"--arch: give a preset ({', '.join(PRESETS)}) or --hidden and --heads"
-        )
-    try:
-        arch = custom_arch(
-            arch_name,
-            hidden=hidden,
-            heads=heads,
-            kv_heads=kv_heads,
-            intermediate=intermediate,
-            style=style,
-        )
-    except ArchError as error:
-        raise ProfileUserError(f"--{error}") from None
+    arch = _architecture(arch_name, config, quant, hidden, heads, kv_heads, intermediate, style)
     if dtype not in BYTES:
         raise ProfileUserError(f"--dtype: {dtype!r} is not one of {', '.join(BYTES)}")
     if repeats < 1:
@@ -199,7 +209,7 @@ def profile_command(
         "repeats": repeats,
         "warmup": warmup,
     }
-    _check_memory(arch, max(block_counts), dtype, device)
+    _check_memory(arch, max(block_counts), dtype, device, quant)
 
     def progress(line: str) -> None:
         if not quiet:
@@ -224,12 +234,55 @@ def profile_command(
             from_cache = False
     except (TorchMissingError, FitError) as error:
         raise ProfileUserError(str(error)) from None
-    except ValueError as error:  # the device, dtype or plan
+    except ValueError as error:  # the device, dtype, plan, or a --quant this machine lacks
         raise ProfileUserError(f"--{error}") from None
     if as_json:
         print(json.dumps(report))
     else:
         _print_report(report, from_cache)
+
+
+def _architecture(
+    arch_name: str | None,
+    config: Path | None,
+    quant: str,
+    hidden: int | None,
+    heads: int | None,
+    kv_heads: int | None,
+    intermediate: int | None,
+    style: str | None,
+) -> Architecture:
+    sizes = (hidden, heads, kv_heads, intermediate, style)
+    if config is not None:
+        if arch_name is not None or any(v is not None for v in sizes):
+            raise ProfileUserError("--config: give it alone (not with --arch or sizes)")
+        try:
+            from app.profiler import hf
+        except ImportError as error:
+            raise ProfileUserError(f"--config needs torch and transformers: {error}") from None
+        if quant not in hf.QUANTS:
+            raise ProfileUserError(f"--quant: {quant!r} is not one of {', '.join(hf.QUANTS)}")
+        try:
+            return hf.load_config(config, quant)
+        except hf.HfConfigError as error:
+            raise ProfileUserError(f"--{error}") from None
+    if quant != "none":
+        raise ProfileUserError("--quant: int8/nf4 blocks need --config (transformers' blocks)")
+    if arch_name is None and (hidden is None or heads is None):
+        raise ProfileUserError(
+            f"--arch: give a preset ({', '.join(PRESETS)}), --hidden and --heads, or --config"
+        )
+    try:
+        return custom_arch(
+            arch_name,
+            hidden=hidden,
+            heads=heads,
+            kv_heads=kv_heads,
+            intermediate=intermediate,
+            style=style,
+        )
+    except ArchError as error:
+        raise ProfileUserError(f"--{error}") from None
 
 
 def register(cli: typer.Typer) -> None:

@@ -111,65 +111,41 @@ def _time_once(run: Callable[[], object], device: torch.device) -> float:
 
 
 @dataclass(frozen=True)
-class _Point:
+class Point:
     kind: Kind
     blocks: int
     batch: int
     context: int
 
 
-def measure(
-    arch: BlockArch,
+def plan_points(plan: Plan) -> list[Point]:
+    """Decode: every number of blocks x context x batch; prefill: blocks x context, batch 1."""
+    contexts = sorted(set(plan.contexts))
+    counts = sorted(set(plan.blocks))
+    decode = [
+        Point("decode", n, b, c)
+        for n in counts
+        for c in contexts
+        for b in sorted(set(plan.batches))
+    ]
+    return decode + [Point("prefill", n, 1, c) for n in counts for c in contexts]
+
+
+def time_points(
+    points: list[Point],
+    runner: Callable[[Point], Callable[[], object]],
     plan: Plan,
     device: torch.device,
-    dtype: torch.dtype,
     progress: Callable[[str], None] | None = None,
     seed: int = 0,
 ) -> list[Timing]:
-    """Time decode steps and prefills for every point of ``plan``.
-
-    Each point is warmed up ``plan.warmup`` times, then the points are timed in rounds, each
-    round in a new random order, ``plan.repeats`` rounds in all; a point's timing is its
-    median. Interleaving spreads slow phases of a shared machine (another process, frequency
-    changes) over every point instead of biasing the few measured at that moment. Every block
-    keeps one KV cache buffer as large as the largest point needs; a point uses its first
-    ``batch`` rows and ``context`` positions (random keys and values, as a prefill leaves)."""
-    torch.manual_seed(seed)
+    """Warm every point up ``plan.warmup`` times, then time the points in rounds, each round
+    in a new random order, ``plan.repeats`` rounds in all; a point's timing is its median.
+    Interleaving spreads slow phases of a shared machine (another process, frequency
+    changes) over every point instead of biasing the few measured at that moment.
+    ``runner(point)`` returns the call to time (it must do the same work every time)."""
     rng = random.Random(seed)
-    blocks = build_blocks(arch, max(plan.blocks), device, dtype, seed=seed)
-    contexts = sorted(set(plan.contexts))
-    batches = sorted(set(plan.batches))
-    capacity = max(contexts) + 1
-    caches = [new_cache(arch, max(batches), capacity, capacity, device, dtype) for _ in blocks]
-    points = [
-        _Point("decode", n, b, c)
-        for n in sorted(set(plan.blocks))
-        for c in contexts
-        for b in batches
-    ] + [_Point("prefill", n, 1, c) for n in sorted(set(plan.blocks)) for c in contexts]
-    inputs = {
-        (b, t): torch.randn(b, t, arch.hidden, device=device, dtype=dtype)
-        for b, t in {(p.batch, 1 if p.kind == "decode" else p.context) for p in points}
-    }
-
-    def runner(point: _Point) -> Callable[[], object]:
-        cached = point.context if point.kind == "decode" else 0
-        x = inputs[(point.batch, 1 if point.kind == "decode" else point.context)]
-        views = [
-            KVCache(c.keys[: point.batch], c.values[: point.batch], cached)
-            for c in caches[: point.blocks]
-        ]
-
-        def run() -> object:
-            h = x
-            for block, cache in zip(blocks, views, strict=False):
-                cache.length = cached  # rewind: every call does the same work
-                h = block(h, cache)
-            return h
-
-        return run
-
-    samples: dict[_Point, list[float]] = {p: [] for p in points}
+    samples: dict[Point, list[float]] = {p: [] for p in points}
     with torch.inference_mode():
         runs = {p: runner(p) for p in points}
         for point in points:
@@ -194,3 +170,45 @@ def measure(
             )
             progress(f"{p.kind:7s} blocks={p.blocks} {what}: {ms:.3f} ms")
     return timings
+
+
+def measure(
+    arch: BlockArch,
+    plan: Plan,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: Callable[[str], None] | None = None,
+    seed: int = 0,
+) -> list[Timing]:
+    """Time decode steps and prefills for every point of ``plan`` through the plain-torch
+    blocks (:func:`time_points`). Every block keeps one KV cache buffer as large as the
+    largest point needs; a point uses its first ``batch`` rows and ``context`` positions
+    (random keys and values, as a prefill leaves)."""
+    torch.manual_seed(seed)
+    blocks = build_blocks(arch, max(plan.blocks), device, dtype, seed=seed)
+    points = plan_points(plan)
+    capacity = max(plan.contexts) + 1
+    caches = [new_cache(arch, max(plan.batches), capacity, capacity, device, dtype) for _ in blocks]
+    inputs = {
+        (b, t): torch.randn(b, t, arch.hidden, device=device, dtype=dtype)
+        for b, t in {(p.batch, 1 if p.kind == "decode" else p.context) for p in points}
+    }
+
+    def runner(point: Point) -> Callable[[], object]:
+        cached = point.context if point.kind == "decode" else 0
+        x = inputs[(point.batch, 1 if point.kind == "decode" else point.context)]
+        views = [
+            KVCache(c.keys[: point.batch], c.values[: point.batch], cached)
+            for c in caches[: point.blocks]
+        ]
+
+        def run() -> object:
+            h = x
+            for block, cache in zip(blocks, views, strict=False):
+                cache.length = cached  # rewind: every call does the same work
+                h = block(h, cache)
+            return h
+
+        return run
+
+    return time_points(points, runner, plan, device, progress, seed)

@@ -15,10 +15,24 @@ import tempfile
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from app.profiler.arch import BlockArch
 from app.profiler.fit import ProfileFit, Timing, fit_profile
+
+
+class Architecture(Protocol):
+    """What is profiled: a plain-torch BlockArch preset or app.profiler.hf.HfBlocks (a
+    Hugging Face config built by transformers, possibly quantised)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def params(self) -> int: ...
+
+    def as_dict(self) -> dict[str, object]: ...
+
 
 DIGITS = 6
 CACHE_VERSION = 1
@@ -42,7 +56,7 @@ def _r(value: float | None) -> float | None:
 
 
 def build_report(
-    arch: BlockArch,
+    arch: Architecture,
     plan: dict[str, Any],
     environment: dict[str, Any],
     timings: list[Timing],
@@ -108,7 +122,7 @@ def build_report(
 
 
 def run_profile(
-    arch: BlockArch,
+    arch: Architecture,
     plan: dict[str, Any] | None = None,
     *,
     device: str = "cpu",
@@ -146,7 +160,18 @@ def run_profile(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
-    timings = measure.measure(arch, steps, torch_device, torch_dtype, progress=progress)
+    if isinstance(arch, BlockArch):
+        timings = measure.measure(arch, steps, torch_device, torch_dtype, progress=progress)
+    else:  # a Hugging Face config: transformers' own blocks
+        from app.profiler import hf
+
+        if not isinstance(arch, hf.HfBlocks):
+            raise TypeError(f"cannot profile a {type(arch).__name__}")
+        environment["quantization"] = arch.quant
+        environment["transformers"] = _version("transformers")
+        if arch.quant != "none":
+            environment["bitsandbytes"] = _version("bitsandbytes")
+        timings = hf.measure_hf(arch, steps, torch_device, torch_dtype, progress=progress)
     return build_report(arch, steps.as_dict(), environment, timings, fit_profile(timings))
 
 
@@ -170,7 +195,7 @@ def _version(package: str) -> str:
 
 
 def cache_key(
-    arch: BlockArch,
+    arch: Architecture,
     plan: dict[str, Any],
     device: str,
     dtype: str,
@@ -178,7 +203,8 @@ def cache_key(
     device_label: str | None = None,
 ) -> str:
     """Entries are valid for one device (by name), dtype, architecture, plan, thread count and
-    the versions of bprr and torch; anything else changed means measuring again."""
+    the versions of bprr, torch, transformers and bitsandbytes; anything else changed means
+    measuring again."""
     return json.dumps(
         {
             "device": device_label or device,
@@ -188,6 +214,8 @@ def cache_key(
             "threads": threads,
             "bprr": _version("bprr"),
             "torch": _version("torch"),
+            "transformers": _version("transformers"),
+            "bitsandbytes": _version("bitsandbytes"),
         },
         sort_keys=True,
     )
@@ -230,7 +258,7 @@ def cpu_model() -> str | None:
 
 
 def cached_profile(
-    arch: BlockArch,
+    arch: Architecture,
     plan: dict[str, Any] | None = None,
     *,
     device: str = "cpu",
@@ -270,7 +298,7 @@ def scenario_speeds(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def measured_speeds(
-    arch: BlockArch | str,
+    arch: Architecture | str,
     *,
     device: str = "cpu",
     dtype: str = "fp16",
