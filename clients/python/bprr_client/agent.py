@@ -45,10 +45,13 @@ from bprr_client.models import (
     Span,
     Speed,
 )
+from bprr_client.petals import HostFailed
 from bprr_client.probes import Ewma, Prober, TcpProber
 
 log = logging.getLogger("bprr_client.agent")
 SpanCallback = Callable[[Span | None, Span | None], None]
+# (PETALS peer id, multiaddrs) of the served process, None until it is known
+Identity = Callable[[], tuple[str, list[str]] | None]
 
 
 class SpanHost(Protocol):
@@ -74,6 +77,10 @@ class _Transient(Exception):
         self.hint_s = hint_s
 
 
+class _Waiting(_Transient):
+    """Not ready to register yet (the PETALS server is starting)."""
+
+
 class _Lost(Exception):
     """The coordinator no longer knows this registration (404, 401): register again."""
 
@@ -92,7 +99,9 @@ class ServerAgent:
     EWMA-smoothed (``rtt_alpha``) and sent with the next heartbeat; ``speed`` and
     ``free_cache_slots`` are polled for fresh measurements. ``on_span_change(old, new)`` is
     called when the assignment changes; the new span counts as loaded when it returns (or,
-    with a ``host``, when ``host.loaded_span()`` says so).
+    with a ``host``, when ``host.loaded_span()`` says so). ``identity`` gives the PETALS
+    peer id and multiaddrs sent with the registration; the agent waits for it before it
+    registers. A host whose ``poll()`` raises ``HostFailed`` stops the agent (AgentError).
     """
 
     def __init__(
@@ -110,6 +119,7 @@ class ServerAgent:
         rtt_alpha: float = 0.3,
         speed: Callable[[], Speed | None] | None = None,
         free_cache_slots: Callable[[], int | None] | None = None,
+        identity: Identity | None = None,
         backoff: RetryPolicy | None = None,
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         transport: httpx.BaseTransport | None = None,
@@ -131,6 +141,8 @@ class ServerAgent:
         self._ewma = Ewma(rtt_alpha)
         self._speed = speed
         self._free_cache_slots = free_cache_slots
+        self._identity = identity
+        self._send_identity = True  # off after a coordinator refused the fields
         self.backoff = backoff or RetryPolicy(initial_s=0.5, max_s=15.0)
         self._owns_client = http_client is None
         self._http = http_client or httpx.Client(
@@ -187,16 +199,32 @@ class ServerAgent:
     # --- protocol steps ----------------------------------------------------------------------
 
     def register(self) -> Registration:
-        """POST /v1/servers with a boot epoch larger than any this agent used before."""
+        """POST /v1/servers with a boot epoch larger than any this agent used before, and
+        the PETALS identity when there is one. A re-registration (lost lease) authenticates
+        with this server's own token, falling back to the join token."""
+        identity = None if self._identity is None else self._identity()
+        if self._identity is not None and identity is None:
+            raise _Waiting("waiting for the PETALS server to start", hint_s=0.5)
         self.boot_epoch = max(self.boot_epoch + 1, self._epoch_source())
         body = self.server.to_json(exclude_none=True)
         if self.server_id is not None:
             body["id"] = self.server_id
         body["boot_epoch"] = self.boot_epoch
+        if identity is not None and self._send_identity:
+            body["peer_id"], body["multiaddrs"] = identity
         kwargs: dict[str, Any] = {"json": body}
-        if self._join_auth is not None:
+        if self._server_auth.token:
+            kwargs["auth"] = BearerAuth(self._server_auth.token)
+        elif self._join_auth is not None:
             kwargs["auth"] = self._join_auth
         response = self._call("POST", "/v1/servers", **kwargs)
+        if response.status_code in (401, 403) and self._server_auth.token:
+            self._server_auth.token = ""  # the old token is no good: use the join token
+            return self.register()
+        if response.status_code == 422 and "peer_id" in body and _unknown_identity(response):
+            log.warning("the coordinator does not take PETALS peer ids; registering without")
+            self._send_identity = False
+            return self.register()
         if response.status_code != 201:
             detail = error_detail(response)
             if response.status_code in (401, 403):
@@ -286,6 +314,8 @@ class ServerAgent:
         if self._host is not None:
             try:
                 self._host.poll()
+            except HostFailed as error:
+                raise AgentError(str(error)) from None
             except Exception:
                 log.exception("the span host failed to poll")
         try:
@@ -297,6 +327,9 @@ class ServerAgent:
             self.registration = None
             self.failures += 1
             return 0.0 if self.failures == 1 else self.backoff.backoff(self.failures - 1, self._rng)
+        except _Waiting as error:
+            log.debug("%s", error)
+            return error.hint_s or 0.5
         except _Transient as error:
             self.failures += 1
             log.warning("coordinator unavailable: %s", error)
@@ -476,3 +509,9 @@ class ServerAgent:
     def _set_interval(self, interval_s: float, lease_s: float) -> None:
         base = min(interval_s, lease_s / 3) if lease_s > 0 else interval_s
         self._interval = max(0.05, base * (1.0 - 0.1 * self._rng.random()))
+
+
+def _unknown_identity(response: httpx.Response) -> bool:
+    """A 422 that names the PETALS fields: a coordinator from before they existed."""
+    detail = error_detail(response)
+    return "peer_id" in detail or "multiaddrs" in detail

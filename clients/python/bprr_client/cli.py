@@ -1,7 +1,9 @@
 """``bprr-agent``: run a server agent, or query routes and sessions.
 
     bprr-agent [--coordinator URL] run --site S --memory-gb G --decode-ms-per-block D \\
-        --address HOST:PORT [--site-target SITE=HOST:PORT ...] [--petals-model M] [-- PETALS ARGS]
+        --address HOST:PORT [--site-target SITE=HOST:PORT ...] [-- PETALS ARGS]
+        [--petals-model DIR --petals-python .venv-petals/bin/python --petals-port P
+         --petals-dht-prefix NAME (--petals-new-swarm | --petals-initial-peer MADDR ...)]
     bprr-agent run ... --speeds-file PROFILE.json   (``bprr profile --json`` output)
     bprr-agent route --client-site S --input-tokens N --output-tokens N
     bprr-agent book  --client-site S --input-tokens N --output-tokens N
@@ -29,7 +31,14 @@ import httpx
 from bprr_client.agent import ServerAgent, SpanHost
 from bprr_client.http import CoordinatorError, CoordinatorUnreachable, raise_for_status
 from bprr_client.models import PrefillSpeed, Server, ServerInfo, Speed, ValidationError, WireModel
-from bprr_client.petals import PetalsOptions, ProcessSupervisor, petals_command
+from bprr_client.petals import (
+    LauncherOptions,
+    PetalsHost,
+    PetalsOptions,
+    ProcessSupervisor,
+    petals_command,
+    petals_importable,
+)
 from bprr_client.probes import HttpProber, Prober, TcpProber
 from bprr_client.routes import RouteClient
 
@@ -116,13 +125,37 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-peers", action="store_true", help="do not probe the other servers")
     run.add_argument("--probe", choices=["tcp", "http"], default="tcp")
     run.add_argument("--probe-interval", type=positive, default=30.0, help="seconds")
-    run.add_argument("--petals-model", help="run PETALS for the assigned span")
+    run.add_argument("--petals-model", help="run a PETALS server for the assigned span")
+    run.add_argument(
+        "--petals-python",
+        default=sys.executable,
+        help="the interpreter that has PETALS (default: this one), e.g. .venv-petals/bin/python",
+    )
+    run.add_argument("--petals-dht-prefix", help="the swarm's DHT prefix (a local model needs one)")
     run.add_argument("--petals-initial-peer", action="append", default=[], metavar="MULTIADDR")
-    run.add_argument("--petals-port", type=int)
-    run.add_argument("--petals-public-ip")
+    run.add_argument("--petals-port", type=int, help="PETALS' TCP port (default: any free one)")
+    run.add_argument("--petals-host", default="127.0.0.1", help="PETALS' listen address")
+    run.add_argument("--petals-public-ip", help="the address announced to peers (default: host)")
+    run.add_argument("--petals-identity", help="PETALS identity key file (a stable peer id)")
+    run.add_argument("--petals-log", type=Path, help="PETALS' output (default: a temp file)")
+    run.add_argument(
+        "--petals-state-dir",
+        type=Path,
+        help="where the launcher's control/status files and hivemind sockets go "
+        "(default: a fresh temp folder)",
+    )
     run.add_argument("--petals-new-swarm", action="store_true")
     run.add_argument(
-        "--petals-ready-after", type=non_negative, default=60.0, help="seconds to load blocks"
+        "--petals-cli",
+        action="store_true",
+        help="run `python -m petals.cli.run_server --block_indices` instead of bprr's "
+        "launcher: a restart per span, loaded after --petals-ready-after seconds",
+    )
+    run.add_argument(
+        "--petals-ready-after",
+        type=non_negative,
+        default=60.0,
+        help="with --petals-cli: seconds to load blocks",
     )
 
     for name, text in (("route", "the best route right now"), ("book", "book a session")):
@@ -229,21 +262,17 @@ def _agent(
     except ValidationError as error:
         raise UsageError(_field_error(error)) from None
     host: SpanHost | None = None
+    identity = None
     if args.petals_model:
-        try:
-            options = PetalsOptions(
-                model=args.petals_model,
-                initial_peers=tuple(args.petals_initial_peer),
-                port=args.petals_port,
-                public_ip=args.petals_public_ip,
-                new_swarm=args.petals_new_swarm,
-                extra_args=tuple(extra),
-            )
-        except ValueError as error:
-            raise UsageError(f"--petals-{error}") from None
-        host = ProcessSupervisor(
-            lambda span: petals_command(options, span), ready_after_s=args.petals_ready_after
-        )
+        problem = petals_importable(args.petals_python)
+        if problem is not None:
+            raise UsageError(f"--petals-python: {problem}")
+        if args.petals_cli:
+            host = _petals_cli_host(args, extra)
+        else:
+            petals_host = _petals_launcher_host(args, extra)
+            petals_host.start()
+            host, identity = petals_host, petals_host.identity
     elif extra:
         raise UsageError("arguments after -- are PETALS arguments: give --petals-model too")
     prober: Prober = TcpProber(timeout_s=1.0) if args.probe == "tcp" else HttpProber()
@@ -259,6 +288,64 @@ def _agent(
         speed=None if args.speeds_file is None else SpeedsFile(args.speeds_file),
         timeout=httpx.Timeout(args.timeout, connect=min(args.timeout, 3.0)),
         transport=transport,
+        identity=identity,
+    )
+
+
+def _petals_port(args: argparse.Namespace) -> int:
+    if args.petals_port is not None:
+        if not 0 < args.petals_port < 65536:
+            raise UsageError(f"--petals-port: {args.petals_port} is not a TCP port")
+        return int(args.petals_port)
+    import socket
+
+    with socket.socket() as sock:  # a free port now, fixed for the server's life
+        sock.bind((args.petals_host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _petals_launcher_host(args: argparse.Namespace, extra: Sequence[str]) -> PetalsHost:
+    if args.petals_new_swarm and args.petals_initial_peer:
+        raise UsageError("--petals-new-swarm: a new swarm has no initial peers")
+    if not args.petals_new_swarm and not args.petals_initial_peer:
+        raise UsageError(
+            "--petals-initial-peer: name the swarm's peers (or --petals-new-swarm); "
+            "the public swarm is never joined by default"
+        )
+    port = _petals_port(args)
+    family = "ip6" if ":" in args.petals_host else "ip4"
+    announce = args.petals_public_ip or args.petals_host
+    try:
+        options = LauncherOptions(
+            model=args.petals_model,
+            python=args.petals_python,
+            dht_prefix=args.petals_dht_prefix or Path(args.petals_model).name,
+            host_maddrs=(f"/{family}/{args.petals_host}/tcp/{port}",),
+            announce_maddrs=(f"/{'ip6' if ':' in announce else 'ip4'}/{announce}/tcp/{port}",),
+            initial_peers=tuple(args.petals_initial_peer),
+            identity_path=args.petals_identity,
+            extra_args=tuple(extra),
+        )
+    except ValueError as error:
+        raise UsageError(f"--petals-{str(error).replace('_', '-')}") from None
+    return PetalsHost(options, state_dir=args.petals_state_dir, log_path=args.petals_log)
+
+
+def _petals_cli_host(args: argparse.Namespace, extra: Sequence[str]) -> ProcessSupervisor:
+    try:
+        options = PetalsOptions(
+            model=args.petals_model,
+            python=args.petals_python,
+            initial_peers=tuple(args.petals_initial_peer),
+            port=args.petals_port,
+            public_ip=args.petals_public_ip,
+            new_swarm=args.petals_new_swarm,
+            extra_args=tuple(extra),
+        )
+    except ValueError as error:
+        raise UsageError(f"--petals-{error}") from None
+    return ProcessSupervisor(
+        lambda span: petals_command(options, span), ready_after_s=args.petals_ready_after
     )
 
 

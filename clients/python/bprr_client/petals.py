@@ -1,24 +1,38 @@
-"""Run a PETALS server for the agent's span, and restart it when the span changes.
+"""Run a PETALS server for the agent's span.
 
-PETALS is not a dependency: ``petals_command`` builds the command line of
-``python -m petals.cli.run_server``, and ``ProcessSupervisor`` runs any command built from a
-span (tests use a stand-in process).
+``PetalsHost`` (the default) runs our launcher (``bprr_client.petals_server``) under the
+PETALS interpreter: one long-lived PETALS server that re-spans in process when the
+assignment changes and counts a span as loaded when PETALS announced it online.
+``petals_command`` + ``ProcessSupervisor`` is the plain CLI path
+(``python -m petals.cli.run_server --block_indices``): a restart per span, "loaded" after a
+timer. PETALS is not a dependency of this package; ``ProcessSupervisor`` runs any command
+built from a span (tests use a stand-in process).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bprr_client.http import RetryPolicy
 from bprr_client.models import Span
+
+
+class HostFailed(Exception):
+    """The served process exited in a way restarting cannot fix (e.g. PETALS missing)."""
+
 
 log = logging.getLogger("bprr_client.petals")
 
@@ -92,6 +106,9 @@ class ProcessSupervisor:
         restart: RetryPolicy | None = None,
         env: Mapping[str, str] | None = None,
         quiet: bool = False,
+        stdout: Path | None = None,
+        fatal_exit_codes: frozenset[int] = frozenset(),
+        terminate_group: bool = True,
         clock: Callable[[], float] = time.monotonic,
         popen: Popen = subprocess.Popen,
         rng: random.Random | None = None,
@@ -102,6 +119,9 @@ class ProcessSupervisor:
         self._restart_policy = restart or RetryPolicy(initial_s=1.0, max_s=60.0)
         self._env = None if env is None else {**os.environ, **env}
         self._quiet = quiet
+        self._stdout = stdout
+        self.fatal_exit_codes = fatal_exit_codes
+        self._terminate_group = terminate_group
         self._clock = clock
         self._popen = popen
         self._rng = rng or random.Random()
@@ -126,10 +146,20 @@ class ProcessSupervisor:
 
     def _spawn(self, span: Span) -> None:
         argv = list(self._command(span))
-        output = subprocess.DEVNULL if self._quiet else None
-        self._process = self._popen(
-            argv, env=self._env, stdout=output, stderr=output, start_new_session=True
-        )
+        if self._stdout is not None:
+            with self._stdout.open("ab") as log_file:
+                self._process = self._popen(
+                    argv,
+                    env=self._env,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        else:
+            output = subprocess.DEVNULL if self._quiet else None
+            self._process = self._popen(
+                argv, env=self._env, stdout=output, stderr=output, start_new_session=True
+            )
         self._started_at = self._clock()
         self._next_restart = None
         self.starts += 1
@@ -137,20 +167,23 @@ class ProcessSupervisor:
 
     def _terminate(self) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            process.terminate()
-        try:
-            process.wait(timeout=self.stop_timeout_s)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
+        if process.poll() is None:
+            try:  # the whole group, or the main process alone (it stops its children)
+                if self._terminate_group:
+                    os.killpg(process.pid, signal.SIGTERM)
+                else:
+                    process.terminate()
             except (ProcessLookupError, PermissionError):
+                process.terminate()
+            try:
+                process.wait(timeout=self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
                 process.kill()
-            process.wait()
+                process.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)  # whatever of the group outlived its leader
 
     def apply(self, span: Span | None) -> None:
         if span == self._span and (self._alive() or self._next_restart is not None):
@@ -173,6 +206,8 @@ class ProcessSupervisor:
             return
         if self._next_restart is None:
             code = None if self._process is None else self._process.returncode
+            if code is not None and code in self.fatal_exit_codes:
+                raise HostFailed(f"{self.describe_exit(code)}")
             delay = self._restart_policy.backoff(self.crashes, self._rng)
             self.crashes += 1
             self._next_restart = now + delay
@@ -181,6 +216,15 @@ class ProcessSupervisor:
             )
         if now >= self._next_restart:
             self._spawn(self._span)
+
+    def describe_exit(self, code: int) -> str:
+        """The process's last output line (its ``error:`` line), else its exit code."""
+        if self._stdout is not None and self._stdout.exists():
+            lines = self._stdout.read_text(errors="replace").strip().splitlines()
+            errors = [line for line in lines if line.startswith("error:")]
+            if errors:
+                return errors[-1].removeprefix("error: ")
+        return f"the PETALS process exited with status {code}"
 
     def loaded_span(self) -> Span | None:
         if self._span is None or not self._alive():
@@ -193,3 +237,166 @@ class ProcessSupervisor:
         self._terminate()
         self._span = None
         self._next_restart = None
+
+
+# The launcher's exit status when PETALS is not importable (bprr_client.petals_server).
+PETALS_NOT_INSTALLED = 3
+# The supervisor's span key for the launcher: it runs whatever the span (it re-spans itself).
+_LAUNCHER = Span(start=0, end=1)
+
+
+@dataclass(frozen=True)
+class LauncherOptions:
+    """How to start ``bprr_client.petals_server`` (our launcher around PETALS' Server)."""
+
+    model: str
+    dht_prefix: str
+    host_maddrs: tuple[str, ...]
+    python: str = sys.executable
+    initial_peers: tuple[str, ...] = ()
+    announce_maddrs: tuple[str, ...] = ()
+    identity_path: str | None = None
+    throughput: float = 1.0
+    device: str = "cpu"
+    torch_dtype: str = "float32"
+    extra_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.model.strip():
+            raise ValueError("model: the PETALS model must not be empty")
+        if not self.dht_prefix or "." in self.dht_prefix or "[" in self.dht_prefix:
+            raise ValueError(f"dht_prefix: {self.dht_prefix!r} (no '.' or '[')")
+        if not self.host_maddrs:
+            raise ValueError("host_maddrs: give at least one, e.g. /ip4/127.0.0.1/tcp/31337")
+
+    def command(self, control: Path, status: Path) -> list[str]:
+        argv = [self.python, "-m", "bprr_client.petals_server", self.model]
+        argv += ["--control", str(control), "--status", str(status)]
+        argv += ["--dht-prefix", self.dht_prefix, "--throughput", str(self.throughput)]
+        argv += ["--device", self.device, "--torch-dtype", self.torch_dtype]
+        for flag, values in (
+            ("--host-maddr", self.host_maddrs),
+            ("--announce-maddr", self.announce_maddrs),
+            ("--initial-peer", self.initial_peers),
+        ):
+            for value in values:
+                argv += [flag, value]
+        if self.identity_path:
+            argv += ["--identity-path", self.identity_path]
+        return argv + list(self.extra_args)
+
+
+def petals_importable(python: str, timeout_s: float = 30.0) -> str | None:
+    """None when ``python`` can import PETALS, else why not (one line)."""
+    probe = "import importlib.util as u, sys; sys.exit(u.find_spec('petals') is None)"
+    try:
+        done = subprocess.run([python, "-c", probe], capture_output=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"cannot run {python}: {error}"
+    if done.returncode != 0:
+        return (
+            f"PETALS is not installed for {python} (No module named 'petals'); build it with "
+            "`make petals` and pass --petals-python .venv-petals/bin/python"
+        )
+    return None
+
+
+class PetalsHost:
+    """A ``SpanHost`` running one PETALS server through our launcher.
+
+    ``apply(span)`` writes the span into the launcher's control file (PETALS re-spans in its
+    own process within ~1-3 s); ``loaded_span()`` is the span once the launcher saw PETALS
+    announce it ONLINE in the DHT; ``identity()`` is the server's PETALS peer id and
+    multiaddrs (for the registration). The launcher is restarted after a crash (backoff);
+    an exit saying PETALS is missing raises ``HostFailed`` instead. The launcher's hivemind
+    sockets go to a private temporary folder, removed by ``close()``.
+    """
+
+    def __init__(
+        self,
+        options: LauncherOptions,
+        *,
+        state_dir: Path | None = None,
+        log_path: Path | None = None,
+        stop_timeout_s: float = 20.0,
+        restart: RetryPolicy | None = None,
+    ) -> None:
+        self.options = options
+        self._own_dir = state_dir is None
+        self.state_dir = (
+            Path(tempfile.mkdtemp(prefix="bprr-petals-")) if state_dir is None else state_dir
+        )
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.control = self.state_dir / "control.json"
+        self.status = self.state_dir / "status.json"
+        self.temp_dir = self.state_dir / "tmp"
+        self.temp_dir.mkdir(exist_ok=True)
+        self.log_path = log_path or self.state_dir / "petals.log"
+        self._wanted: Span | None = None
+        self._write_control(None)
+        self.supervisor = ProcessSupervisor(
+            lambda _span: options.command(self.control, self.status),
+            stop_timeout_s=stop_timeout_s,
+            restart=restart,
+            env={"TMPDIR": str(self.temp_dir), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+            stdout=self.log_path,
+            fatal_exit_codes=frozenset({PETALS_NOT_INSTALLED, 2}),
+            terminate_group=False,  # SIGTERM to the launcher alone: PETALS stops its children
+        )
+
+    def start(self) -> None:
+        """Start the launcher now (it joins the swarm and waits for a span)."""
+        self.supervisor.apply(_LAUNCHER)
+
+    def _write_control(self, span: Span | None) -> None:
+        value = {"span": None if span is None else [span.start, span.end]}
+        temporary = self.control.with_name(".control.json.tmp")
+        temporary.write_text(json.dumps(value), encoding="utf-8")
+        os.replace(temporary, self.control)
+
+    def _status(self) -> dict[str, object] | None:
+        """The launcher's status, when written by the running launcher process."""
+        process = self.supervisor.process
+        if process is None or process.poll() is not None:
+            return None
+        try:
+            status = json.loads(self.status.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(status, dict) or status.get("pid") != process.pid:
+            return None  # a previous launcher's file
+        return status
+
+    def apply(self, span: Span | None) -> None:
+        if self.supervisor.process is None:
+            self.start()
+        if span != self._wanted:
+            log.info("PETALS: assigned blocks %s", span)
+            self._wanted = span
+            self._write_control(span)
+
+    def loaded_span(self) -> Span | None:
+        status = self._status()
+        if status is None or not status.get("online") or self._wanted is None:
+            return None
+        wanted = self._wanted
+        return wanted if status.get("span") == [wanted.start, wanted.end] else None
+
+    def identity(self) -> tuple[str, list[str]] | None:
+        """(peer id, multiaddrs) of the running PETALS server, once it started."""
+        status = self._status()
+        if status is None:
+            return None
+        peer_id, maddrs = status.get("peer_id"), status.get("multiaddrs")
+        if not isinstance(peer_id, str) or not isinstance(maddrs, list):
+            return None
+        return peer_id, [str(m) for m in maddrs]
+
+    def poll(self) -> None:
+        self.supervisor.poll()
+
+    def close(self) -> None:
+        self.supervisor.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if self._own_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
