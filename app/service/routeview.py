@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import json
 import math
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from app.allocation.perf import Hop, RequestTiming, request_timing
 from app.allocation.routing import RouteIndex
 from app.allocation.scenario import cache_gb_per_block
 from app.service.state import LiveState
-from app.store.models import ModelRow
+from app.store.models import ModelRow, ServerRow
 
 MAX_SLOTS = 2**31 - 1
 
@@ -39,6 +40,16 @@ class ServerEntry:
     address: str
     span: Span
     lease_expires_at: float
+    peer_id: str | None = None
+    multiaddrs: tuple[str, ...] = ()
+
+
+def multiaddrs_of(row: ServerRow) -> list[str]:
+    """The server's multiaddrs (stored as a JSON list)."""
+    if not row.multiaddrs:
+        return []
+    value = json.loads(row.multiaddrs)
+    return [str(v) for v in value] if isinstance(value, list) else []
 
 
 def model_cache_gb(model: ModelRow) -> float:
@@ -86,7 +97,16 @@ class RouteView:
             ):
                 continue
             rows.append(row)
-            self.entries.append(ServerEntry(row.id, row.address, span, row.lease_expires_at))
+            self.entries.append(
+                ServerEntry(
+                    row.id,
+                    row.address,
+                    span,
+                    row.lease_expires_at,
+                    row.peer_id,
+                    tuple(multiaddrs_of(row)),
+                )
+            )
         self.position = {entry.id: i for i, entry in enumerate(self.entries)}
         self.lease = np.array([e.lease_expires_at for e in self.entries], dtype=float)
         self.capacity = np.array([r.cache_slots for r in rows], dtype=np.int64)

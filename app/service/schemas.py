@@ -29,6 +29,10 @@ Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9.
 NonNegative = Annotated[float, Field(ge=0, le=1e12, allow_inf_nan=False)]
 Positive = Annotated[float, Field(gt=0, le=1e12, allow_inf_nan=False)]
 Epoch = _Int0
+# A libp2p peer id (base58, as PETALS prints it) and its multiaddrs ("/ip4/.../tcp/.../p2p/...").
+PeerId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[1-9A-HJ-NP-Za-km-z]+$")]
+Multiaddr = Annotated[str, Field(min_length=2, max_length=500, pattern=r"^/[!-~]+$")]
+Multiaddrs = Annotated[list[Multiaddr], Field(max_length=16)]
 Tokens = _Int1
 
 
@@ -98,6 +102,8 @@ class ServerRegistration(Body):
     network_mbps: Positive | None = None
     address: Annotated[str, Field(min_length=1, max_length=500)]
     boot_epoch: Epoch
+    peer_id: PeerId | None = None
+    multiaddrs: Multiaddrs = []
 
 
 class RegistrationOut(BaseModel):
@@ -143,6 +149,8 @@ class ServerOut(BaseModel):
     cache_slots: int
     reserved_slots: int
     free_cache_slots: int | None
+    peer_id: str | None = None
+    multiaddrs: list[str] = []
 
 
 class RttEntry(Body):
@@ -190,6 +198,9 @@ class RouteHop(BaseModel):
     address: str
     start: int
     end: int
+    # The server's PETALS identity (None / [] when it registered none).
+    peer_id: str | None = None
+    multiaddrs: list[str] = []
 
 
 class RouteOut(BaseModel):

@@ -100,6 +100,10 @@ class ServerRow(Base):
     lease_expires_at: Mapped[float] = mapped_column(Float)
     last_heartbeat_at: Mapped[float | None] = mapped_column(Float)
     registered_at: Mapped[float] = mapped_column(Float)
+    # The PETALS identity of the server (peer id, and a JSON list of multiaddrs), when it
+    # registered one; routes and sessions pass it on so that clients reach that peer.
+    peer_id: Mapped[str | None] = mapped_column(String(200))
+    multiaddrs: Mapped[str | None] = mapped_column(Text)
 
 
 class RttRow(Base):
@@ -129,6 +133,11 @@ class PlacementRow(Base):
     # JSON: the scenario the solver saw, and {server id: [start, end]}.
     inputs: Mapped[str] = mapped_column(Text)
     spans: Mapped[str] = mapped_column(Text)
+    # A chain plan's chains (JSON [{"hops": [[server id, start, end], ...], "capacity": c,
+    # "service_ms": x}], fastest first) and the online dispatcher routes use ("jffc" | "wsrr");
+    # NULL for plans published before chains existed (dispatched with WS-RR).
+    chains: Mapped[str | None] = mapped_column(Text)
+    dispatcher: Mapped[str | None] = mapped_column(String(10))
 
 
 class SessionRow(Base):

@@ -33,10 +33,10 @@ def test_quiet_heartbeats_are_written_behind_and_read_back(
     clock.advance(5)
     reply = heartbeat(client, "s0", tokens["s0"], _loaded(client, "s0"), free_cache_slots=3)
     assert reply.status_code == 200
-    assert "s0" in coordinator._renewals  # pending, not written yet
+    assert "s0" in coordinator.core.pending_renewals()  # pending, not written yet
     assert _lease_in_database(client, "s0") == before
     servers = client.get("/v1/servers").json()  # any transaction writes the batch first
-    assert not coordinator._renewals
+    assert not coordinator.core.pending_renewals()
     assert _lease_in_database(client, "s0") == before + 5
     (s0,) = [s for s in servers if s["id"] == "s0"]
     assert s0["lease"] == "live"

@@ -18,8 +18,7 @@ def _coordinator(client: TestClient):  # type: ignore[no-untyped-def]
 def _wait_for_refresh(coordinator, old) -> object:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        with coordinator._view_lock:
-            current = coordinator._view
+        current = coordinator.core.cached_view()
         if current is not None and current is not old:
             return current
         time.sleep(0.01)

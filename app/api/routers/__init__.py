@@ -1,0 +1,1 @@
+"""The coordinator's routes, one router per domain (each included by app.api.app)."""

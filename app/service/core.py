@@ -1,0 +1,265 @@
+"""The coordinator's infrastructure, shared by every domain service: the engine and its
+transaction boundaries, the in-memory route view and its cache, the write-behind lease
+renewals, the clock, and the counters.
+
+Transaction boundaries (every domain service opens its transactions here and nowhere else):
+- ``tx()``: one write transaction, committed on exit and rolled back on an exception. On
+  SQLite (one process: ``bprr serve`` refuses several workers there) the write transactions
+  of this process are serialised by a lock taken before ``BEGIN IMMEDIATE``: waiting on a
+  Python lock hands over in microseconds, whereas SQLite's busy handler sleeps in steps of up
+  to 100 ms, which made heartbeat and booking latencies reach seconds under load.
+- ``read_tx()``: a transaction that only reads (on SQLite it does not take the write lock).
+- ``booking_tx()``: the unit of work of a booking or a release (one autocommitted statement
+  on PostgreSQL, an ordinary write transaction on SQLite).
+Every boundary first writes the pending lease renewals of quiet heartbeats
+(``flush_renewals``), so that this process reads its own renewals. A database that cannot be
+reached, or that aborted the work, surfaces as ``Unavailable`` (503 with Retry-After).
+
+The route view is read by routes and bookings without touching the database; ``invalidate()``
+drops it after a local change, and a view older than ``view_refresh_s`` is rebuilt by one
+background thread while the stale one keeps answering.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.logging import get_logger
+from app.service.activity import RouteLog
+from app.service.errors import Unavailable
+from app.service.routeview import RouteView
+from app.service.state import load_state
+from app.settings import Settings
+from app.store import db as store_db
+from app.store import repositories as repo
+
+log = get_logger("bprr.coordinator")
+Clock = Callable[[], float]
+
+# Quiet heartbeats' lease renewals are written behind in one batch at most this long after
+# they arrive (leases last 15 s); other processes see them that much later.
+LEASE_FLUSH_S = 0.1
+
+
+@contextmanager
+def database_errors() -> Iterator[None]:
+    """A database that cannot be reached, or that aborted the work (a deadlock, a lost
+    connection), is the service being unavailable for a moment: 503 with Retry-After, never
+    a 500. The transaction has been rolled back; nothing was written."""
+    try:
+        yield
+    except OperationalError as error:
+        log.warning("database unavailable", error=type(error.orig or error).__name__)
+        raise Unavailable("the database is unreachable or busy; retry", retry_after_s=1.0) from None
+
+
+@dataclass
+class Counters:
+    sessions_booked: int = 0
+    sessions_rejected: int = 0
+    placements_published: int = 0
+    solver_seconds: list[float] = field(default_factory=list)
+
+
+class Core:
+    """Engine, transactions, the route view cache and the lease write-behind buffer."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Clock = time.time,
+        engine: Engine | None = None,
+        view_refresh_s: float = 1.0,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.engine = engine or store_db.make_engine(settings.database_url)
+        self._write_sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(store_db.read_only(self.engine), expire_on_commit=False)
+        self._statement_sessions = sessionmaker(
+            store_db.autocommit(self.engine), expire_on_commit=False
+        )
+        # SQLite: one writer at a time in this process (see the module docstring).
+        self.embedded_database = store_db.is_sqlite(self.engine)
+        self._write_lock: threading.RLock | None = (
+            threading.RLock() if self.embedded_database else None
+        )
+        self.instance_id = uuid.uuid4().hex
+        self.view_refresh_s = view_refresh_s
+        self.counters = Counters()
+        self.activity = RouteLog()  # recent decisions, for the dashboard
+        self.stop = threading.Event()
+        self._view: RouteView | None = None
+        self._view_version = 0  # bumped by invalidate()
+        self.view_lock = threading.RLock()
+        self._rebuild_lock = threading.Lock()
+        self._renewals: dict[str, repo.LeaseRenewal] = {}
+        self._renewals_lock = threading.Lock()
+        self._local = threading.local()
+
+    # --- transactions ---------------------------------------------------------------------------
+
+    @contextmanager
+    def tx(self) -> Iterator[Session]:
+        """One write transaction (committed on exit, rolled back on an exception)."""
+        with database_errors():
+            self.flush_renewals()
+            with (
+                self._nested(),
+                self._write_lock or nullcontext(),
+                self._write_sessions() as db,
+                db.begin(),
+            ):
+                yield db
+
+    @contextmanager
+    def read_tx(self) -> Iterator[Session]:
+        """A transaction that only reads (on SQLite it does not take the write lock)."""
+        with database_errors():
+            self.flush_renewals()
+            with self._nested(), self._read_sessions() as db, db.begin():
+                yield db
+
+    @contextmanager
+    def booking_tx(self) -> Iterator[Session]:
+        """The unit of work of a booking or a release. On PostgreSQL the repository does each
+        in one statement, run in autocommit so that the chain's row locks are held only while
+        the database runs it; on SQLite an ordinary write transaction."""
+        if self.embedded_database:
+            with self.tx() as db:
+                yield db
+            return
+        with database_errors():
+            self.flush_renewals()
+            with self._nested(), self._statement_sessions() as db:
+                yield db
+
+    @contextmanager
+    def _nested(self) -> Iterator[None]:
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._local.depth -= 1
+
+    # --- write-behind lease renewals --------------------------------------------------------------
+
+    def queue_renewal(self, renewal: repo.LeaseRenewal) -> None:
+        with self._renewals_lock:
+            self._renewals[renewal.server_id] = renewal
+
+    def pending_renewals(self) -> set[str]:
+        with self._renewals_lock:
+            return set(self._renewals)
+
+    def flush_renewals(self) -> None:
+        """Write the pending lease renewals of quiet heartbeats in one transaction.
+
+        Every transaction of this process calls it first, so this process reads its own
+        renewals; the flusher thread calls it every LEASE_FLUSH_S for the other processes.
+        Skipped inside a transaction of the same thread (its connection may hold SQLite's
+        write lock).
+        """
+        if getattr(self._local, "depth", 0):
+            return
+        with self._renewals_lock:
+            if not self._renewals:
+                return
+            pending = list(self._renewals.values())
+            self._renewals.clear()
+        with self._write_lock or nullcontext(), self._write_sessions() as db, db.begin():
+            repo.Servers(db).renew_leases(pending)
+
+    def flush_loop(self) -> None:
+        while not self.stop.wait(LEASE_FLUSH_S):
+            try:
+                self.flush_renewals()
+            except Exception:  # the renewals are retried with the next heartbeats
+                log.exception("lease renewal flush failed")
+
+    # --- the in-memory route view --------------------------------------------------------------
+
+    def invalidate(self) -> None:
+        with self.view_lock:
+            self._view = None
+            self._view_version += 1
+
+    def view(self) -> RouteView:
+        """The in-memory route view.
+
+        A view older than ``view_refresh_s`` keeps answering while one background thread
+        rebuilds it (stale-while-revalidate: a rebuild reads the whole swarm, ~20 ms at 200
+        servers, and must not stall the request that happens to notice the age). After
+        ``invalidate()`` (a local change) there is no view and the caller rebuilds it, so its
+        own change is visible at once.
+        """
+        view = self.current_view()
+        if view is not None:
+            return view
+        now = self.clock()
+        with self._rebuild_lock:
+            with self.view_lock:
+                current = self._view
+            if current is not None:
+                return current  # another thread rebuilt it while we waited
+            return self._rebuild(now)
+
+    def current_view(self) -> RouteView | None:
+        """The view if there is one (never reads the database): a stale one is returned
+        while one background thread rebuilds it. None after ``invalidate()``."""
+        now = self.clock()
+        with self.view_lock:
+            view = self._view
+        stale = view is not None and now - view.built_at >= self.view_refresh_s
+        if stale and self._rebuild_lock.acquire(blocking=False):
+            threading.Thread(target=self._rebuild_and_release, args=(now,), daemon=True).start()
+        return view
+
+    def cached_view(self) -> RouteView | None:
+        """The view as it is (no rebuild, no refresh), or None."""
+        with self.view_lock:
+            return self._view
+
+    def _rebuild(self, now: float) -> RouteView:
+        with self.view_lock:
+            version = self._view_version
+        with self.read_tx() as db:
+            state = load_state(db, with_reservations=True)
+        fresh = RouteView(state, self.settings.default_site_rtt_ms, now)
+        with self.view_lock:
+            # A local change may have invalidated the view while this one was being read;
+            # never put back a view that predates that change.
+            if self._view_version == version:
+                self._view = fresh
+        return fresh
+
+    def _rebuild_and_release(self, now: float) -> None:
+        try:
+            self._rebuild(now)
+        except Exception:  # the stale view keeps serving; the next request retries
+            log.exception("route view refresh failed")
+        finally:
+            self._rebuild_lock.release()
+
+    # --- operations ------------------------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, bool, str | None]:
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        except Exception as error:
+            return False, False, f"database unreachable: {type(error).__name__}"
+        try:
+            at_head = store_db.schema_at_head(self.engine)
+        except Exception as error:
+            return True, False, f"cannot read the schema revision: {type(error).__name__}"
+        return True, at_head, None if at_head else "database schema is behind the code"

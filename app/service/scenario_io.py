@@ -1,0 +1,221 @@
+"""The model and the scenario snapshot: GET/PUT /v1/model, GET/POST /v1/scenario.
+
+Transaction boundaries:
+- ``get_model``/``export``: one read transaction each.
+- ``set_model``: one write transaction (the model row, every server's cache slots, the re-plan
+  request).
+- ``load``: one write transaction that replaces the swarm (model, sites, RTTs, clients,
+  servers); with ``online`` the placement is then computed (app.service.placements: read,
+  solve, publish) and one more write transaction marks the servers loaded with their spans.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from app.allocation.scenario import ScenarioError, parse_scenario
+from app.service import auth
+from app.service.core import Core
+from app.service.errors import Conflict, Invalid, NotFound
+from app.service.placements import PlacementService
+from app.service.schemas import (
+    LoadedServer,
+    ModelIn,
+    ModelOut,
+    Overheads,
+    PlacementRequest,
+    ScenarioLoadOut,
+)
+from app.service.servers import slots_for
+from app.service.state import load_state, scenario_dict
+from app.store import repositories as repo
+from app.store.models import ModelRow, ServerRow
+
+
+class ScenarioService:
+    def __init__(self, core: Core, placements: PlacementService) -> None:
+        self.core = core
+        self.settings = core.settings
+        self.placements = placements
+
+    # --- model -----------------------------------------------------------------------------------
+
+    def get_model(self) -> ModelOut:
+        with self.core.read_tx() as db:
+            row = repo.Models(db).get()
+            if row is None:
+                raise NotFound("no model is set yet (PUT /v1/model)")
+            return model_out(row)
+
+    def set_model(self, body: ModelIn) -> ModelOut:
+        now = self.core.clock()
+        with self.core.tx() as db:
+            row = repo.Models(db).get_or_new()
+            apply_model(row, body, now)
+            for server in repo.Servers(db).all():
+                server.cache_slots = slots_for(row, server)
+            repo.PlannerState(db).request("model changed", now)
+            db.flush()
+            out = model_out(row)
+        self.core.invalidate()
+        return out
+
+    # --- scenario snapshot -----------------------------------------------------------------------
+
+    def export(self, include_expired: bool) -> dict[str, Any]:
+        now = self.core.clock()
+        with self.core.read_tx() as db:
+            state = load_state(db)
+        if state.model is None:
+            raise Conflict("no model is set yet (PUT /v1/model or POST /v1/scenario)")
+        servers = [s for s in state.servers if include_expired or s.lease_expires_at > now]
+        if not servers:
+            raise Conflict("no server with a live lease (use include_expired=true for all)")
+        data = scenario_dict(state, servers, self.settings.default_site_rtt_ms)
+        try:
+            parse_scenario(data)  # what we export must read back
+        except ScenarioError as error:
+            raise Conflict(f"the live state is not a valid scenario: {error}") from None
+        return data
+
+    def load(self, raw: Any, online: bool, lease_s: float) -> ScenarioLoadOut:
+        """Replace the swarm by a scenario's; ``online`` marks its servers as live and loaded
+        with the placement computed for them (for demos, tests and benchmarks)."""
+        try:
+            scenario = parse_scenario(raw)
+        except ScenarioError as error:
+            raise Invalid(str(error)) from None
+        raw_servers = raw.get("servers", []) if isinstance(raw, dict) else []
+        now = self.core.clock()
+        tokens: list[LoadedServer] = []
+        with self.core.tx() as db:
+            repo.clear_swarm(db)
+            model = repo.Models(db).get_or_new()
+            m = scenario.model
+            rate = getattr(scenario.workload, "rate_per_s", None)
+            apply_model(
+                model,
+                ModelIn(
+                    name=_safe_name(m.name),
+                    num_blocks=m.num_blocks,
+                    block_memory_gb=m.block_memory_gb,
+                    kv_bytes_per_token_per_block=m.kv_bytes_per_token_per_block,
+                    max_input_tokens=scenario.requests.max_input_tokens,
+                    max_output_tokens=scenario.requests.max_output_tokens,
+                    hidden_size=m.hidden_size,
+                    petals_cache_tokens=m.petals_cache_tokens,
+                    overheads=Overheads(**scenario.overheads.model_dump()),
+                    rate_per_s=rate,
+                ),
+                now,
+            )
+            repo.Sites(db).add_all(scenario.sites)  # first: clients and servers refer to them
+            rtts = repo.Rtts(db)
+            matrix = scenario.site_matrix()
+            for i, a in enumerate(scenario.sites):
+                for j, b in enumerate(scenario.sites):
+                    if j >= i:
+                        rtts.add(a, b, (matrix[i][j] + matrix[j][i]) / 2, now)
+            repo.Clients(db).add_all((c.id, c.site, c.share) for c in scenario.clients)
+            client_site = {c.id: c.site for c in scenario.clients}
+            stored: dict[tuple[str, str], float] = {}
+            for a, targets in (scenario.rtt_ms or {}).items():
+                for b, value in targets.items():
+                    key = repo.pair_key(client_site.get(a, a), client_site.get(b, b))
+                    stored[key] = value
+            for (a, b), value in stored.items():
+                rtts.add(a, b, value, now)
+            servers = repo.Servers(db)
+            for i, spec in enumerate(scenario.servers):
+                token = secrets.token_urlsafe(32)
+                extra = (
+                    raw_servers[i]
+                    if i < len(raw_servers) and isinstance(raw_servers[i], dict)
+                    else {}
+                )
+                address = extra.get("address")
+                row = ServerRow(
+                    id=spec.id,
+                    site=spec.site,
+                    gpu=spec.gpu,
+                    memory_gb=spec.memory_gb,
+                    decode_ms_per_block=spec.decode_ms_per_block,
+                    prefill_fixed_ms=spec.prefill_ms_per_block.fixed,
+                    prefill_per_token_ms=spec.prefill_ms_per_block.per_token,
+                    network_mbps=spec.network_mbps,
+                    address=address if isinstance(address, str) and address else f"{spec.id}:31337",
+                    boot_epoch=0,
+                    token_hash=auth.hash_token(token),
+                    state="online" if online else "joining",
+                    cache_slots=0,
+                    reserved_slots=0,
+                    lease_expires_at=now + lease_s if online else now,
+                    registered_at=now + i * 1e-6,
+                )
+                servers.add(row)
+                tokens.append(LoadedServer(id=spec.id, token=token))
+            repo.PlannerState(db).request("scenario loaded", now)
+        self.core.invalidate()
+        generation = 0
+        if online:
+            placed = self.placements.compute(PlacementRequest(algorithm="cg"))
+            generation = placed.generation
+            with self.core.tx() as db:
+                model_row = repo.Models(db).get()
+                servers = repo.Servers(db)
+                # In id order: each get() autoflushes the previous row's update.
+                for placed_span in sorted(placed.spans, key=lambda span: span.server_id):
+                    server = servers.get(placed_span.server_id)
+                    if server is None:
+                        continue
+                    server.loaded_start, server.loaded_end = placed_span.start, placed_span.end
+                    server.cache_slots = slots_for(model_row, server)
+                repo.PlannerState(db).clear(now)
+            self.core.invalidate()
+        return ScenarioLoadOut(servers=tokens, generation=generation)
+
+
+def apply_model(row: ModelRow, body: ModelIn, now: float) -> None:
+    row.name = body.name
+    row.num_blocks = body.num_blocks
+    row.block_memory_gb = body.block_memory_gb
+    row.kv_bytes_per_token_per_block = body.kv_bytes_per_token_per_block
+    row.max_input_tokens = body.max_input_tokens
+    row.max_output_tokens = body.max_output_tokens
+    row.hidden_size = body.hidden_size
+    row.petals_cache_tokens = body.petals_cache_tokens
+    row.per_token_ms = body.overheads.per_token_ms
+    row.prefill_fixed_ms = body.overheads.prefill_fixed_ms
+    row.prefill_per_token_ms = body.overheads.prefill_per_token_ms
+    row.per_request_ms = body.overheads.per_request_ms
+    row.concurrency = body.concurrency
+    row.rate_per_s = body.rate_per_s
+    row.updated_at = now
+
+
+def model_out(row: ModelRow) -> ModelOut:
+    return ModelOut(
+        name=row.name,
+        num_blocks=row.num_blocks,
+        block_memory_gb=row.block_memory_gb,
+        kv_bytes_per_token_per_block=row.kv_bytes_per_token_per_block,
+        max_input_tokens=row.max_input_tokens,
+        max_output_tokens=row.max_output_tokens,
+        hidden_size=row.hidden_size,
+        petals_cache_tokens=row.petals_cache_tokens,
+        overheads=Overheads(
+            per_token_ms=row.per_token_ms,
+            prefill_fixed_ms=row.prefill_fixed_ms,
+            prefill_per_token_ms=row.prefill_per_token_ms,
+            per_request_ms=row.per_request_ms,
+        ),
+        concurrency=row.concurrency,
+        rate_per_s=row.rate_per_s,
+        updated_at=row.updated_at,
+    )
+
+
+def _safe_name(name: str) -> str:
+    cleaned = "".join(ch if ch.isalnum() or ch in "._:@-" else "-" for ch in name)
+    return cleaned[:200] or "model"

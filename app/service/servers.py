@@ -1,0 +1,380 @@
+"""Servers and their leases: registration, heartbeats, leaving, and RTT measurements.
+
+Transaction boundaries:
+- ``register``: one write transaction (site, server row, its dropped reservations, the
+  re-plan request); a concurrent registration of the same id is a 409.
+- ``heartbeat``: a quiet heartbeat (only the lease changes, and the route view vouches for the
+  token, epoch, state and span) touches no database: its renewal is queued in the core's
+  write-behind buffer and written, with every other pending one, by the next transaction of
+  this process or the flusher within LEASE_FLUSH_S. Any other heartbeat is one write
+  transaction (server row, RTTs, the re-plan request when it starts draining).
+- ``leave``: one write transaction (the row, its reservations, the re-plan request).
+- ``put_rtts``: one write transaction for the whole batch (all or nothing).
+- ``list``/``get``/``check_measurer``: one read transaction each.
+Writes that change what routes depend on ``invalidate()`` the route view after the commit.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import uuid
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.allocation.instance import Span
+from app.logging import get_logger
+from app.service import auth
+from app.service.core import Core
+from app.service.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
+from app.service.routeview import RouteView, cache_slots, model_cache_gb, multiaddrs_of
+from app.service.schemas import (
+    Heartbeat,
+    HeartbeatOut,
+    PrefillSpeed,
+    RegistrationOut,
+    RttEntry,
+    ServerOut,
+    ServerRegistration,
+    SpanModel,
+)
+from app.service.state import placement_spans
+from app.store import repositories as repo
+from app.store.models import ModelRow, ServerRow
+
+log = get_logger("bprr.coordinator")
+
+
+def slots_for(model: ModelRow | None, server: ServerRow) -> int:
+    """Cache slots of a server for its loaded span (0 when nothing is loaded)."""
+    if model is None or server.loaded_start is None or server.loaded_end is None:
+        return 0
+    blocks = server.loaded_end - server.loaded_start
+    return cache_slots(server.memory_gb, model.block_memory_gb, model_cache_gb(model), blocks)
+
+
+class ServerService:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.settings = core.settings
+
+    # --- registration -----------------------------------------------------------------------
+
+    def register(self, body: ServerRegistration, join_token: str | None) -> RegistrationOut:
+        auth.check_join(self.settings, join_token)
+        server_id = body.id or f"srv-{uuid.uuid4().hex[:12]}"
+        token = secrets.token_urlsafe(32)
+        now = self.core.clock()
+        ttl = self.settings.lease_ttl_s
+        try:
+            with self.core.tx() as db:
+                repo.Sites(db).ensure(body.site)
+                servers = repo.Servers(db)
+                row = servers.get(server_id)
+                if row is not None:
+                    if body.boot_epoch <= row.boot_epoch:
+                        raise Conflict(
+                            f"id: server {server_id!r} is already registered with boot epoch "
+                            f"{row.boot_epoch}; re-register with a larger boot_epoch"
+                        )
+                    # The reservations first, then the row (a release's order), and the count
+                    # lowered by what was dropped rather than set to 0: a booking committed in
+                    # between keeps its reservation counted.
+                    dropped = repo.Reservations(db).drop_for_server(server_id)
+                    _apply_registration(row, body, auth.hash_token(token), now, ttl)
+                    servers.unreserve(server_id, dropped)
+                else:
+                    row = ServerRow(id=server_id, registered_at=now, reserved_slots=0)
+                    servers.add(row)
+                    _apply_registration(row, body, auth.hash_token(token), now, ttl)
+                repo.PlannerState(db).request(f"server {server_id} joined", now)
+        except IntegrityError:
+            raise Conflict(f"id: server {server_id!r} registered concurrently; retry") from None
+        self.core.invalidate()
+        log.info("server registered", server=server_id, site=body.site)
+        return RegistrationOut(
+            id=server_id,
+            token=token,
+            lease_ttl_s=self.settings.lease_ttl_s,
+            heartbeat_interval_s=self.settings.heartbeat_interval_s,
+        )
+
+    # --- heartbeats -------------------------------------------------------------------------
+
+    def heartbeat(self, server_id: str, token: str | None, body: Heartbeat) -> HeartbeatOut:
+        quick = self.quiet_heartbeat(server_id, token, body)
+        if quick is not None:
+            return quick
+        now = self.core.clock()
+        view = self.core.view()
+        _check_loaded_span(view, body)
+        with self.core.tx() as db:
+            changed = self._heartbeat_update(db, server_id, token, body, view.model, now)
+        if changed:
+            self.core.invalidate()
+        else:
+            # Fresh RTT or speed samples reach routes with the periodic refresh (at most
+            # view_refresh_s later): rebuilding the view on every such heartbeat would cost a
+            # full swarm read per heartbeat (~20 ms at 200 servers).
+            with self.core.view_lock:
+                view.renew(server_id, now + self.settings.lease_ttl_s)
+        return self._heartbeat_out(view, server_id)
+
+    def quiet_heartbeat(
+        self, server_id: str, token: str | None, body: Heartbeat
+    ) -> HeartbeatOut | None:
+        """The fast path, without any database access: a heartbeat that changes nothing but
+        the lease (and the free-slot report), when the route view vouches for its token,
+        epoch, state and loaded span. None: take the full path (``heartbeat``).
+
+        The renewal is written behind, with every other pending one, in one guarded
+        executemany (group commit): by this process's next transaction or the flusher,
+        within LEASE_FLUSH_S. A row changed meanwhile matches nothing and keeps its lease;
+        the next heartbeat then takes the full path, as the refreshed view disagrees.
+        """
+        if token is None or body.rtts or body.decode_ms_per_block is not None:
+            return None
+        if body.prefill_ms_per_block is not None:
+            return None
+        view = self.core.current_view()
+        if view is None:
+            return None
+        _check_loaded_span(view, body)
+        span = body.loaded_span
+        loaded = (None, None) if span is None else (span.start, span.end)
+        token_hash = auth.hash_token(token)
+        if view.heartbeat_keys.get(server_id) != (token_hash, body.boot_epoch, body.state, *loaded):
+            return None
+        now = self.core.clock()
+        expires_at = now + self.settings.lease_ttl_s
+        self.core.queue_renewal(
+            repo.LeaseRenewal(
+                server_id,
+                token_hash,
+                body.boot_epoch,
+                body.state,
+                loaded,
+                body.free_cache_slots,
+                now,
+                expires_at,
+            )
+        )
+        with self.core.view_lock:
+            view.renew(server_id, expires_at)
+        return self._heartbeat_out(view, server_id)
+
+    def _heartbeat_out(self, view: RouteView, server_id: str) -> HeartbeatOut:
+        assigned = view.spans.get(server_id)
+        return HeartbeatOut(
+            server_id=server_id,
+            generation=view.generation,
+            assigned_span=None
+            if assigned is None
+            else SpanModel(start=assigned.start, end=assigned.end),
+            lease_expires_in_s=self.settings.lease_ttl_s,
+            heartbeat_interval_s=self.settings.heartbeat_interval_s,
+        )
+
+    def _heartbeat_update(
+        self,
+        db: Session,
+        server_id: str,
+        token: str | None,
+        body: Heartbeat,
+        model: ModelRow | None,
+        now: float,
+    ) -> bool:
+        """The full heartbeat (checks, state, speeds, RTTs); True when what routes depend
+        on (state, loaded span, boot epoch) changed."""
+        alpha = self.settings.rtt_ewma_alpha
+        row = repo.Servers(db).get(server_id)
+        if row is None:
+            raise NotFound(f"server {server_id!r} is not registered")
+        auth.check_server_token(row, token)
+        if body.boot_epoch < row.boot_epoch:
+            raise Conflict(
+                f"boot_epoch: {body.boot_epoch} is older than the server's current boot "
+                f"epoch {row.boot_epoch}; this heartbeat comes from a previous run"
+            )
+        if body.rtts:
+            known = known_endpoints(db)
+            for target in body.rtts:
+                if target not in known:
+                    raise Invalid(f"rtts.{target}: unknown server, site or client id")
+        new_start = None if body.loaded_span is None else body.loaded_span.start
+        new_end = None if body.loaded_span is None else body.loaded_span.end
+        changed = (
+            row.state != body.state
+            or row.loaded_start != new_start
+            or row.loaded_end != new_end
+            or row.boot_epoch != body.boot_epoch
+        )
+        draining = row.state != body.state and body.state == "draining"
+        row.boot_epoch = body.boot_epoch
+        row.state = body.state
+        row.loaded_start, row.loaded_end = new_start, new_end
+        row.free_cache_slots = body.free_cache_slots
+        row.cache_slots = slots_for(model, row)
+        if body.decode_ms_per_block is not None:
+            row.decode_ms_per_block = _ewma(
+                row.decode_ms_per_block, body.decode_ms_per_block, alpha
+            )
+        if body.prefill_ms_per_block is not None:
+            row.prefill_fixed_ms = _ewma(
+                row.prefill_fixed_ms, body.prefill_ms_per_block.fixed, alpha
+            )
+            row.prefill_per_token_ms = _ewma(
+                row.prefill_per_token_ms, body.prefill_ms_per_block.per_token, alpha
+            )
+        row.lease_expires_at = now + self.settings.lease_ttl_s
+        row.last_heartbeat_at = now
+        if draining:  # after the row's changes: the server row is locked first, as in `leave`
+            repo.PlannerState(db).request(f"server {server_id} is draining", now)
+        rtts = repo.Rtts(db)
+        for target, value in body.rtts.items():
+            rtts.smooth(server_id, target, value, alpha, now)
+        return changed
+
+    # --- leaving, reading -------------------------------------------------------------------
+
+    def leave(self, server_id: str, token: str | None) -> None:
+        now = self.core.clock()
+        with self.core.tx() as db:
+            servers = repo.Servers(db)
+            row = servers.get(server_id)
+            if row is None:
+                raise NotFound(f"server {server_id!r} is not registered")
+            if not auth.is_admin(self.settings, token):
+                auth.check_server_token(row, token)
+            servers.remove(row)
+            repo.PlannerState(db).request(f"server {server_id} left", now)
+        self.core.invalidate()
+        log.info("server left", server=server_id)
+
+    def list_all(self) -> list[ServerOut]:
+        now = self.core.clock()
+        with self.core.read_tx() as db:
+            rows = repo.Servers(db).all()
+            spans = placement_spans(repo.Placements(db).current())
+        return [_server_out(r, spans.get(r.id), now) for r in rows]
+
+    def get(self, server_id: str) -> ServerOut:
+        now = self.core.clock()
+        with self.core.read_tx() as db:
+            row = repo.Servers(db).get(server_id)
+            if row is None:
+                raise NotFound(f"server {server_id!r} is not registered")
+            spans = placement_spans(repo.Placements(db).current())
+        return _server_out(row, spans.get(server_id), now)
+
+    # --- measurements -----------------------------------------------------------------------
+
+    def check_measurer(self, token: str | None) -> None:
+        """Measurements come from the operator (admin token) or from any registered server."""
+        if auth.is_admin(self.settings, token):
+            return
+        if token is None:
+            raise Unauthorized("missing bearer token (admin or a server's token is required)")
+        with self.core.read_tx() as db:
+            found = repo.Servers(db).exists_with_token_hash(auth.hash_token(token))
+        if not found:
+            raise Forbidden("the bearer token is neither the admin token nor a server's token")
+
+    def put_rtts(self, entries: list[RttEntry]) -> int:
+        now = self.core.clock()
+        alpha = self.settings.rtt_ewma_alpha
+        with self.core.tx() as db:
+            known = known_endpoints(db)
+            sites = set(repo.Sites(db).names())
+            client_sites = {c.id: c.site for c in repo.Clients(db).all()}
+            for i, entry in enumerate(entries):
+                for end in ("a", "b"):
+                    value = getattr(entry, end)
+                    if value not in known:
+                        raise Invalid(
+                            f"entries[{i}].{end}: unknown site, server or client {value!r}"
+                        )
+            rtts = repo.Rtts(db)
+            for entry in entries:
+                # A client's RTT is stored for its site: routes are asked per client site.
+                a = client_sites.get(entry.a, entry.a) if entry.a not in sites else entry.a
+                b = client_sites.get(entry.b, entry.b) if entry.b not in sites else entry.b
+                rtts.smooth(a, b, entry.rtt_ms, alpha, now)
+        self.core.invalidate()
+        return len(entries)
+
+
+def known_endpoints(db: Session) -> set[str]:
+    known = set(repo.Sites(db).names())
+    known.update(repo.Servers(db).ids())
+    known.update(repo.Clients(db).ids())
+    return known
+
+
+def _check_loaded_span(view: RouteView, body: Heartbeat) -> None:
+    model, span = view.model, body.loaded_span
+    if span is not None and model is not None and span.end > model.num_blocks:
+        raise Invalid(f"loaded_span.end: {span.end} is past the model's {model.num_blocks} blocks")
+
+
+def _ewma(old: float, new: float, alpha: float) -> float:
+    return alpha * new + (1 - alpha) * old
+
+
+def _span(start: int | None, end: int | None) -> SpanModel | None:
+    if start is None or end is None:
+        return None
+    return SpanModel(start=start, end=end)
+
+
+def _apply_registration(
+    row: ServerRow, body: ServerRegistration, token_hash: str, now: float, ttl: float
+) -> None:
+    row.site = body.site
+    row.gpu = body.gpu
+    row.memory_gb = body.memory_gb
+    row.decode_ms_per_block = body.decode_ms_per_block
+    row.prefill_fixed_ms = body.prefill_ms_per_block.fixed
+    row.prefill_per_token_ms = body.prefill_ms_per_block.per_token
+    row.network_mbps = body.network_mbps
+    row.address = body.address
+    row.boot_epoch = body.boot_epoch
+    row.peer_id = body.peer_id
+    row.multiaddrs = json.dumps(body.multiaddrs) if body.multiaddrs else None
+    row.token_hash = token_hash
+    row.state = "joining"
+    row.loaded_start = None
+    row.loaded_end = None
+    row.free_cache_slots = None
+    row.cache_slots = 0
+    row.lease_expires_at = now + ttl
+    row.last_heartbeat_at = None
+
+
+def _server_out(row: ServerRow, assigned: Span | None, now: float) -> ServerOut:
+    return ServerOut(
+        id=row.id,
+        site=row.site,
+        gpu=row.gpu,
+        memory_gb=row.memory_gb,
+        decode_ms_per_block=row.decode_ms_per_block,
+        prefill_ms_per_block=PrefillSpeed(
+            fixed=row.prefill_fixed_ms, per_token=row.prefill_per_token_ms
+        ),
+        network_mbps=row.network_mbps,
+        address=row.address,
+        boot_epoch=row.boot_epoch,
+        state=row.state,
+        lease="live" if row.lease_expires_at > now else "expired",
+        lease_expires_in_s=max(0.0, row.lease_expires_at - now),
+        loaded_span=_span(row.loaded_start, row.loaded_end),
+        assigned_span=None
+        if assigned is None
+        else SpanModel(start=assigned.start, end=assigned.end),
+        cache_slots=row.cache_slots,
+        reserved_slots=row.reserved_slots,
+        free_cache_slots=row.free_cache_slots,
+        peer_id=row.peer_id,
+        multiaddrs=multiaddrs_of(row),
+    )
