@@ -27,9 +27,12 @@ from app.allocation.chains import (
     Chain,
     ChainPlan,
     ChainsInfeasible,
-    chains_for_placement,
+    gca,
     job_costs,
     plan_chains,
+    pruner,
+    residual_slots,
+    response_bounds,
 )
 from app.allocation.instance import GB, Instance, Placement
 from app.allocation.scenario import Scenario
@@ -112,15 +115,42 @@ def plan_auto(
     started = time.perf_counter()
     costs = job_costs(instance, profile)
     candidates: list[Candidate] = []
+    order: list[str] = []  # names in the order added: the last tie-break
     warnings: list[str] = []
 
-    def add(name: str, placement: Placement, details: dict[str, object]) -> None:
-        chains, bounds = chains_for_placement(instance, profile, placement, costs)
+    def add(
+        name: str,
+        placement: Placement,
+        details: dict[str, object],
+        planned: tuple[tuple[Chain, ...], Bounds] | None = None,
+    ) -> None:
+        if planned is None:
+            stop = None
+            if score is None and candidates:  # the default score: prune what cannot win
+                best = min(candidates, key=lambda c: _key(c.score_s))
+                # Ties go on to the upper bound: only a strictly worse lower bound prunes.
+                stop = pruner(instance.num_blocks, profile.rate_per_s, _rank(best), -1)
+            tokens = profile.design_tokens()
+            residual = residual_slots(instance, placement, tokens)
+            chains = gca(instance, costs, placement, residual, stop)
+            if stop is not None and stop.fired:
+                # Its lower bound is already above the best one's: recorded as pruned, with
+                # the bound that proved it.
+                optimistic = response_bounds(profile.rate_per_s, stop.optimistic)
+                details = {**details, "pruned": True}
+                pruned = Candidate(name, placement, (), optimistic, optimistic.lower_s, details)
+                candidates.append(pruned)
+                order.append(name)
+                return
+            bounds = response_bounds(profile.rate_per_s, chains)
+        else:
+            chains, bounds = planned
         if not chains:
             return
         candidate = Candidate(name, placement, chains, bounds, bounds.lower_s, details)
         value = score(candidate) if score is not None else bounds.lower_s
         candidates.append(dataclasses.replace(candidate, score_s=value))
+        order.append(name)
 
     chain_plan: ChainPlan | None = None
     try:
@@ -128,7 +158,8 @@ def plan_auto(
     except ChainsInfeasible as error:
         warnings.append(str(error))
     if chain_plan is not None:
-        add("chains", chain_plan.placement, {"c": chain_plan.c})
+        planned = (chain_plan.chains, chain_plan.bounds)
+        add("chains", chain_plan.placement, {"c": chain_plan.c}, planned)
         warnings.extend(chain_plan.warnings)
         typical_ms = chain_plan.chains[0].service_ms if chain_plan.chains else 0.0
         sized = profile_instance(instance, profile)
@@ -147,8 +178,8 @@ def plan_auto(
             "infeasible: no candidate placement covers every block with room for one request "
             + ("; ".join(warnings) if warnings else "")
         )
-    order = {id(c): i for i, c in enumerate(candidates)}
-    best = min(candidates, key=lambda c: (_key(c.score_s), _key(c.bounds.upper_s), order[id(c)]))
+    usable = [c for c in candidates if c.chains]
+    best = min(usable, key=lambda c: (_key(c.score_s), _key(c.bounds.upper_s), order.index(c.name)))
     return AutoPlan(
         best,
         tuple(candidates),
@@ -157,6 +188,10 @@ def plan_auto(
         time.perf_counter() - started,
         tuple(warnings),
     )
+
+
+def _rank(candidate: Candidate) -> tuple[float, float, int]:
+    return (_key(candidate.score_s), 0.0, 0)
 
 
 def _key(value: float) -> float:

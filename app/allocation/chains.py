@@ -34,8 +34,9 @@ exhaustive search over every c on random small swarms.
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -171,29 +172,34 @@ def gbp_cr(
         )
     order = gbp_order(costs, m)
     target = rate_per_s / rho
-    spans: list[Span | None] = [None] * instance.num_servers
-    chains: list[tuple[Hop, ...]] = []
-    current: list[Hop] = []
-    a = 0
     tau_c = costs.tau_c.tolist()
     tau_p = costs.tau_p.tolist()
+    placed: list[tuple[int, int, int]] = []  # (server, span start, chain entry)
+    ends: list[int] = []  # index into placed where each chain ends
+    a = 0
     service = costs.per_request_ms
     rate = 0.0
     met = False
     for j in order:
-        start = min(a, L - m[j])
-        spans[j] = Span(start, start + m[j])
-        current.append(Hop(j, a, start + m[j]))
-        service += tau_c[j] + tau_p[j] * m[j]
-        a = min(a + m[j], L)
+        mj = m[j]
+        placed.append((j, min(a, L - mj), a))
+        service += tau_c[j] + tau_p[j] * mj
+        a += mj
         if a >= L:
-            chains.append(tuple(current))
+            ends.append(len(placed))
             rate += 1000.0 / service
-            current, a, service = [], 0, costs.per_request_ms
+            a, service = 0, costs.per_request_ms
             if c * rate >= target:
                 met = True
                 break
-    return GbpResult(c, tuple(spans), tuple(chains), met, tuple(m))
+    spans: list[Span | None] = [None] * instance.num_servers
+    for j, start, _ in placed:
+        spans[j] = Span(start, start + m[j])
+    chains = tuple(
+        tuple(Hop(j, entry, start + m[j]) for j, start, entry in placed[begin:end])
+        for begin, end in zip([0, *ends[:-1]], ends, strict=True)
+    )
+    return GbpResult(c, tuple(spans), chains, met, tuple(m))
 
 
 def gbp_order(costs: JobCosts, m: Sequence[int]) -> list[int]:
@@ -218,18 +224,23 @@ def residual_slots(instance: Instance, placement: Placement, design_tokens: int)
     ]
 
 
+GcaStop = Callable[[Sequence[Chain], int], bool]
+
+
 def gca(
     instance: Instance,
     costs: JobCosts,
     placement: Placement,
     residual: Sequence[int],
+    stop: GcaStop | None = None,
 ) -> tuple[Chain, ...]:
     """Greedy cache allocation: chains fastest first, each with its capacity c_k.
 
     The shortest path runs over block boundaries (state b: blocks [0, b) done); entering
     server j at boundary b is Lemma 1's edge into j with m_ij = end_j - b blocks. Edges are
     only ever removed, so after a chain only boundaries from the first affected span end on
-    are recomputed.
+    are recomputed. ``stop(chains so far, slot-blocks left)``, asked after chains 1, 2, 4, 8,
+    ..., may end the allocation early (the search over c prunes with it).
     """
     L = instance.num_blocks
     left = [int(r) for r in residual]
@@ -277,18 +288,23 @@ def gca(
     choice = np.full(L + 1, -1, dtype=np.int64)
     nonempty = [e for e in range(1, L + 1) if servers[e].size]
 
+    # Boundaries no pair leads to keep dist = inf for good; only the others are relaxed.
     def relax(first_end: int) -> None:
-        for e in nonempty:
-            if e < first_end:
-                continue
+        for e in nonempty[bisect.bisect_left(nonempty, first_end) :]:
             candidates = dist[entries[e]] + cost[e]
             best = int(candidates.argmin())
             dist[e] = candidates[best]
             choice[e] = best
-        for e in range(max(1, first_end), L + 1):
-            if not servers[e].size:
-                dist[e] = np.inf
 
+    # Each server's pairs: positions in its end's slice and their block counts (as lists).
+    own: dict[int, list[tuple[int, int]]] = {}
+    for e in nonempty:
+        for position, (j, k) in enumerate(
+            zip(servers[e].tolist(), blocks[e].tolist(), strict=True)
+        ):
+            own.setdefault(j, []).append((position, k))
+    tau_c = costs.tau_c.tolist()
+    tau_p = costs.tau_p.tolist()
     relax(1)
     chains: list[Chain] = []
     while np.isfinite(dist[L]):
@@ -303,17 +319,23 @@ def gca(
         capacity = min(left[h.server] // h.blocks for h in hops)
         if capacity < 1:  # pragma: no cover - unusable edges carry infinite cost
             raise AssertionError("GCA picked an edge without free slots")
-        chains.append(Chain(tuple(hops), capacity, costs.service_ms(hops)))
+        service = costs.per_request_ms + sum(
+            tau_c[h.server] + tau_p[h.server] * h.blocks for h in hops
+        )
+        chains.append(Chain(tuple(hops), capacity, service))
+        if stop is not None and len(chains) & (len(chains) - 1) == 0 and stop(chains, sum(left)):
+            break
         first_end = L
         for h in hops:
-            left[h.server] -= capacity * h.blocks
-            span = placement[h.server]
-            assert span is not None
-            e = span.end
+            j = h.server
+            left[j] -= capacity * h.blocks
+            e = h.end
             # Every edge into this server ends at its span end; drop those now too wide.
-            dead = (servers[e] == h.server) & (blocks[e] > left[h.server])
-            if dead.any():
-                cost[e] = np.where(dead, np.inf, cost[e])
+            pairs = own[j]
+            dead = [position for position, k in pairs if k > left[j]]
+            if dead:
+                cost[e][dead] = np.inf
+                own[j] = [(position, k) for position, k in pairs if k <= left[j]]
                 first_end = min(first_end, e)
         relax(first_end)
     return tuple(chains)
@@ -353,10 +375,17 @@ def _mean_in_system(lam: float, death: FloatArray, nu: float) -> float:
 
 
 def erlang_bound(lam: float, mu: float, slots: int) -> float:
-    """Mean response (s) of M/M/C with C = slots servers of rate mu (inf if unstable)."""
+    """A lower bound (s) on the mean response of M/M/C with C = slots servers of rate mu.
+
+    Exact up to n = lambda / mu + 10 sqrt(lambda / mu) + 50 in system; beyond, every state
+    dies at the full rate mu C (never below the truth, so the mean can only shrink), which
+    keeps the cost independent of C for large swarms.
+    """
     if slots < 1 or mu <= 0 or lam >= mu * slots:
         return math.inf
-    death = mu * np.minimum(np.arange(1, slots + 1, dtype=float), slots)
+    load = lam / mu
+    cut = min(slots, math.ceil(load + 10 * math.sqrt(load) + 50))
+    death = mu * np.arange(1, cut + 1, dtype=float)
     return _mean_in_system(lam, death, mu * slots) / lam
 
 
@@ -436,14 +465,13 @@ def plan_chains(
             f"({instance.block_gb + s_c:.4f} GB needed)"
         )
     lam = profile.rate_per_s
-    candidates: list[tuple[float, int, GbpResult]] = []
+    candidates: list[tuple[float, int]] = []
     for c in breakpoints(instance, s_c, c_max):
-        try:
-            gbp = gbp_cr(instance, costs, s_c, c, lam, rho)
-        except ChainsInfeasible:
+        counts = block_counts(instance, s_c, c)
+        if sum(counts) < instance.num_blocks:
             break  # m(c) only shrinks as c grows
-        cheap = round(_cheap_bound(instance, costs, gbp.placement, tokens, lam), 9)
-        candidates.append((cheap, c, gbp))
+        cheap = round(_cheap_bound(instance, costs, counts, tokens, lam), 9)
+        candidates.append((cheap, c))
     if not candidates:
         raise ChainsInfeasible(
             f"infeasible: the servers cannot hold all {instance.num_blocks} blocks even with "
@@ -452,7 +480,7 @@ def plan_chains(
     candidates.sort(key=lambda item: (item[0], item[1]))
     best: ChainPlan | None = None
     evaluated = 0
-    for cheap, c, gbp in candidates:
+    for cheap, c in candidates:
         best_lower = math.inf if best is None else plan_key(best)[0]
         if best is not None and math.isfinite(best_lower):
             if cheap > best_lower:
@@ -460,7 +488,13 @@ def plan_chains(
             if cheap == best_lower and c > best.c:
                 continue  # at best a tie, and ties go to the smaller c
         evaluated += 1
-        chains, bounds = chains_for_placement(instance, profile, gbp.placement, costs)
+        gbp = gbp_cr(instance, costs, s_c, c, lam, rho)
+        stop = None if best is None else pruner(instance.num_blocks, lam, plan_key(best), c)
+        residual = residual_slots(instance, gbp.placement, tokens)
+        chains = gca(instance, costs, gbp.placement, residual, stop)
+        if stop is not None and stop.fired:
+            continue
+        bounds = response_bounds(lam, chains)
         plan = ChainPlan(c, gbp.placement, chains, bounds, tokens, gbp.rate_target_met)
         if best is None or plan_key(plan) < plan_key(best):
             best = plan
@@ -489,6 +523,40 @@ def plan_chains(
     )
 
 
+class _Pruner:
+    """Stops GCA once its chains cannot beat the best plan so far.
+
+    With chains 1..K found (rates non-increasing), every later chain is no faster than chain K
+    and all of them hold at most (slot-blocks left) / L job slots, so Theorem 4's lower bound of
+    the finished plan is at least that of chains 1..K plus that many slots at chain K's rate.
+    """
+
+    def __init__(self, num_blocks: int, lam: float, best: tuple[float, float, int], c: int):
+        self.num_blocks = num_blocks
+        self.lam = lam
+        self.best_lower = best[0]
+        self.beaten_on_ties = c > best[2]
+        self.fired = False
+        self.optimistic: list[Chain] = []  # the chains that proved it, when it fired
+
+    def __call__(self, chains: Sequence[Chain], slot_blocks_left: int) -> bool:
+        extra = slot_blocks_left // self.num_blocks
+        optimistic = list(chains)
+        if extra > 0:
+            optimistic.append(Chain(chains[-1].hops, extra, chains[-1].service_ms))
+        lower = response_bounds(self.lam, optimistic).lower_s
+        value = round(lower, 9) if math.isfinite(lower) else math.inf
+        if value > self.best_lower or (value == self.best_lower and self.beaten_on_ties):
+            self.fired = True
+            self.optimistic = optimistic
+        return self.fired
+
+
+def pruner(num_blocks: int, lam: float, best: tuple[float, float, int], c: int) -> _Pruner | None:
+    # Unstable best plans are ranked by service rate too: no pruning on the bound alone.
+    return _Pruner(num_blocks, lam, best, c) if math.isfinite(best[0]) else None
+
+
 def plan_key(plan: ChainPlan) -> tuple[float, float, int]:
     """Order of preference: lower bound, then (unstable plans) more service rate, then c."""
     # Rounded so that floating-point noise between equal plans does not decide; ties: smaller c.
@@ -496,19 +564,31 @@ def plan_key(plan: ChainPlan) -> tuple[float, float, int]:
 
 
 def _cheap_bound(
-    instance: Instance, costs: JobCosts, placement: Placement, tokens: int, lam: float
+    instance: Instance, costs: JobCosts, counts: Sequence[int], tokens: int, lam: float
 ) -> float:
-    """A value never above the placement's Theorem-4 lower bound.
+    """A value never above Theorem 4's lower bound for GBP-CR at these block counts.
 
-    Every slot is given the rate of a chain faster than any real one (a chain runs L blocks,
-    each at no less than the smallest amortised time (tau_c_j + tau_p_j m_j) / m_j of the
-    servers it uses), and C = sum of residual slots / L (each job holds L slot-blocks).
+    GBP-CR places a subset of the servers with m_j > 0, each hosting m_j blocks; GCA's chains
+    on it are no faster than L blocks at the smallest amortised time (tau_c_j + tau_p_j m_j) /
+    m_j, nor than ceil(L / max m_j) hops at the smallest tau_c plus L blocks at the smallest
+    tau_p, and hold at most sum_j residual_j / L job slots (a job holds L slot-blocks). Giving
+    every one of that many slots that rate only raises the death rates of the lower birth-death
+    chain, so its mean is a lower bound; taking all usable servers only loosens it.
     """
-    lengths = np.array([0 if s is None else s.length for s in placement], dtype=float)
-    used = lengths > 0
+    m = np.asarray(counts, dtype=float)
+    used = m > 0
     if not used.any():
         return math.inf
-    amortised = (costs.tau_c[used] + costs.tau_p[used] * lengths[used]) / lengths[used]
-    mu = 1000.0 / (costs.per_request_ms + instance.num_blocks * float(amortised.min()))
-    slots = sum(residual_slots(instance, placement, tokens)) // instance.num_blocks
-    return erlang_bound(lam, mu, max(slots, 0))
+    L = instance.num_blocks
+    amortised = (costs.tau_c[used] + costs.tau_p[used] * m[used]) / m[used]
+    # A chain runs L blocks and needs at least ceil(L / max m_j) hops.
+    hops = math.ceil(L / float(m[used].max()))
+    fastest = max(
+        L * float(amortised.min()),
+        hops * float(costs.tau_c[used].min()) + L * float(costs.tau_p[used].min()),
+    )
+    mu = 1000.0 / (costs.per_request_ms + fastest)
+    free_bytes = (instance.memory_gb[used] - instance.block_gb * m[used]) * GB
+    units = np.floor(np.maximum(free_bytes, 0.0) / instance.kv_bytes + MEMORY_EPSILON)
+    slots = int((units // tokens).sum()) // instance.num_blocks
+    return erlang_bound(lam, mu, slots)

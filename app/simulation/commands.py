@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from app.allocation.cg import InfeasibleError
+from app.allocation.chains import ChainsInfeasible
 from app.allocation.scenario import ScenarioError, load_scenario
 from app.simulation.engine import SimulationError
 from app.simulation.policies import POLICIES
@@ -36,7 +37,7 @@ def simulate_command(
     scenario_path: Annotated[Path, typer.Argument(metavar="SCENARIO", help="Scenario JSON file.")],
     policy: Annotated[
         str, typer.Option("--policy", "-p", help=f"One of: {', '.join(POLICIES)}.")
-    ] = "cg-wsrr",
+    ] = "auto",
     seed: Annotated[
         int | None, typer.Option("--seed", help="Override the workload's seed.")
     ] = None,
@@ -66,7 +67,7 @@ def simulate_command(
         result = simulate(
             scenario, policy, seed, service_model=service_model, milp_time_limit_s=time_limit
         )
-    except (WorkloadError, SimulationError) as error:
+    except (WorkloadError, SimulationError, ChainsInfeasible, InfeasibleError) as error:
         raise SimulateUserError(str(error)) from None
     summary = result.summary()
     if as_json:
@@ -77,7 +78,7 @@ def simulate_command(
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in summary.items():
-        if key in ("policy", "scenario", "workload"):
+        if key in ("policy", "scenario", "workload") or isinstance(value, dict):
             continue
         table.add_row(key, f"{value:,.3f}" if isinstance(value, float) else str(value))
     console.print(table)
@@ -108,7 +109,7 @@ def experiment_command(
     folder = out if out is not None else Path("out") / name
     try:
         run_study(STUDIES[name], folder, quick=quick, seeds=seeds, console=Console(width=160))
-    except (WorkloadError, SimulationError, InfeasibleError) as error:
+    except (WorkloadError, SimulationError, InfeasibleError, ChainsInfeasible) as error:
         raise SimulateUserError(str(error)) from None
 
 
