@@ -8,7 +8,12 @@ Candidates (every one served by JFFC over GCA chains on its placement, with a ce
 - ``petals``: PETALS 2.2's own placement (widest spans, its join order) with our dispatcher.
 
 Score: the predicted mean response time (s) for the profile, Theorem 4's lower bound on the
-candidate's GCA chains (ties: the upper bound, then the order above). A caller may inject
+candidate's GCA chains (ties: the upper bound, then the order above). With several client
+sites, each client gets the GCA chains it would get alone (GCA on its own hop costs, on the
+candidate's whole memory); their union is served by client-aware JFFC (each client tries its
+own fastest chains first) while every request's cache is checked against the servers' real
+free memory, so the union never over-commits; the score is the share-weighted lower bound of
+each client alone on its own chains (chains.client_lower_bound). A caller may inject
 another ``score`` (e.g. a short simulation); this package never imports the simulator. The
 best score wins; every candidate's score is kept for ``--json``.
 """
@@ -27,6 +32,8 @@ from app.allocation.chains import (
     Chain,
     ChainPlan,
     ChainsInfeasible,
+    client_costs,
+    client_lower_bound,
     gca,
     job_costs,
     plan_chains,
@@ -35,6 +42,7 @@ from app.allocation.chains import (
     response_bounds,
 )
 from app.allocation.instance import GB, Instance, Placement
+from app.allocation.perf import Hop
 from app.allocation.scenario import Scenario
 from app.allocation.workload import WorkloadProfile
 
@@ -114,6 +122,30 @@ def plan_auto(
 
     started = time.perf_counter()
     costs = job_costs(instance, profile)
+    shares = instance.client_shares.tolist()
+    # Several client sites: every client gets the GCA chains it would get alone (on its own
+    # hop costs); the union is dispatched client-aware, the servers' memory arbitrated per
+    # request at run time; the score weighs each client's own bound.
+    per_client = len(shares) > 1
+    tokens = profile.design_tokens()
+
+    def client_chains(placement: Placement) -> tuple[tuple[Chain, ...], float]:
+        residual = residual_slots(instance, placement, tokens)
+        own = [
+            gca(instance, client_costs(costs, c), placement, residual) for c in range(len(shares))
+        ]
+        union: dict[tuple[Hop, ...], Chain] = {}
+        for chains in own:
+            for chain in chains:
+                known = union.get(chain.hops)
+                if known is None or known.capacity < chain.capacity:
+                    # Service times on the clients' mean, whoever found the chain.
+                    union[chain.hops] = Chain(
+                        chain.hops, chain.capacity, costs.service_ms(chain.hops), chain.client_ms
+                    )
+        merged = tuple(sorted(union.values(), key=lambda c: c.service_ms))
+        return merged, client_lower_bound(profile.rate_per_s, own, shares)
+
     candidates: list[Candidate] = []
     order: list[str] = []  # names in the order added: the last tie-break
     warnings: list[str] = []
@@ -124,13 +156,23 @@ def plan_auto(
         details: dict[str, object],
         planned: tuple[tuple[Chain, ...], Bounds] | None = None,
     ) -> None:
+        if per_client:
+            chains, value = client_chains(placement)
+            if not chains:
+                return
+            bounds = response_bounds(profile.rate_per_s, chains)
+            candidate = Candidate(name, placement, chains, bounds, value, details)
+            if score is not None:
+                candidate = dataclasses.replace(candidate, score_s=score(candidate))
+            candidates.append(candidate)
+            order.append(name)
+            return
         if planned is None:
             stop = None
             if score is None and candidates:  # the default score: prune what cannot win
                 best = min(candidates, key=lambda c: _key(c.score_s))
                 # Ties go on to the upper bound: only a strictly worse lower bound prunes.
                 stop = pruner(instance.num_blocks, profile.rate_per_s, _rank(best), -1)
-            tokens = profile.design_tokens()
             residual = residual_slots(instance, placement, tokens)
             chains = gca(instance, costs, placement, residual, stop)
             if stop is not None and stop.fired:
@@ -158,7 +200,7 @@ def plan_auto(
     except ChainsInfeasible as error:
         warnings.append(str(error))
     if chain_plan is not None:
-        planned = (chain_plan.chains, chain_plan.bounds)
+        planned = None if per_client else (chain_plan.chains, chain_plan.bounds)
         add("chains", chain_plan.placement, {"c": chain_plan.c}, planned)
         warnings.extend(chain_plan.warnings)
         typical_ms = chain_plan.chains[0].service_ms if chain_plan.chains else 0.0

@@ -35,6 +35,7 @@ exhaustive search over every c on random small swarms.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,9 @@ class Chain:
     hops: tuple[Hop, ...]
     capacity: int
     service_ms: float
+    # Service time for a job of each client (the profile's mean lengths); service_ms is their
+    # share-weighted mean. Empty when not computed.
+    client_ms: tuple[float, ...] = ()
 
     @property
     def rate_per_s(self) -> float:
@@ -104,11 +108,20 @@ class JobCosts:
     tau_c: FloatArray
     tau_p: FloatArray
     per_request_ms: float
+    tau_c_clients: FloatArray | None = None  # [client, server]: tau_c of each client
 
     def service_ms(self, hops: Sequence[Hop]) -> float:
         return self.per_request_ms + float(
             sum(self.tau_c[h.server] + self.tau_p[h.server] * h.blocks for h in hops)
         )
+
+    def client_ms(self, hops: Sequence[Hop]) -> tuple[float, ...]:
+        if self.tau_c_clients is None:
+            return ()
+        compute = sum(float(self.tau_p[h.server]) * h.blocks for h in hops)
+        servers = [h.server for h in hops]
+        per_client = self.tau_c_clients[:, servers].sum(axis=1)
+        return tuple(float(v) + compute + self.per_request_ms for v in per_client.tolist())
 
 
 def job_costs(instance: Instance, profile: WorkloadProfile) -> JobCosts:
@@ -125,7 +138,10 @@ def job_costs(instance: Instance, profile: WorkloadProfile) -> JobCosts:
     tau_p = instance.prefill_fixed_ms + instance.prefill_per_token_ms * mean_in
     tau_p = tau_p + later * instance.decode_ms
     return JobCosts(
-        np.asarray(tau_c, dtype=float), np.asarray(tau_p, dtype=float), instance.per_request_ms
+        np.asarray(tau_c, dtype=float),
+        np.asarray(tau_p, dtype=float),
+        instance.per_request_ms,
+        np.asarray(per_client, dtype=float),
     )
 
 
@@ -269,10 +285,11 @@ def gca(
     pair_server, pair_entry, pair_end = pair_server[order], pair_entry[order], pair_end[order]
     bounds = np.searchsorted(pair_end, np.arange(L + 2))
     left_array = np.array(left, dtype=np.int64)
+    views: list[FloatArray] = [costs.tau_c]
     entries: list[IntArray] = []
     servers: list[IntArray] = []
     blocks: list[IntArray] = []
-    cost: list[FloatArray] = []
+    cost: list[list[FloatArray]] = [[] for _ in views]
     for e in range(L + 1):
         srv = pair_server[bounds[e] : bounds[e + 1]]
         ent = pair_entry[bounds[e] : bounds[e + 1]]
@@ -280,21 +297,24 @@ def gca(
         servers.append(srv)
         entries.append(ent)
         blocks.append(k)
-        edge = costs.tau_c[srv] + costs.tau_p[srv] * k
-        # An edge needs m_ij free slots at its target.
-        cost.append(np.where(left_array[srv] >= k, edge, np.inf))
-    dist = np.full(L + 1, np.inf)
-    dist[0] = 0.0
-    choice = np.full(L + 1, -1, dtype=np.int64)
+        usable = left_array[srv] >= k  # an edge needs m_ij free slots at its target
+        for v, tau_c in enumerate(views):
+            cost[v].append(np.where(usable, tau_c[srv] + costs.tau_p[srv] * k, np.inf))
+    dists = [np.full(L + 1, np.inf) for _ in views]
+    for dist in dists:
+        dist[0] = 0.0
+    choices = [np.full(L + 1, -1, dtype=np.int64) for _ in views]
     nonempty = [e for e in range(1, L + 1) if servers[e].size]
 
     # Boundaries no pair leads to keep dist = inf for good; only the others are relaxed.
     def relax(first_end: int) -> None:
-        for e in nonempty[bisect.bisect_left(nonempty, first_end) :]:
-            candidates = dist[entries[e]] + cost[e]
-            best = int(candidates.argmin())
-            dist[e] = candidates[best]
-            choice[e] = best
+        tail = nonempty[bisect.bisect_left(nonempty, first_end) :]
+        for dist, choice, view_cost in zip(dists, choices, cost, strict=True):
+            for e in tail:
+                candidates = dist[entries[e]] + view_cost[e]
+                best = int(candidates.argmin())
+                dist[e] = candidates[best]
+                choice[e] = best
 
     # Each server's pairs: positions in its end's slice and their block counts (as lists).
     own: dict[int, list[tuple[int, int]]] = {}
@@ -307,7 +327,11 @@ def gca(
     tau_p = costs.tau_p.tolist()
     relax(1)
     chains: list[Chain] = []
-    while np.isfinite(dist[L]):
+    while True:
+        view = min(range(len(views)), key=lambda v: float(dists[v][L]))
+        if not np.isfinite(dists[view][L]):
+            break
+        choice = choices[view]
         hops: list[Hop] = []
         b = L
         while b > 0:
@@ -322,7 +346,7 @@ def gca(
         service = costs.per_request_ms + sum(
             tau_c[h.server] + tau_p[h.server] * h.blocks for h in hops
         )
-        chains.append(Chain(tuple(hops), capacity, service))
+        chains.append(Chain(tuple(hops), capacity, service, costs.client_ms(hops)))
         if stop is not None and len(chains) & (len(chains) - 1) == 0 and stop(chains, sum(left)):
             break
         first_end = L
@@ -334,7 +358,8 @@ def gca(
             pairs = own[j]
             dead = [position for position, k in pairs if k > left[j]]
             if dead:
-                cost[e][dead] = np.inf
+                for view_cost in cost:
+                    view_cost[e][dead] = np.inf
                 own[j] = [(position, k) for position, k in pairs if k <= left[j]]
                 first_end = min(first_end, e)
         relax(first_end)
@@ -413,8 +438,31 @@ def chains_for_placement(
     """GCA chains of any placement and their Theorem-4 bounds for the profile."""
     costs = costs or job_costs(instance, profile)
     tokens = profile.design_tokens()
-    chains = gca(instance, costs, placement, residual_slots(instance, placement, tokens))
+    residual = residual_slots(instance, placement, tokens)
+    chains = gca(instance, costs, placement, residual)
     return chains, response_bounds(profile.rate_per_s, chains)
+
+
+def client_costs(costs: JobCosts, client: int) -> JobCosts:
+    """The same costs with tau_c of one client instead of the clients' mean."""
+    if costs.tau_c_clients is None:
+        return costs
+    return dataclasses.replace(costs, tau_c=np.asarray(costs.tau_c_clients[client]))
+
+
+def client_lower_bound(
+    rate_per_s: float, per_client: Sequence[Sequence[Chain]], shares: Sequence[float]
+) -> float:
+    """Share-weighted Theorem-4 lower bound (s): client c alone on its own GCA chains
+    ``per_client[c]`` with its own service times (what client-aware JFFC aims at)."""
+    total = 0.0
+    for client, (chains, share) in enumerate(zip(per_client, shares, strict=True)):
+        own = [
+            Chain(c.hops, c.capacity, c.client_ms[client] if c.client_ms else c.service_ms)
+            for c in chains
+        ]
+        total += float(share) * response_bounds(rate_per_s, own).lower_s
+    return total
 
 
 def max_reservation(instance: Instance, s_c_gb: float) -> int:

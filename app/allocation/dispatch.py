@@ -19,7 +19,9 @@ Signatures::
     units_needed(hops: Sequence[Hop], tokens: int) -> dict[int, int]        # server -> units
     jffc_pick(chains: Sequence[Chain], in_service: Sequence[int],
               free_units: Sequence[int] | IntArray (any indexable), tokens: int,
-              alive: Sequence[bool] | None = None) -> int | None
+              alive: Sequence[bool] | None = None,
+              order: Sequence[int] | None = None) -> int | None
+    client_order(chains: Sequence[Chain], client: int) -> list[int]
     free_from(capacity: int, used: int, releases: Sequence[tuple[float, int]],
               units: int, now: float) -> float                               # inf: never
     earliest_start(hops, tokens, capacity, used, releases, now) -> float
@@ -57,6 +59,7 @@ from app.allocation.routing import RouteIndex
 
 __all__ = [
     "WsrrChoice",
+    "client_order",
     "earliest_start",
     "free_from",
     "jffc_pick",
@@ -94,11 +97,17 @@ def jffc_pick(
     free_units: UnitsLookup,
     tokens: int,
     alive: Sequence[bool] | None = None,
+    order: Sequence[int] | None = None,
 ) -> int | None:
-    """Index of the fastest chain with a free job slot and room for this request, or None."""
+    """Index of the fastest chain with a free job slot and room for this request, or None.
+
+    ``order``: the chain indices to try, fastest first for this request's client (default:
+    the chains' own order, fastest on the clients' mean).
+    """
     if len(in_service) != len(chains):
         raise ValueError("in_service: one entry per chain")
-    for k, chain in enumerate(chains):
+    for k in order if order is not None else range(len(chains)):
+        chain = chains[k]
         if in_service[k] >= chain.capacity:
             continue
         fits = True
@@ -109,6 +118,14 @@ def jffc_pick(
         if fits:
             return k
     return None
+
+
+def client_order(chains: Sequence[Chain], client: int) -> list[int]:
+    """Chain indices fastest first for ``client`` (by its own service times when the chains
+    carry them, else the chains' order); ties keep the chains' order."""
+    if not chains or not chains[0].client_ms:
+        return list(range(len(chains)))
+    return sorted(range(len(chains)), key=lambda k: (chains[k].client_ms[client], k))
 
 
 def free_from(

@@ -164,7 +164,13 @@ class ChainsPolicy:
     """JFFC over fixed chains (dispatch.jffc_pick) with the engine's central FIFO queue."""
 
     def __init__(
-        self, name: str, placement: Placement, capacity: Sequence[int], chains: Sequence[Chain]
+        self,
+        name: str,
+        placement: Placement,
+        capacity: Sequence[int],
+        chains: Sequence[Chain],
+        client_aware: bool = False,
+        num_clients: int = 1,
     ) -> None:
         if not chains:
             raise SimulationError(f"{name}: no chain covers every block")
@@ -172,6 +178,10 @@ class ChainsPolicy:
         self.placement = placement
         self.capacity = list(capacity)
         self.chains = list(chains)
+        # Client-aware JFFC: each client tries its own fastest chains first.
+        self.orders: list[list[int]] | None = None
+        if client_aware and num_clients > 1 and self.chains[0].client_ms:
+            self.orders = [dispatch.client_order(self.chains, c) for c in range(num_clients)]
         self.in_service = [0] * len(self.chains)
         self.chain_of: dict[int, int] = {}
         # The most tokens any chain could ever take (every hop's whole capacity).
@@ -186,7 +196,8 @@ class ChainsPolicy:
                 f"{self.name}: request {request} needs {tokens} tokens per block, more than "
                 f"any chain's servers hold ({self._largest})"
             )
-        k = dispatch.jffc_pick(self.chains, self.in_service, sim.free_units, tokens)
+        order = None if self.orders is None else self.orders[sim.client_of(request)]
+        k = dispatch.jffc_pick(self.chains, self.in_service, sim.free_units, tokens, order=order)
         if k is None:
             return Wait()
         self.in_service[k] += 1
@@ -378,5 +389,12 @@ def _build_chain_policy(
     seconds = time.perf_counter() - began
     details["lower_bound_ms"] = bounds.lower_s * 1000.0 if bounds.stable else None
     details["upper_bound_ms"] = bounds.upper_s * 1000.0 if bounds.stable else None
-    policy = ChainsPolicy(name, placement, cg_capacity(instance, placement), chains)
+    policy = ChainsPolicy(
+        name,
+        placement,
+        cg_capacity(instance, placement),
+        chains,
+        client_aware=name == "auto",
+        num_clients=instance.num_clients,
+    )
     return BuiltPolicy(policy, seconds, None, details)

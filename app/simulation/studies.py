@@ -27,7 +27,7 @@ from app.allocation.scenario import Scenario
 from app.simulation import generators
 from app.simulation.run import simulate
 
-CORE_POLICIES = ("petals", "cg-sp", "cg-wsrr")
+CORE_POLICIES = ("petals", "cg-sp", "cg-wsrr", "chains", "auto")
 ABLATIONS = ("petals-order", "petals-number", "petals-rr")
 
 
@@ -82,7 +82,7 @@ STUDIES: dict[str, Study] = {
             "rate 0.1/0.5, all policies",
             "scenario",
             _clustered_points(),
-            ("petals", "cg-sp", "cg-wsrr", "milp-wsrr", *ABLATIONS),
+            ("petals", "cg-sp", "cg-wsrr", "milp-wsrr", "chains", "auto", *ABLATIONS),
             requests=300,
             quick_requests=12,
             seeds=3,
@@ -157,6 +157,33 @@ STUDIES: dict[str, Study] = {
             requests=400,
             quick_requests=12,
             seeds=3,
+        ),
+        Study(
+            "scale",
+            "MIG swarms (1 x 3g.40gb : 2 x 2g.20gb), Llama-2-7B, Poisson arrivals with the Azure "
+            "code trace's lengths, rate 2.57 x n / 9 req/s",
+            "servers",
+            _sweep(
+                (100, 300, 1000),
+                "n",
+                lambda v, n, s: generators.mig_swarm(int(v), 2.57 * v / 9, n, s, trace=False),
+            ),
+            ("petals", "cg-wsrr", "chains", "auto"),
+            requests=6000,
+            quick_requests=300,
+            seeds=2,
+        ),
+        Study(
+            "table1",
+            "the follow-up paper's Table I swarm: 3 x 3g.40gb + 6 x 2g.20gb MIG, Llama-2-7B, "
+            "the Azure code trace rescaled to 2.57 req/s, 1000 requests",
+            "swarm",
+            (Point("table1", 0, lambda n, s: generators.mig_swarm(9, 2.57, n, s)),),
+            ("petals", "cg-sp", "cg-wsrr", "chains", "auto"),
+            requests=1000,
+            quick_requests=200,
+            seeds=1,
+            bars=True,
         ),
     )
 }
@@ -243,6 +270,7 @@ Means = dict[tuple[str, str], dict[str, float]]
 MEAN_FIELDS = (
     "x",
     "mean_ms_per_token",
+    "mean_e2e_ms",
     "mean_ttft_ms",
     "mean_wait_ms",
     "p95_e2e_ms",
@@ -268,55 +296,70 @@ def reduction(petals: float, ours: float) -> float:
     return math.nan if petals <= 0 else 100.0 * (petals - ours) / petals
 
 
+def ratio(ours: float, petals: float) -> float:
+    """ours / petals (mean response time); below 1 means faster than PETALS."""
+    return math.nan if petals <= 0 else ours / petals
+
+
 def render_table(study: Study, means: Means) -> Table:
-    table = Table(title=f"{study.name}: mean per-token time (ms), waiting included")
+    table = Table(title=f"{study.name}: mean response time (s), waiting included")
     table.add_column(study.x_name)
     for policy in study.policies:
         table.add_column(policy, justify="right")
-    compare = "petals" in study.policies and "cg-wsrr" in study.policies
+    compare = "petals" in study.policies and "auto" in study.policies
     if compare:
-        table.add_column("cg-wsrr vs petals", justify="right")
+        table.add_column("auto / petals", justify="right")
     for point in study.points:
         cells = [point.label]
         for policy in study.policies:
             value = means.get((point.label, policy))
-            cells.append("-" if value is None else f"{value['mean_ms_per_token']:.1f}")
+            cells.append("-" if value is None else f"{value['mean_e2e_ms'] / 1000:.3f}")
         if compare:
-            ours = means[(point.label, "cg-wsrr")]["mean_ms_per_token"]
-            theirs = means[(point.label, "petals")]["mean_ms_per_token"]
-            cells.append(f"{reduction(theirs, ours):.1f}%")
+            ours = means[(point.label, "auto")]["mean_e2e_ms"]
+            theirs = means[(point.label, "petals")]["mean_e2e_ms"]
+            cells.append(f"{ratio(ours, theirs):.3f}")
         table.add_row(*cells)
     return table
 
 
 def markdown_summary(study: Study, means: Means, requests: int, seeds: int) -> str:
-    """Markdown tables of the means over seeds: ms/token (+ reduction), TTFT, waiting."""
-    compare = "petals" in study.policies and "cg-wsrr" in study.policies
+    """Markdown tables of the means over seeds: response time (+ auto / petals), ms/token
+    (+ cg-wsrr's reduction against PETALS), TTFT, waiting."""
     lines = [
         f"Study `{study.name}`: {study.description}; {requests} requests per run, "
         f"means over {seeds} seed(s).",
         "",
     ]
-    for metric, title in (
-        ("mean_ms_per_token", "Mean time per token (ms), waiting included"),
-        ("mean_ttft_ms", "Mean time to first token (ms)"),
-        ("mean_wait_ms", "Mean wait before the request starts (ms; PETALS: retries included)"),
+    for metric, title, scale, extra in (
+        ("mean_e2e_ms", "Mean response time (s), waiting included", 1000.0, "auto"),
+        ("mean_ms_per_token", "Mean time per token (ms), waiting included", 1.0, "cg-wsrr"),
+        ("mean_ttft_ms", "Mean time to first token (ms)", 1.0, None),
+        (
+            "mean_wait_ms",
+            "Mean wait before the request starts (ms; PETALS: retries included)",
+            1.0,
+            None,
+        ),
     ):
         header = [study.x_name, *study.policies]
-        with_reduction = compare and metric == "mean_ms_per_token"
-        if with_reduction:
-            header.append("cg-wsrr vs petals")
+        compare = extra is not None and extra in study.policies and "petals" in study.policies
+        if compare:
+            header.append("auto / petals" if extra == "auto" else "cg-wsrr vs petals")
         lines += [f"**{title}**", "", "| " + " | ".join(header) + " |"]
         lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+        digits = 3 if scale > 1 else 1
         for point in study.points:
             cells = [point.label]
             for policy in study.policies:
                 value = means.get((point.label, policy))
-                cells.append("-" if value is None else f"{value[metric]:.1f}")
-            if with_reduction:
-                ours = means[(point.label, "cg-wsrr")][metric]
+                cells.append("-" if value is None else f"{value[metric] / scale:.{digits}f}")
+            if compare:
+                ours = means[(point.label, str(extra))][metric]
                 theirs = means[(point.label, "petals")][metric]
-                cells.append(f"{reduction(theirs, ours):.1f}%")
+                if extra == "auto":
+                    cells.append(f"{ratio(ours, theirs):.3f}")
+                else:
+                    cells.append(f"{reduction(theirs, ours):.1f}%")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -333,9 +376,11 @@ def plot(study: Study, means: Means, path: Path) -> None:
         fig, axes = plt.subplots(2, 1, figsize=(width_in, 9))
     else:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    markers = "osD^v<>PX*"
+    styles = ("-", "--", "-.", ":")
     for axis, metric, title in (
-        (axes[0], "mean_ms_per_token", "mean time per token (ms)"),
-        (axes[1], "mean_ttft_ms", "mean time to first token (ms)"),
+        (axes[0], "mean_e2e_ms", "mean response time (ms)"),
+        (axes[1], "mean_ms_per_token", "mean time per token (ms)"),
     ):
         if study.bars:
             width = 0.8 / len(study.policies)
@@ -346,10 +391,19 @@ def plot(study: Study, means: Means, path: Path) -> None:
             axis.set_xticks([p.x for p in study.points])
             axis.set_xticklabels([p.label.replace(" ", "\n") for p in study.points], fontsize=8)
         else:
-            for policy in study.policies:
+            # Distinct marker and line style per policy: overlapping curves stay visible.
+            for i, policy in enumerate(study.policies):
                 xs = [p.x for p in study.points]
                 ys = [means[(p.label, policy)][metric] for p in study.points]
-                axis.plot(xs, ys, marker="o", label=policy)
+                axis.plot(
+                    xs,
+                    ys,
+                    marker=markers[i % len(markers)],
+                    linestyle=styles[i % len(styles)],
+                    markersize=9 - i % 4,
+                    alpha=0.85,
+                    label=policy,
+                )
             axis.set_xlabel(study.x_name)
         axis.set_ylabel(title)
         axis.set_yscale("log")
