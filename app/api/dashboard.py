@@ -1,26 +1,40 @@
-"""The operator dashboard: ``GET /`` (one static page, no build step) and the two read-only
-public routes it needs beyond the others: ``GET /v1/overview`` and ``GET /v1/routes/recent``.
+"""The operator dashboard: ``GET /`` (one static page, no build step) and the three
+read-only public routes it needs beyond the others: ``GET /v1/overview``,
+``GET /v1/routes/recent`` and ``GET /v1/history``.
 
 The page itself (app/api/static/) polls only public GET routes: /v1/overview, /v1/servers,
-/v1/model, /v1/placements/current and /v1/routes/recent.
+/v1/model, /v1/placements/current, /v1/routes/recent and /v1/history; it draws its charts
+with uPlot, served from package data like the page (no CDN).
+
+The history is a ring buffer per process, sampled every ``HISTORY_INTERVAL_S`` by a task
+that runs inside the app's lifespan (started and stopped with the app).
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse
+from starlette.concurrency import run_in_threadpool
 
-from app.service.activity import RecentRouteOut
+from app.logging import get_logger
+from app.service.activity import History, HistoryOut, RecentRouteOut
 from app.service.coordinator import Coordinator
-from app.service.overview import OverviewOut, overview
+from app.service.overview import OverviewOut, generation_times, overview, record_history
 
+log = get_logger("bprr.dashboard")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+# The only files served under /dashboard/ (name -> media type).
 ASSETS = {
     "dashboard.js": "text/javascript; charset=utf-8",
     "dashboard.css": "text/css; charset=utf-8",
+    "uPlot.iife.min.js": "text/javascript; charset=utf-8",
+    "uPlot.min.css": "text/css; charset=utf-8",
 }
 
 
@@ -39,12 +53,15 @@ def dashboard_page() -> HTMLResponse:
     )
 
 
-def dashboard_script() -> FileResponse:
-    return FileResponse(STATIC_DIR / "dashboard.js", media_type=ASSETS["dashboard.js"])
+def dashboard_asset(name: str) -> FileResponse:
+    if name not in ASSETS:
+        raise HTTPException(status_code=404, detail=f"no dashboard asset {name!r}")
+    return FileResponse(STATIC_DIR / name, media_type=ASSETS[name])
 
 
-def dashboard_style() -> FileResponse:
-    return FileResponse(STATIC_DIR / "dashboard.css", media_type=ASSETS["dashboard.css"])
+def _history(request: Request) -> History:
+    history: History = request.app.state.history
+    return history
 
 
 def get_overview(coordinator: CoordinatorDep) -> OverviewOut:
@@ -63,12 +80,54 @@ def recent_routes(
     return coordinator.activity.recent(limit, None if kind is None else {kind})
 
 
-def install(app: FastAPI) -> None:
+def get_history(
+    history: Annotated[History, Depends(_history)],
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 900,
+) -> HistoryOut:
+    """The swarm over time, sampled by this process (a ring buffer; every replica keeps its
+    own): routable servers, coverage, active sessions, queue depth, bookings and refusals
+    per interval, mean queue wait; re-plans (a new generation, with its reason when the
+    placement code recorded one); per generation the predicted per-token time and the
+    measured one when clients reported it."""
+    return history.out(limit, generation_times())
+
+
+async def _sample_forever(coordinator: Coordinator, history: History) -> None:
+    while True:
+        try:
+            await run_in_threadpool(record_history, coordinator, history)
+        except Exception as error:  # an outage: skip this sample, keep sampling
+            log.warning("history sample skipped", error=str(error) or type(error).__name__)
+        await asyncio.sleep(history.interval_s)
+
+
+def _with_sampler(app: FastAPI, history: History) -> None:
+    """Run the history sampler inside the app's lifespan (after the coordinator starts,
+    cancelled before it closes)."""
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(target: Any) -> AsyncIterator[Any]:
+        async with inner(target) as state:
+            task = asyncio.create_task(_sample_forever(app.state.coordinator, history))
+            try:
+                yield state
+            finally:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
+
+    app.router.lifespan_context = lifespan
+
+
+def install(app: FastAPI, history: History | None = None) -> None:
     """Add the dashboard's routes to the app as its own routes (not an included router, so
-    that the app's 405 handler sees them when it lists the allowed methods)."""
+    that the app's 405 handler sees them when it lists the allowed methods), and the history
+    sampler to its lifespan."""
+    app.state.history = history or History()
+    _with_sampler(app, app.state.history)
     app.add_api_route("/", dashboard_page, include_in_schema=False, response_class=HTMLResponse)
-    app.add_api_route("/dashboard/dashboard.js", dashboard_script, include_in_schema=False)
-    app.add_api_route("/dashboard/dashboard.css", dashboard_style, include_in_schema=False)
+    app.add_api_route("/dashboard/{name}", dashboard_asset, include_in_schema=False)
     app.add_api_route("/v1/overview", get_overview, tags=["dashboard"], response_model=OverviewOut)
     app.add_api_route(
         "/v1/routes/recent",
@@ -76,3 +135,4 @@ def install(app: FastAPI) -> None:
         tags=["dashboard"],
         response_model=list[RecentRouteOut],
     )
+    app.add_api_route("/v1/history", get_history, tags=["dashboard"], response_model=HistoryOut)

@@ -109,3 +109,138 @@ class RouteLog:
             if len(out) >= limit:
                 break
         return out
+
+
+# --- history: the swarm sampled over time, for the dashboard's charts -------------------------
+
+HISTORY_CAPACITY = 1800  # one hour at the default interval
+HISTORY_INTERVAL_S = 2.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The swarm at one instant; the booking figures are running totals (this process)."""
+
+    at: float
+    generation: int
+    routable_servers: int
+    coverage: float
+    active_sessions: int
+    queue_depth: int
+    booked_total: int
+    refused_total: int
+    wait_s_total: float
+    waits_total: int
+
+
+class HistoryPoint(BaseModel):
+    """One sample; ``booked``/``refused`` count the decisions since the previous sample and
+    ``mean_wait_s`` is the mean queue wait of the bookings that ended in between (None: none
+    did)."""
+
+    at: float
+    generation: int
+    routable_servers: int
+    coverage: float
+    active_sessions: int
+    queue_depth: int
+    booked: int
+    refused: int
+    mean_wait_s: float | None
+
+
+class ReplanMark(BaseModel):
+    """A new placement generation first seen at ``at`` (within one sampling interval)."""
+
+    at: float
+    generation: int
+    reason: str
+
+
+class GenerationTimes(BaseModel):
+    """The model's predicted per-token time of a generation, and the measured one when any
+    client reported it (None until then)."""
+
+    generation: int
+    predicted_ms_per_token: float | None
+    measured_ms_per_token: float | None
+
+
+class HistoryOut(BaseModel):
+    interval_s: float
+    capacity: int
+    points: list[HistoryPoint]
+    replans: list[ReplanMark]
+    generations: list[GenerationTimes]
+
+
+class History:
+    """A bounded ring buffer of samples, differenced against the previous one; a generation
+    change between two samples is kept as a re-plan mark with its reason (when recorded)."""
+
+    def __init__(
+        self, capacity: int = HISTORY_CAPACITY, interval_s: float = HISTORY_INTERVAL_S
+    ) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        if interval_s <= 0:
+            raise ValueError("interval_s must be positive")
+        self.capacity = capacity
+        self.interval_s = interval_s
+        self._points: deque[HistoryPoint] = deque(maxlen=capacity)
+        self._replans: deque[ReplanMark] = deque(maxlen=capacity)
+        self._last: Snapshot | None = None
+        self._lock = threading.Lock()
+
+    def add(self, snapshot: Snapshot, reason: str | None = None) -> bool:
+        """Append a sample; True when its generation differs from the previous sample's
+        (``reason``: why that generation was published, if known)."""
+        with self._lock:
+            last = self._last
+            # Counters restart with the process (or another test's app): never negative.
+            booked = max(0, snapshot.booked_total - last.booked_total) if last else 0
+            refused = max(0, snapshot.refused_total - last.refused_total) if last else 0
+            waits = max(0, snapshot.waits_total - last.waits_total) if last else 0
+            wait_s = snapshot.wait_s_total - last.wait_s_total if last else 0.0
+            self._points.append(
+                HistoryPoint(
+                    at=snapshot.at,
+                    generation=snapshot.generation,
+                    routable_servers=snapshot.routable_servers,
+                    coverage=snapshot.coverage,
+                    active_sessions=snapshot.active_sessions,
+                    queue_depth=snapshot.queue_depth,
+                    booked=booked,
+                    refused=refused,
+                    mean_wait_s=round(max(0.0, wait_s) / waits, 4) if waits else None,
+                )
+            )
+            changed = last is not None and snapshot.generation != last.generation
+            if changed:
+                self._replans.append(
+                    ReplanMark(
+                        at=snapshot.at,
+                        generation=snapshot.generation,
+                        reason=reason or "not recorded",
+                    )
+                )
+            self._last = snapshot
+            return changed
+
+    def last_generation(self) -> int | None:
+        with self._lock:
+            return None if self._last is None else self._last.generation
+
+    def out(self, limit: int, generations: list[GenerationTimes]) -> HistoryOut:
+        """The latest ``limit`` samples (oldest first) and the re-plans within them."""
+        with self._lock:
+            points = list(self._points)[-limit:]
+            start = points[0].at if points else float("inf")
+            replans = [mark for mark in self._replans if mark.at >= start]
+        return HistoryOut(
+            interval_s=self.interval_s,
+            capacity=self.capacity,
+            points=points,
+            replans=replans,
+            generations=generations,
+        )

@@ -11,10 +11,14 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
+from app.service import telemetry
+from app.service.activity import GenerationTimes, History, Snapshot
+from app.service.errors import NotFound
 from app.service.state import client_list, load_state
 
 if TYPE_CHECKING:
     from app.service.coordinator import Coordinator
+    from app.service.routeview import RouteView
 
 
 class SiteOut(BaseModel):
@@ -29,6 +33,17 @@ class SiteRttOut(BaseModel):
     b: str
     rtt_ms: float
     measured: bool
+
+
+class BottleneckOut(BaseModel):
+    """The blocks with the fewest live copies: every route crosses them, so their servers'
+    cache decides how many sessions fit, whatever the other servers have free."""
+
+    live_copies: int
+    blocks: list[tuple[int, int]]  # [start, end) ranges
+    servers: list[str]  # live servers hosting any of those blocks
+    cache_used: float | None  # fraction of those servers' cache units in use
+    text: str
 
 
 class OverviewOut(BaseModel):
@@ -49,6 +64,64 @@ class OverviewOut(BaseModel):
     default_site_rtt_ms: float
     sites: list[SiteOut]
     site_rtts: list[SiteRttOut]
+    bottleneck: BottleneckOut | None
+
+
+def _ranges(blocks: list[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for block in blocks:
+        if out and out[-1][1] == block:
+            out[-1] = (out[-1][0], block + 1)
+        else:
+            out.append((block, block + 1))
+    return out
+
+
+def _span_text(ranges: list[tuple[int, int]]) -> tuple[str, bool]:
+    """("blocks 40-54, 60", plural?) for the ranges (the first four named)."""
+    parts = [f"{a}" if b == a + 1 else f"{a}-{b - 1}" for a, b in ranges[:4]]
+    more = f" and {len(ranges) - 4} more ranges" if len(ranges) > 4 else ""
+    single = len(ranges) == 1 and ranges[0][1] == ranges[0][0] + 1
+    return ("block " if single else "blocks ") + ", ".join(parts) + more, not single
+
+
+def bottleneck(view: RouteView, block_servers: list[int], now: float) -> BottleneckOut | None:
+    """Name the blocks with the fewest live copies, their servers and how full their cache
+    is (None before a model is set)."""
+    if not block_servers:
+        return None
+    fewest = min(block_servers)
+    blocks = [b for b, count in enumerate(block_servers) if count == fewest]
+    ranges = _ranges(blocks)
+    where, plural = _span_text(ranges)
+    have = "have" if plural else "has"
+    if fewest == 0:
+        return BottleneckOut(
+            live_copies=0,
+            blocks=ranges,
+            servers=[],
+            cache_used=None,
+            text=f"{where} {have} no live copy: no route until a server hosts them",
+        )
+    hosts, used, total = [], 0, 0
+    wanted = set(blocks)
+    for position, entry in enumerate(view.entries):
+        if view.lease[position] <= now:
+            continue
+        if wanted.intersection(range(entry.span.start, entry.span.end)):
+            hosts.append(entry.id)
+            used += int(view.reserved[position])
+            total += int(view.capacity[position])
+    share = used / total if total else None
+    copies = "1 live copy" if fewest == 1 else f"{fewest} live copies"
+    full = "" if share is None else f"; {share:.0%} of their cache in use"
+    return BottleneckOut(
+        live_copies=fewest,
+        blocks=ranges,
+        servers=hosts,
+        cache_used=share,
+        text=f"{where} {have} only {copies} (on {', '.join(hosts)}){full}",
+    )
 
 
 def overview(coordinator: Coordinator) -> OverviewOut:
@@ -108,4 +181,49 @@ def overview(coordinator: Coordinator) -> OverviewOut:
         default_site_rtt_ms=default_rtt,
         sites=sites,
         site_rtts=rtts,
+        bottleneck=bottleneck(view, block_servers, now),
     )
+
+
+# --- history ----------------------------------------------------------------------------------
+
+
+def record_history(coordinator: Coordinator, history: History) -> None:
+    """Add one sample of the swarm to ``history`` (from the route view and this process's
+    telemetry; no database read unless the generation changed). A newly seen generation's
+    predicted per-token time (its placement's objective) is recorded in telemetry."""
+    now = coordinator.clock()
+    view = coordinator.view()
+    booked, refused, wait_s, waits = telemetry.booking_totals()
+    snapshot = Snapshot(
+        at=now,
+        generation=view.generation,
+        routable_servers=view.live_count(now),
+        coverage=view.coverage(now),
+        active_sessions=coordinator.active_sessions(),
+        queue_depth=telemetry.queue_depth(),
+        booked_total=booked,
+        refused_total=refused,
+        wait_s_total=wait_s,
+        waits_total=waits,
+    )
+    previous = history.last_generation()
+    history.add(snapshot, telemetry.replan_reason(view.generation))
+    if view.generation > 0 and view.generation != previous:
+        try:
+            placement = coordinator.get_placement(view.generation)
+        except NotFound:
+            return
+        telemetry.record_prediction(view.generation, placement.objective_ms_per_token)
+
+
+def generation_times() -> list[GenerationTimes]:
+    """Predicted and measured per-token times of the recent generations, oldest first."""
+    return [
+        GenerationTimes(
+            generation=generation,
+            predicted_ms_per_token=times.get("predicted"),
+            measured_ms_per_token=times.get("measured"),
+        )
+        for generation, times in sorted(telemetry.generation_times().items())
+    ]

@@ -175,6 +175,34 @@ def generation_times() -> dict[int, dict[str, float]]:
     return out
 
 
+def booking_totals() -> tuple[int, int, float, int]:
+    """(booked, not booked, queue-wait seconds summed, waits counted) since the process
+    started, over every client site: what the dashboard's history differences."""
+    booked = refused = 0
+    for metric in BOOKINGS.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                if sample.labels["outcome"] == "booked":
+                    booked += int(sample.value)
+                else:
+                    refused += int(sample.value)
+    wait_sum, wait_count = 0.0, 0
+    for metric in QUEUE_WAIT.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_sum"):
+                wait_sum += sample.value
+            elif sample.name.endswith("_count"):
+                wait_count += int(sample.value)
+    return booked, refused, wait_sum, wait_count
+
+
+def queue_depth() -> int:
+    for metric in QUEUE_DEPTH.collect():
+        for sample in metric.samples:
+            return int(sample.value)
+    return 0
+
+
 # --- per-server gauges, read at scrape time ---------------------------------------------------
 
 

@@ -27,11 +27,19 @@ def test_page_and_assets_are_served(client: TestClient) -> None:
     style = client.get("/dashboard/dashboard.css")
     assert style.status_code == 200 and style.headers["content-type"].startswith("text/css")
     assert client.get("/dashboard/other.js").status_code == 404
-    # The page is not part of the API schema; the two read-only routes are.
+    assert client.get("/dashboard/index.html").status_code == 404  # only the listed assets
+    # The charting library ships with the page (no CDN), and the page loads it from here.
+    assert '<script src="/dashboard/uPlot.iife.min.js">' in page.text
+    assert "http://" not in page.text and "https://" not in page.text
+    for name in ("uPlot.iife.min.js", "uPlot.min.css"):
+        asset = client.get(f"/dashboard/{name}")
+        assert asset.status_code == 200 and asset.content == (STATIC_DIR / name).read_bytes()
+    # The page is not part of the API schema; the three read-only routes are.
     paths = client.get("/openapi.json").json()["paths"]
-    assert "/" not in paths and "/v1/overview" in paths and "/v1/routes/recent" in paths
+    assert "/" not in paths
+    assert {"/v1/overview", "/v1/routes/recent", "/v1/history"} <= set(paths)
     # Read-only: other methods are 405 with the allowed ones listed.
-    for path in ("/", "/v1/overview", "/v1/routes/recent"):
+    for path in ("/", "/v1/overview", "/v1/routes/recent", "/v1/history"):
         refused = client.post(path)
         assert refused.status_code == 405 and refused.headers["allow"] == "GET", path
 
@@ -40,7 +48,7 @@ def test_the_script_reads_only_public_get_routes(client: TestClient) -> None:
     script = (STATIC_DIR / "dashboard.js").read_text()
     assert "method:" not in script and "Authorization" not in script
     fetched = re.findall(r'getJSON\("([^"?]+)', script)
-    assert len(fetched) == 5
+    assert len(fetched) == 6
     paths = client.get("/openapi.json").json()["paths"]
     gets = {path for path, operations in paths.items() if "get" in operations}
     for path in fetched:

@@ -67,6 +67,22 @@ def coordinator(tmp_path: Path) -> Iterator[str]:
             process.wait()
 
 
+BOOKING = {"client_site": "cluster0", "input_tokens": 20, "output_tokens": 64}
+
+
+def heartbeat_all(api: httpx.Client, tokens: dict[str, str], placement: dict[str, Any]) -> None:
+    """Every server reports its assigned span of ``placement`` as loaded (edge-drain drains)."""
+    spans = {s["server_id"]: {"start": s["start"], "end": s["end"]} for s in placement["spans"]}
+    for server_id, token in tokens.items():
+        state = "draining" if server_id == "edge-drain" else "online"
+        beat = api.post(
+            f"/v1/servers/{server_id}/heartbeat",
+            json={"boot_epoch": 1, "state": state, "loaded_span": spans.get(server_id)},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert beat.status_code == 200, beat.text
+
+
 def populate(base: str) -> dict[str, Any]:
     """A swarm with servers in several states, a CG placement and one booked session."""
     admin = {"Authorization": f"Bearer {ADMIN}"}
@@ -93,32 +109,51 @@ def populate(base: str) -> dict[str, Any]:
         placed = api.post("/v1/placements", json={"algorithm": "cg"}, headers=admin)
         assert placed.status_code == 201, placed.text
         placement = placed.json()
-        spans = {s["server_id"]: {"start": s["start"], "end": s["end"]} for s in placement["spans"]}
-        for server_id, token in tokens.items():
-            state = "draining" if server_id == "edge-drain" else "online"
-            beat = api.post(
-                f"/v1/servers/{server_id}/heartbeat",
-                json={"boot_epoch": 1, "state": state, "loaded_span": spans.get(server_id)},
-                headers={"Authorization": f"Bearer {token}"},
-            )
-            assert beat.status_code == 200, beat.text
-        route = api.get(
-            "/v1/routes",
-            params={"client_site": "cluster0", "input_tokens": 20, "output_tokens": 64},
-        )
+        heartbeat_all(api, tokens, placement)
+        route = api.get("/v1/routes", params=BOOKING)
         assert route.status_code == 200, route.text
-        booked = api.post(
-            "/v1/sessions",
-            json={"client_site": "cluster0", "input_tokens": 20, "output_tokens": 64},
-        )
+        booked = api.post("/v1/sessions", json=BOOKING)
         assert booked.status_code == 201, booked.text
         servers = api.get("/v1/servers").json()
-    return {"placement": placement, "session": booked.json(), "servers": servers}
+    return {"placement": placement, "session": booked.json(), "servers": servers, "tokens": tokens}
+
+
+def wait_for_samples(api: httpx.Client, count: int, after: float = 0.0) -> list[dict[str, Any]]:
+    """Poll /v1/history until ``count`` samples taken after ``after`` (time) are there."""
+    deadline = time.monotonic() + 60
+    while True:
+        points = [p for p in api.get("/v1/history").json()["points"] if p["at"] > after]
+        if len(points) >= count:
+            return points
+        assert time.monotonic() < deadline, f"only {len(points)} history samples after 60 s"
+        time.sleep(0.5)
+
+
+def replan(base: str, swarm: dict[str, Any]) -> dict[str, Any]:
+    """Some samples, then another placement (generation 3) loaded by every server, more
+    bookings, and samples after it."""
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with httpx.Client(base_url=base, timeout=60) as api:
+        before = wait_for_samples(api, 2)
+        placed = api.post("/v1/placements", json={"algorithm": "cg"}, headers=admin)
+        assert placed.status_code == 201, placed.text
+        placement = placed.json()
+        heartbeat_all(api, swarm["tokens"], placement)
+        for _ in range(3):
+            assert api.post("/v1/sessions", json=BOOKING).status_code == 201
+        wait_for_samples(api, 2, after=before[-1]["at"])
+        swarm["servers"] = api.get("/v1/servers").json()
+        swarm["history"] = api.get("/v1/history").json()
+        swarm["overview"] = api.get("/v1/overview").json()
+    swarm["placement"] = placement
+    return swarm
 
 
 def test_dashboard_renders_the_live_swarm(coordinator: str) -> None:
-    swarm = populate(coordinator)
+    swarm = replan(coordinator, populate(coordinator))
     placement = swarm["placement"]
+    history = swarm["history"]
+    assert placement["generation"] == 3  # the scenario's, populate's, then replan's
 
     dumped = run_chromium("--dump-dom", f"{coordinator}/")
     assert dumped.returncode == 0, dumped.stderr[-2000:]
@@ -131,8 +166,8 @@ def test_dashboard_renders_the_live_swarm(coordinator: str) -> None:
     assert dom.text_by_id["generation"].strip() == str(placement["generation"])
     assert dom.text_by_id["algorithm"].startswith("cg ")
     assert dom.text_by_id["objective"].strip() == f"{placement['objective_ms_per_token']:.1f}"
-    assert dom.text_by_id["sessions"].strip() == "1"
-    assert dom.text_by_id["bookings"].strip() == "1 / 0"
+    assert dom.text_by_id["sessions"].strip() == "4"
+    assert dom.text_by_id["bookings"].strip() == "4 / 0"
     assert "bloom-176b" in dom.text_by_id["model"]
 
     # Every server has a row in the table and a label in the site diagram.
@@ -169,20 +204,48 @@ def test_dashboard_renders_the_live_swarm(coordinator: str) -> None:
     draining_pills = [a for a in dom.with_class("span", "pill", "draining")]
     assert len(draining_pills) == 1
 
-    # Recent routes: the booking (newest first) and the route query before it, with the path.
+    # Recent routes: the bookings (newest first) and the route query before them, with paths.
     kinds = [
         attrs["data-kind"] for tag, attrs in dom.elements if tag == "tr" and "data-kind" in attrs
     ]
-    assert kinds[:2] == ["booked", "route"]
+    assert kinds[:5] == ["booked"] * 4 + ["route"]
     first_hop = swarm["session"]["route"]["hops"][0]
     assert (
         f"{first_hop['server_id']}[{first_hop['start']}:{first_hop['end']}]"
         in dom.text_by_id["routes"]
     )
 
+    # Charts over time (uPlot): one per panel, with the samples and the re-plan marked.
+    assert len(dom.with_class("div", "uplot")) == 3
+    for chart in ("chart-sessions", "chart-bookings", "chart-waits"):
+        (attrs,) = [a for tag, a in dom.elements if a.get("id") == chart]
+        assert int(attrs["data-points"]) >= len(history["points"]) >= 4, chart
+        assert int(attrs["data-replans"]) >= 1, chart
+    assert "active sessions" in dom.text_by_id["chart-sessions"]  # the legend
+    assert [p["active_sessions"] for p in history["points"]][-1] == 4
+    marked = [m["generation"] for m in history["replans"]]
+    assert marked[-1] == 3 and marked == sorted(set(marked))
+    replans = [a for tag, a in dom.elements if tag == "tr" and "data-generation" in a]
+    assert {"3"} <= {a["data-generation"] for a in replans}
+    assert "no re-plan" not in dom.text_by_id["replans"]
+    # Predictions are labelled as such; nothing measured is invented.
+    generations = dom.text_by_id["generations"]
+    assert f"{placement['objective_ms_per_token']:.1f} (predicted)" in generations
+    assert "not measured yet" in generations and "(measured)" not in generations
+    assert "model prediction" in dom.text_by_id["bound"]
+    assert "first token (pred.)" in dom.text_by_id["routes"]
+    # The bottleneck is named and outlined on the coverage strip.
+    neck = swarm["overview"]["bottleneck"]
+    assert neck and dom.text_by_id["bottleneck"].strip() == neck["text"]
+    assert f"only {neck['live_copies']} live cop" in neck["text"]
+    outlined = [
+        (int(a["data-start"]), int(a["data-end"])) for a in dom.with_class("rect", "cover-mark")
+    ]
+    assert outlined == [tuple(r) for r in neck["blocks"]]
+
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     SCREENSHOT.unlink(missing_ok=True)
-    shot = run_chromium(f"--screenshot={SCREENSHOT}", "--window-size=1400,1000", f"{coordinator}/")
+    shot = run_chromium(f"--screenshot={SCREENSHOT}", "--window-size=1400,1500", f"{coordinator}/")
     assert shot.returncode == 0, shot.stderr[-2000:]
     assert SCREENSHOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert SCREENSHOT.stat().st_size > 20_000  # a rendered page, not a blank one

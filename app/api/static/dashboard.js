@@ -54,7 +54,8 @@ function renderCards(overview, model, placement) {
       `${fmt(placement.solve_seconds, 2)} s`;
     $("objective").textContent = fmt(placement.objective_ms_per_token, 1);
     const bound = placement.bound_ms_per_token;
-    $("bound").textContent = bound === null ? "no bound" : `bound ${fmt(bound, 1)} ms/token`;
+    $("bound").textContent = "model prediction, not measured · " +
+      (bound === null ? "no bound" : `bound ${fmt(bound, 1)} ms`);
   } else {
     $("generation").textContent = "0";
     $("algorithm").textContent = "no placement published";
@@ -65,7 +66,7 @@ function renderCards(overview, model, placement) {
   $("servers-live").textContent =
     `${overview.live_servers} live · ${overview.routable_servers} routable servers`;
   $("sessions").textContent = overview.active_sessions;
-  $("slots").textContent = `${overview.reserved_slots} cache slots reserved`;
+  $("slots").textContent = `${overview.reserved_slots} cache units reserved`;
   $("bookings").textContent = `${overview.sessions_booked} / ${overview.sessions_rejected}`;
 }
 
@@ -139,6 +140,7 @@ function renderBlocks(overview, servers, placement) {
     return;
   }
   const bx = (block) => labelW + (plotW * block) / L;
+  const marks = overview.bottleneck ? overview.bottleneck.blocks : [];
   // Live coverage strip: how many routable servers hold each block (red: none).
   const maxCount = Math.max(1, ...overview.block_servers);
   root.append(svg("text", { x: 0, y: 16, class: "muted" }, "live copies"));
@@ -149,6 +151,10 @@ function renderBlocks(overview, servers, placement) {
     cell.append(svg("title", {}, `block ${block}: ${count} live server(s)`));
     root.append(cell);
   });
+  for (const [start, end] of marks) {  // the bottleneck blocks, outlined
+    root.append(svg("rect", { x: bx(start) - 1, y: 4, width: bx(end) - bx(start) + 1.5, height: 18,
+      rx: 2, class: "cover-mark", "data-start": start, "data-end": end }));
+  }
   const step = L > 40 ? 10 : 5;
   for (let block = 0; block <= L; block += step) {
     root.append(svg("line", { x1: bx(block), x2: bx(block), y1: top - 4, y2: H - 20, class: "grid-line" }));
@@ -179,9 +185,8 @@ function renderBlocks(overview, servers, placement) {
 function renderServers(servers, model) {
   const body = $("servers").tBodies[0];
   body.replaceChildren();
-  const cacheGb = model
-    ? (model.kv_bytes_per_token_per_block * (model.max_input_tokens + model.max_output_tokens)) / 1e9
-    : 0;
+  // One cache unit is the attention cache of one token on one block (token-granular units).
+  const unitGb = model ? model.kv_bytes_per_token_per_block / 1e9 : 0;
   for (const server of servers) {
     const state = serverState(server);
     const loaded = server.loaded_span, assigned = server.assigned_span;
@@ -192,7 +197,7 @@ function renderServers(servers, model) {
     }
     const span = assigned || loaded;
     const weights = model && span ? (span.end - span.start) * model.block_memory_gb : 0;
-    const inUse = server.reserved_slots * cacheGb;
+    const inUse = server.reserved_slots * unitGb;
     const weightPct = Math.min(100, (100 * weights) / server.memory_gb);
     const usePct = Math.min(100 - weightPct, (100 * inUse) / server.memory_gb);
     const cachePct = server.cache_slots ? Math.min(100, (100 * server.reserved_slots) / server.cache_slots) : 0;
@@ -241,16 +246,138 @@ function renderRoutes(recent) {
     : "no recent refusals";
 }
 
+function renderBottleneck(overview) {
+  const panel = $("bottleneck-panel"), neck = overview.bottleneck;
+  panel.className = "bottleneck";
+  if (!neck) {
+    $("bottleneck").textContent = "no model yet";
+  } else {
+    $("bottleneck").textContent = neck.text;
+    if (neck.live_copies > 1 && (neck.cache_used === null || neck.cache_used < 0.8)) {
+      panel.className = "bottleneck clear";
+    }
+  }
+  panel.dataset.copies = neck ? neck.live_copies : "";
+}
+
+// --- charts (uPlot, shipped with the page) ----------------------------------------------------
+
+const charts = new Map();  // element id -> { plot, replans }
+const REPLAN_COLOR = "#ffa94d";
+
+function replanHook(state) {
+  // Re-plans as dashed vertical lines, labelled "gen N" (and the reason when recorded);
+  // labels are staggered so that close re-plans stay readable, and kept inside the plot.
+  return (u) => {
+    const { ctx } = u, { left, top, width, height } = u.bbox, px = devicePixelRatio;
+    ctx.save();
+    ctx.strokeStyle = REPLAN_COLOR;
+    ctx.fillStyle = REPLAN_COLOR;
+    ctx.setLineDash([5 * px, 4 * px]);
+    ctx.lineWidth = 1.5 * px;
+    ctx.font = `${11 * px}px system-ui, sans-serif`;
+    state.replans.forEach((mark, i) => {
+      const x = u.valToPos(mark.at, "x", true);
+      if (x < left || x > left + width) return;
+      ctx.beginPath();
+      ctx.moveTo(x, top);
+      ctx.lineTo(x, top + height);
+      ctx.stroke();
+      const label = mark.reason === "not recorded" ? `gen ${mark.generation}`
+        : `gen ${mark.generation}: ${mark.reason}`;
+      const textWidth = ctx.measureText(label).width;
+      const tx = x + 4 * px + textWidth > left + width ? x - 4 * px - textWidth : x + 4 * px;
+      ctx.fillText(label, Math.max(left, tx), top + (12 + 13 * (i % 3)) * px);
+    });
+    ctx.restore();
+  };
+}
+
+function drawChart(id, series, data, replans, empty) {
+  const target = $(id);
+  const note = $(`${id}-note`);
+  const hasData = data.slice(1).some((ys) => ys.some((y) => y !== null && y !== 0));
+  if (note) note.textContent = hasData ? "" : empty;
+  target.dataset.points = data[0].length;
+  target.dataset.replans = replans.length;
+  let entry = charts.get(id);
+  if (!entry) {
+    target.replaceChildren();
+    const state = { replans };
+    const axis = { stroke: "#8d99b0", grid: { stroke: "#2a3448", width: 1 }, ticks: { stroke: "#2a3448" } };
+    const plot = new uPlot({
+      width: Math.max(240, target.clientWidth),
+      height: 190,
+      series: [{}, ...series.map((s) => ({ ...s, width: 1.5, points: { show: false } }))],
+      axes: [axis, { ...axis, size: 44 }],
+      scales: { x: { time: true } },
+      legend: { live: false },
+      hooks: { draw: [replanHook(state)] },
+    }, data, target);
+    entry = { plot, state };
+    charts.set(id, entry);
+  } else {
+    entry.state.replans = replans;
+    entry.plot.setData(data);
+  }
+}
+
+function renderHistory(history) {
+  document.querySelectorAll(".interval").forEach((node) => { node.textContent = history.interval_s; });
+  const points = history.points, replans = history.replans;
+  const xs = points.map((p) => p.at);
+  const pick = (key) => points.map((p) => p[key]);
+  drawChart("chart-sessions", [
+    { label: "active sessions", stroke: "#5aa9ff" },
+    { label: "queue depth", stroke: "#ffd166" },
+  ], [xs, pick("active_sessions"), pick("queue_depth")], replans,
+  "no session and no queue in this window");
+  drawChart("chart-bookings", [
+    { label: "booked", stroke: "#3ccf91", paths: uPlot.paths.stepped({ align: 1 }) },
+    { label: "refused", stroke: "#ff6b6b", paths: uPlot.paths.stepped({ align: 1 }) },
+  ], [xs, pick("booked"), pick("refused")], replans, "no booking decision in this window");
+  drawChart("chart-waits", [
+    { label: "mean queue wait (s)", stroke: "#b384f5", spanGaps: false },
+  ], [xs, pick("mean_wait_s")], replans, "no booking left the queue in this window");
+
+  const gens = $("generations").tBodies[0];
+  gens.replaceChildren();
+  for (const g of history.generations.slice().reverse()) {
+    const measured = g.measured_ms_per_token;
+    gens.append(el("tr", { "data-generation": g.generation },
+      el("td", {}, g.generation),
+      el("td", {}, g.predicted_ms_per_token === null ? "–" : `${fmt(g.predicted_ms_per_token, 1)} (predicted)`),
+      measured === null
+        ? el("td", { class: "measured-none" }, "not measured yet")
+        : el("td", {}, `${fmt(measured, 1)} (measured)`),
+    ));
+  }
+  if (!history.generations.length) gens.append(el("tr", {}, el("td", { colspan: 3 }, "no placement yet")));
+  const marks = $("replans").tBodies[0];
+  marks.replaceChildren();
+  for (const mark of replans.slice().reverse()) {
+    marks.append(el("tr", { "data-generation": mark.generation },
+      el("td", {}, new Date(mark.at * 1000).toLocaleTimeString()),
+      el("td", {}, mark.generation),
+      el("td", {}, mark.reason),
+    ));
+  }
+  if (!replans.length) marks.append(el("tr", {}, el("td", { colspan: 3 }, "no re-plan in this window")));
+}
+
 async function refresh() {
   try {
-    const [overview, servers, model, placement, recent] = await Promise.all([
+    const [overview, servers, model, placement, recent, history] = await Promise.all([
       getJSON("/v1/overview"),
       getJSON("/v1/servers"),
       getJSON("/v1/model"),
       getJSON("/v1/placements/current"),
       getJSON("/v1/routes/recent?limit=25"),
+      getJSON("/v1/history?limit=900"),
     ]);
     renderCards(overview, model, placement);
+    renderBottleneck(overview);
+    renderHistory(history);
     renderSites(overview, servers);
     renderBlocks(overview, servers, placement);
     renderServers(servers, model);
