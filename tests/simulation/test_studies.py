@@ -69,20 +69,38 @@ def test_clustered_study_covers_every_client_position() -> None:
 
 
 def test_clustered_study_outputs_are_coherent(tmp_path: Path) -> None:
-    # All 12 points, two policies, a few requests: every output names every point once.
-    study = dataclasses.replace(STUDIES["clustered"], policies=("petals", "cg-wsrr"))
+    # All 12 points, three policies, a few requests: every output names every point once.
+    study = dataclasses.replace(STUDIES["clustered"], policies=("petals", "cg-wsrr", "auto"))
     rows = run_study(study, tmp_path, quick=True, console=Console(file=None, quiet=True))
-    assert len(rows) == 12 * 2
+    assert len(rows) == 12 * 3
     with (tmp_path / "runs.csv").open(encoding="utf-8") as handle:
         written = list(csv.DictReader(handle))
     assert [r["point"] for r in written] == [r["point"] for r in rows]
     assert len(list((tmp_path / "scenarios").glob("*.json"))) == 12  # no slug collisions
     assert (tmp_path / "clustered.png").read_bytes().startswith(b"\x89PNG")
     summary = (tmp_path / "summary.md").read_text(encoding="utf-8")
-    by_key = {(r["point"], r["policy"]): float(r["mean_ms_per_token"]) for r in written}
+    response, per_token = (
+        summary.split("**Mean time per token")[0],
+        summary.split("**Mean time per token")[1],
+    )
+    tokens = {(r["point"], r["policy"]): float(r["mean_ms_per_token"]) for r in written}
+    e2e = {(r["point"], r["policy"]): float(r["mean_e2e_ms"]) for r in written}
     for point in study.points:
-        line = next(x for x in summary.splitlines() if x.startswith(f"| {point.label} |"))
+        line = next(x for x in per_token.splitlines() if x.startswith(f"| {point.label} |"))
         cells = [c.strip() for c in line.strip("|").split("|")]
-        petals, ours = by_key[(point.label, "petals")], by_key[(point.label, "cg-wsrr")]
-        assert cells[1:] == [f"{petals:.1f}", f"{ours:.1f}", f"{reduction(petals, ours):.1f}%"]
-    assert summary.count("| client=cluster2 lmax=128 rate=0.5 |") == 3  # ms/token, TTFT, wait
+        petals, ours = tokens[(point.label, "petals")], tokens[(point.label, "cg-wsrr")]
+        auto = tokens[(point.label, "auto")]
+        expected = [
+            f"{petals:.1f}",
+            f"{ours:.1f}",
+            f"{auto:.1f}",
+            f"{reduction(petals, ours):.1f}%",
+        ]
+        assert cells[1:] == expected
+        line = next(x for x in response.splitlines() if x.startswith(f"| {point.label} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        ratio = e2e[(point.label, "auto")] / e2e[(point.label, "petals")]
+        assert cells[1] == f"{e2e[(point.label, 'petals')] / 1000:.3f}"
+        assert cells[-1] == f"{ratio:.3f}"
+    # response time, ms/token, TTFT, wait
+    assert summary.count("| client=cluster2 lmax=128 rate=0.5 |") == 4
