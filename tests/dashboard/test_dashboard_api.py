@@ -86,7 +86,9 @@ def test_overview_follows_the_swarm(client: TestClient, clock: FakeClock) -> Non
     }
     session = client.post("/v1/sessions", json=BOOKING)
     assert session.status_code == 201, session.text
-    held = sum(hop["end"] - hop["start"] for hop in session.json()["route"]["hops"])
+    # Token-granular cache: k blocks x (input + output tokens) units per hop.
+    blocks = sum(hop["end"] - hop["start"] for hop in session.json()["route"]["hops"])
+    held = blocks * (BOOKING["input_tokens"] + BOOKING["output_tokens"])
     after = client.get("/v1/overview").json()
     assert after["active_sessions"] == 1 and after["sessions_booked"] == 1
     assert after["reserved_slots"] == held
