@@ -88,3 +88,67 @@ def test_milp_without_a_solution_in_time_is_one_line(
     code, _, err = run(["solve", str(CLUSTERED), "-a", "milp", "--time-limit", "0.1"], capsys)
     assert code == 2
     assert err == "error: no solution within the 0.1 s time limit\n"
+
+
+def test_solve_defaults_to_auto_and_explains_the_choice(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = run(["solve", str(CLUSTERED), "--json"], capsys)
+    assert code == 0
+    result = json.loads(out)
+    assert result["algorithm"] == "auto" and result["dispatcher"] == "jffc"
+    names = [c["name"] for c in result["candidates"]]
+    assert result["candidate"] in names and "chains" in names and "petals" in names
+    winner = next(c for c in result["candidates"] if c["name"] == result["candidate"])
+    scores = [c["score_s"] for c in result["candidates"] if c["score_s"] is not None]
+    assert winner["score_s"] == min(scores)
+    assert result["chains"][0]["capacity"] >= 1 and result["chains"][0]["rate_per_s"] > 0
+
+
+def test_solve_chains_prints_chains_rates_and_the_bound(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = run(["solve", str(CLUSTERED), "-a", "chains"], capsys)
+    assert code == 0
+    assert "chains (JFFC, fastest first)" in out
+    assert "a100-0[0," in out and "cache reservation c =" in out
+    assert "Theorem 4: mean response between" in out
+
+
+def test_small_server_is_a_warning_not_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = scenario_dict()
+    data["servers"].append({**data["servers"][0], "id": "tiny", "memory_gb": 1.05})
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps(data))
+    code, out, err = run(["solve", str(path), "--json"], capsys)
+    assert code == 0
+    assert err.startswith("warning: servers[2] (tiny)") and "left idle" in err
+    assert "tiny" not in [p["server"] for p in json.loads(out)["placement"]]
+
+
+@pytest.mark.parametrize(
+    ("lengths", "field"),
+    [
+        ({"mean": -1, "p50": 1, "p90": 1, "p99": 1, "max": 1}, "workload.input_tokens.mean"),
+        ({"mean": "nan", "p50": 1, "p90": 1, "p99": 1, "max": 1}, "workload.input_tokens.mean"),
+        ({"mean": 1, "p50": 3, "p90": 2, "p99": 2, "max": 2}, "workload.input_tokens"),
+    ],
+)
+def test_bad_profile_lengths_are_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], lengths: dict[str, object], field: str
+) -> None:
+    data = scenario_dict()
+    data["workload"] = {
+        "arrival": "poisson",
+        "rate_per_s": 1,
+        "num_requests": 5,
+        "input_tokens": lengths,
+    }
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data).replace('"nan"', "NaN"))
+    for command in (["solve", str(path)], ["simulate", str(path)]):
+        code, _, err = run(command, capsys)
+        assert code == 2
+        assert err.startswith("error: ") and field in err and err.count("\n") == 1

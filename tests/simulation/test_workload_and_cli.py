@@ -145,12 +145,21 @@ def test_cli_experiment_quick_writes_csv_and_plot(
 ) -> None:
     main(["experiment", "lmax", "--quick", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "cg-wsrr vs petals" in out
+    assert "auto / petals" in out
     with (tmp_path / "runs.csv").open(encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 4 * 4  # 4 l_max values x 4 policies x 1 seed
-    assert {r["policy"] for r in rows} == {"petals", "cg-sp", "cg-wsrr", "petals-rr"}
+    policies = {"petals", "cg-sp", "cg-wsrr", "chains", "auto", "petals-rr"}
+    assert len(rows) == 4 * len(policies)  # 4 l_max values x the policies x 1 seed
+    assert {r["policy"] for r in rows} == policies
     assert all(float(r["mean_ms_per_token"]) > 0 for r in rows)
     png = (tmp_path / "lmax.png").read_bytes()
     assert png.startswith(b"\x89PNG")
     assert len(list((tmp_path / "scenarios").glob("*.json"))) == 4
+
+
+def test_cli_simulate_defaults_to_auto(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["simulate", str(EXAMPLE), "--seed", "3", "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["policy"] == "auto"
+    assert summary["candidate"] in summary["candidate_scores"]
+    assert summary["lower_bound_ms"] <= summary["upper_bound_ms"]
