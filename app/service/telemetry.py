@@ -96,6 +96,7 @@ class Replan:
 _lock = threading.Lock()
 _replans: deque[Replan] = deque(maxlen=64)
 _generations: deque[int] = deque()  # generations with a per-token label set, oldest first
+_measured: dict[int, tuple[int, float]] = {}  # generation -> (reports, sum of their ms)
 
 
 def record_booking(client_site: str, outcome: str, wait_s: float) -> None:
@@ -145,6 +146,7 @@ def _keep_generation(generation: int) -> None:
         stale = []
         while len(_generations) > KEPT_GENERATIONS:
             stale.append(_generations.popleft())
+            _measured.pop(stale[-1], None)
     for old in stale:
         for kind in ("predicted", "measured"):
             with contextlib.suppress(KeyError):
@@ -158,10 +160,16 @@ def record_prediction(generation: int, per_token_ms: float) -> None:
 
 
 def record_measurement(generation: int, per_token_ms: float) -> None:
-    """A per-token time measured on generation ``generation``'s routes (a running mean is up
-    to the caller; the gauge shows the latest value reported)."""
+    """One per-token time measured on a route of generation ``generation`` (e.g. reported
+    by a client at the end of its session); the gauge shows the mean of the reports."""
+    if not per_token_ms >= 0:  # also refuses NaN
+        raise ValueError(f"per_token_ms must be >= 0, not {per_token_ms}")
     _keep_generation(generation)
-    GENERATION_PER_TOKEN_MS.labels(str(generation), "measured").set(per_token_ms)
+    with _lock:
+        count, total = _measured.get(generation, (0, 0.0))
+        _measured[generation] = (count + 1, total + per_token_ms)
+        mean = (total + per_token_ms) / (count + 1)
+    GENERATION_PER_TOKEN_MS.labels(str(generation), "measured").set(mean)
 
 
 def generation_times() -> dict[int, dict[str, float]]:

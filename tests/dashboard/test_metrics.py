@@ -89,7 +89,8 @@ def test_replans_and_generation_times(client: TestClient) -> None:
     start = samples(client)
     telemetry.record_replan(41, "coverage_lost")
     telemetry.record_prediction(41, 12.5)
-    telemetry.record_measurement(41, 14.0)
+    telemetry.record_measurement(41, 13.0)
+    telemetry.record_measurement(41, 15.0)  # the gauge is the mean of the reports
     telemetry.record_prediction(42, 11.0)
     end = samples(client)
     assert (
@@ -104,6 +105,8 @@ def test_replans_and_generation_times(client: TestClient) -> None:
     assert value(end, "bprr_generation_per_token_ms", generation="41", kind="measured") == 14.0
     # Not measured yet: no sample at all rather than a made-up one.
     assert ("bprr_generation_per_token_ms", (("generation", "42"), ("kind", "measured"))) not in end
+    with pytest.raises(ValueError, match="per_token_ms"):
+        telemetry.record_measurement(41, float("nan"))
     # Old generations are dropped so the label set stays bounded.
     for generation in range(100, 100 + telemetry.KEPT_GENERATIONS):
         telemetry.record_prediction(generation, 1.0)
