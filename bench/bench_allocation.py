@@ -1,7 +1,11 @@
-"""CG-BPRR placement and route-query speed, against naive baselines run in the same process.
+"""CG-BPRR placement, chain plans and route-query speed, against naive baselines run in the
+same process.
 
 Targets (issue "Allocation core"): CG placement on 1,000 servers with L = 80 in under 1 s; one
-route query under 1 ms at 100 servers and under 5 ms at 1,000 servers.
+route query under 1 ms at 100 servers and under 5 ms at 1,000 servers. Issue 10: the whole
+chain plan (GBP-CR + GCA + Theorem 4, c chosen) on 1,000 servers in under 1 s; the search
+over c must find the same c as trying every c (checked at 100 servers, where that is
+affordable).
 
 Baselines: the authors' formulation run literally (a Python loop over every window for CG; a
 Dijkstra over the server-by-server graph, built per query, for routing). The fast versions must
@@ -25,10 +29,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.allocation import cg
+from app.allocation import cg, chains
 from app.allocation.instance import Instance, Placement
 from app.allocation.routing import RouteIndex
 from app.allocation.scenario import parse_scenario
+from app.allocation.workload import WorkloadProfile
+from app.simulation import generators
 
 GPUS = [  # label, usable GB, decode ms per block (Llama-2-70B NF4 block: 0.459 GB / bandwidth)
     ("A100-80GB", 78.0, 0.459 / 2039 * 1000),
@@ -157,7 +163,43 @@ def timed(repeat: int, function: Callable[..., Any], *args: Any) -> tuple[float,
     return statistics.median(samples), result
 
 
+def exhaustive_c(instance: Instance, profile: WorkloadProfile) -> chains.ChainPlan:
+    """The authors' optimiser: GBP-CR + GCA + the lower bound for every c from 1 to c_max."""
+    s_c = instance.kv_bytes * profile.design_tokens() / 1e9
+    best: chains.ChainPlan | None = None
+    for c in range(1, chains.max_reservation(instance, s_c) + 1):
+        try:
+            plan = chains.evaluate_c(instance, profile, c)
+        except chains.ChainsInfeasible:
+            break
+        if best is None or chains.plan_key(plan) < chains.plan_key(best):
+            best = plan
+    assert best is not None
+    return best
+
+
+def chain_plans() -> None:
+    print("Chain plan (GBP-CR + GCA + Theorem 4, best c), MIG swarms, Llama-2-7B (median of 3)")
+    for n in (100, 1000):
+        scenario = generators.mig_swarm(n, 2.57 * n / 9, 1000, 1, trace=False)
+        instance = Instance.from_scenario(scenario)
+        profile = WorkloadProfile.from_scenario(scenario)
+        fast_s, plan = timed(3, chains.plan_chains, instance, profile)
+        s_c = instance.kv_bytes * profile.design_tokens() / 1e9
+        c_max = chains.max_reservation(instance, s_c)
+        line = (
+            f"  {n:5d} servers: {fast_s * 1000:8.1f} ms, c = {plan.c} "
+            f"({plan.candidates_evaluated} of {c_max} values of c evaluated)"
+        )
+        if n <= 100:
+            naive_s, naive = timed(1, exhaustive_c, instance, profile)
+            assert naive.c == plan.c and chains.plan_key(naive) == chains.plan_key(plan)
+            line += f"; every c: {naive_s * 1000:8.1f} ms, same c, {naive_s / fast_s:6.1f}x"
+        print(line)
+
+
 def main() -> None:
+    chain_plans()
     print("CG-BPRR placement, L = 80 (median of 5 runs)")
     for n in (100, 1000):
         instance = Instance.from_scenario(parse_scenario(swarm(n)))

@@ -1,10 +1,13 @@
-"""Simulator speed: 100,000 requests on a 1,000-server swarm on one core.
+"""Simulator speed and the default policy at scale: 100,000 requests on 1,000 servers.
 
-Prints wall time, events per second and requests per second for cg-wsrr and petals, plus the
-ratio against a per-token event loop baseline (one event per decode step) measured in the same
-process on a 2,000-request slice, to show what the start/end fast path saves.
+Prints, for auto, petals and cg-wsrr on the same arrivals: wall time, events and requests per
+second, the mean response and per-token times, and the time to choose the plan; then auto's
+mean response against petals' (the target: <= 1) and the median of 3 timings of choosing
+auto's plan alone (the target: <= 1 s); and the ratio against a per-token event loop baseline
+(one event per decode step) measured in the same process on a 2,000-request slice, to show
+what the start/end fast path saves.
 
-    .venv/bin/python bench/bench_simulator.py [--requests N] [--servers N]
+    .venv/bin/python bench/bench_simulator.py [--requests N] [--servers N] [--repeat N]
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ import heapq
 import statistics
 import time
 
+from app.allocation.auto import plan_auto
+from app.allocation.instance import Instance
+from app.allocation.scenario import Scenario
+from app.allocation.workload import WorkloadProfile
 from app.simulation import generators
 from app.simulation.run import simulate
 
@@ -33,6 +40,19 @@ def per_token_baseline(result_routes: int, tokens: int) -> float:
     return time.perf_counter() - began
 
 
+def plan_seconds(scenario: Scenario) -> float:
+    """Median wall time of choosing auto's plan (every candidate, GCA, bounds) for the
+    scenario's workload profile."""
+    instance = Instance.from_scenario(scenario)
+    profile = WorkloadProfile.from_scenario(scenario)
+    times = []
+    for _ in range(3):
+        began = time.perf_counter()
+        plan_auto(scenario, instance, profile)
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=100_000)
@@ -42,19 +62,24 @@ def main() -> None:
     rate = args.servers / 100  # busy (hundreds of requests in flight) but not saturated
     scenario = generators.random_clustered(args.servers, 0.2, rate, args.requests, seed=1)
     print(f"swarm: {args.servers} servers, {args.requests} requests at {rate:g} req/s")
-    for policy in ("cg-wsrr", "petals"):
+    response: dict[str, float] = {}
+    for policy in ("auto", "petals", "cg-wsrr"):
         walls = []
         for _ in range(args.repeat):
             result = simulate(scenario, policy)
             walls.append(result.wall_seconds)
         summary = result.summary()
         wall = statistics.median(walls)
+        response[policy] = float(summary["mean_e2e_ms"])  # type: ignore[arg-type]
         print(
             f"{policy:8s} median wall {wall:.2f} s (+ placement {result.placement_seconds:.2f} s), "
             f"{result.events / wall:,.0f} events/s, {args.requests / wall:,.0f} requests/s, "
-            f"events {result.events}, mean {summary['mean_ms_per_token']:.1f} ms/token, "
+            f"events {result.events}, mean response {response[policy] / 1000:.2f} s, "
+            f"{summary['mean_ms_per_token']:.1f} ms/token, "
             f"mean wait {summary['mean_wait_ms']:.1f} ms"
         )
+    print(f"auto / petals mean response: {response['auto'] / response['petals']:.3f}")
+    print(f"choosing auto's plan: median {plan_seconds(scenario):.3f} s of 3")
     slice_requests = 2_000
     tokens = scenario.requests.max_output_tokens
     baseline = per_token_baseline(slice_requests, tokens)

@@ -73,6 +73,13 @@ def _sweep(
     return tuple(Point(f"{label}={v:g}", v, functools.partial(make, v)) for v in values)
 
 
+def _scale_at(servers: float, count: int, seed: int) -> Scenario:
+    """The scale study's swarm: ``count`` requests per 100 servers, so that every size replays
+    the same length of time at the same load per server."""
+    n = int(servers)
+    return generators.mig_swarm(n, 2.57 * n / 9, count * n // 100, seed, trace=False)
+
+
 STUDIES: dict[str, Study] = {
     study.name: study
     for study in (
@@ -161,16 +168,12 @@ STUDIES: dict[str, Study] = {
         Study(
             "scale",
             "MIG swarms (1 x 3g.40gb : 2 x 2g.20gb), Llama-2-7B, Poisson arrivals with the Azure "
-            "code trace's lengths, rate 2.57 x n / 9 req/s",
+            "code trace's lengths, rate 2.57 x n / 9 req/s, requests per 100 servers",
             "servers",
-            _sweep(
-                (100, 300, 1000),
-                "n",
-                lambda v, n, s: generators.mig_swarm(int(v), 2.57 * v / 9, n, s, trace=False),
-            ),
+            _sweep((100, 300, 1000), "n", _scale_at),
             ("petals", "cg-wsrr", "chains", "auto"),
-            requests=6000,
-            quick_requests=300,
+            requests=2400,  # per 100 servers: the same ~84 s of arrivals at every size
+            quick_requests=100,
             seeds=2,
         ),
         Study(
