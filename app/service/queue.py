@@ -48,6 +48,8 @@ Clock = Callable[[], float]
 # when it can never be served (its site or lengths no longer valid).
 AdmitFn = Callable[[Session, Ticket, float], str | None]
 MAX_ADMISSIONS_PER_ROUND = 256
+# An idle pump still wakes this often (to notice a stop).
+IDLE_WAKE_S = 1.0
 
 
 class TooManyRequests(ServiceError):
@@ -75,6 +77,7 @@ class CentralQueue:
         admit: AdmitFn,
         on_depth: Callable[[int], None] | None = None,
         on_orphan: Callable[[str], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.write_tx = write_tx
         self.clock = clock
@@ -88,7 +91,8 @@ class CentralQueue:
         self._lock = threading.Lock()  # guards _waiting
         self._resolve_lock = threading.Lock()  # a pick-up and a withdrawal never interleave
         self._kicked = threading.Event()
-        self._stop = threading.Event()
+        # Set when the coordinator closes (its own stop event): the pump ends.
+        self._stop = stop or threading.Event()
         self._pump: threading.Thread | None = None
         self._pump_lock = threading.Lock()
         self.last_depth = 0
@@ -231,10 +235,12 @@ class CentralQueue:
         while not self._stop.is_set():
             busy = self.local_waiting() > 0 or self.last_depth > 0
             # Idle: sleep until kicked; someone waits: poll for other processes' releases.
-            self._kicked.wait(timeout=self.settings.queue_poll_s if busy else None)
+            kicked = self._kicked.wait(timeout=self.settings.queue_poll_s if busy else IDLE_WAKE_S)
             self._kicked.clear()
             if self._stop.is_set():
                 break
+            if not kicked and not busy:
+                continue
             try:
                 self.run_round()
             except Exception as error:  # the next round retries (the database may be back)

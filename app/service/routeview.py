@@ -2,8 +2,18 @@
 
 Built from the published placement, the servers' leases and loaded spans, the RTTs and the
 live reservations; rebuilt when any of them changes (and at least every ``refresh_s`` so
-that other coordinator processes' writes show up). A query is one dynamic programme over
-block boundaries (app.allocation.routing.RouteIndex) with WS-RR's waiting time as extra cost.
+that other coordinator processes' writes show up).
+
+Dispatch is app.allocation.dispatch, the one implementation the simulator runs too:
+- placements published with ``dispatcher`` "jffc" and their chains: JFFC, the fastest chain
+  with a free job slot and room for this request's tokens on every hop (else none: the
+  request waits in the central queue);
+- otherwise WS-RR: a shortest path over block boundaries whose costs come from the request's
+  own lengths, plus each server's waiting time until the request's units are free.
+
+Memory is counted in cache token-block units (one token's kv cache on one block): a request
+of T = input + output tokens running k blocks on a server holds k x T units there, and a
+server has ``capacity_units`` of them (app.allocation.instance.cache_token_capacity).
 """
 
 from __future__ import annotations
@@ -13,10 +23,13 @@ import contextlib
 import json
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from app.allocation.instance import FloatArray, Instance, IntArray, Span
+from app.allocation import dispatch
+from app.allocation.chains import Chain
+from app.allocation.instance import Instance, Span, cache_token_capacity
 from app.allocation.perf import Hop, RequestTiming, request_timing
 from app.allocation.routing import RouteIndex
 from app.allocation.scenario import cache_gb_per_block
@@ -24,6 +37,9 @@ from app.service.state import LiveState
 from app.store.models import ModelRow, ServerRow
 
 MAX_SLOTS = 2**31 - 1
+# The reservation columns are 32-bit: a server's units are capped there (2.1e9 token-blocks,
+# e.g. 80 GB of 37-byte kv entries; real models have kilobytes per token and block).
+MAX_UNITS = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -32,6 +48,7 @@ class RoutePlan:
     timing: RequestTiming
     wait_ms: float
     client: int
+    chain: int | None = None  # JFFC: the chain's index in the placement's chain plan
 
 
 @dataclass
@@ -53,18 +70,29 @@ def multiaddrs_of(row: ServerRow) -> list[str]:
 
 
 def model_cache_gb(model: ModelRow) -> float:
-    """s_c of the served model (one request on one block, GB)."""
+    """s_c of the served model (one request at the caps on one block, GB)."""
     return cache_gb_per_block(
         model.kv_bytes_per_token_per_block, model.max_input_tokens, model.max_output_tokens
     )
 
 
 def cache_slots(memory_gb: float, block_gb: float, cache_gb: float, blocks: int) -> int:
-    """Cache slots left after the weights, capped to fit a 32-bit column."""
+    """Cache slots (requests at the caps) left after the weights, capped to 32 bits."""
     free = memory_gb - block_gb * blocks
     if cache_gb <= 0 or free <= 0:
         return 0
     return min(MAX_SLOTS, max(0, math.floor(free / cache_gb + 1e-9)))
+
+
+def capacity_units(model: ModelRow | None, server: ServerRow) -> int:
+    """Cache token-block units the server's loaded span leaves free (what bookings take)."""
+    if model is None or server.loaded_start is None or server.loaded_end is None:
+        return 0
+    blocks = server.loaded_end - server.loaded_start
+    units = cache_token_capacity(
+        server.memory_gb, model.block_memory_gb, model.kv_bytes_per_token_per_block, blocks
+    )
+    return min(MAX_UNITS, units)
 
 
 class RouteView:
@@ -109,11 +137,15 @@ class RouteView:
             )
         self.position = {entry.id: i for i, entry in enumerate(self.entries)}
         self.lease = np.array([e.lease_expires_at for e in self.entries], dtype=float)
-        self.capacity = np.array([r.cache_slots for r in rows], dtype=np.int64)
+        self.capacity = np.array([capacity_units(state.model, r) for r in rows], dtype=np.int64)
         self.reserved = np.array([r.reserved_slots for r in rows], dtype=np.int64)
         self.reservations: list[list[tuple[float, int]]] = [
             sorted(state.reservations.get(r.id, [])) for r in rows
         ]
+        self.chains = _chains(state, self.position)
+        # Jobs in service per chain (JFFC's slots): filled by the sessions service from the
+        # live sessions of this generation, then kept up to date by its bookings/releases.
+        self.chain_in_service: list[int] | None = None if self.chains else []
         self.instance: Instance | None = None
         self.index: RouteIndex | None = None
         model = state.model
@@ -149,6 +181,10 @@ class RouteView:
 
     # --- queries ---------------------------------------------------------------------------
 
+    @property
+    def dispatcher(self) -> str:
+        return "jffc" if self.chains else "wsrr"
+
     def live_count(self, now: float) -> int:
         return int((self.lease > now).sum())
 
@@ -162,72 +198,109 @@ class RouteView:
                 covered[entry.span.start : entry.span.end] = True
         return float(covered.mean())
 
-    def waiting_ms(self, server: int, blocks: int, now: float) -> float:
-        """WS-RR: 0 if ``blocks`` cache slots are free on the server, else the time until
-        enough of its sessions complete (scanned in completion order); inf if never."""
-        free = int(self.capacity[server] - self.reserved[server])
-        if blocks <= free:
-            return 0.0
-        if blocks > self.capacity[server]:
-            return math.inf
-        freed = 0
-        for expires_at, slots in self.reservations[server]:
-            freed += slots
-            if free + freed >= blocks:
-                return max(0.0, expires_at - now) * 1000.0
-        return math.inf
-
     def query(
         self, client_site: str, input_tokens: int, output_tokens: int, now: float
     ) -> RoutePlan | None:
+        """The dispatcher's choice for one request: wait_ms 0 when it can start now; > 0 (an
+        estimate for JFFC, WS-RR's own waiting time) when it must wait; None when no chain
+        of live servers could ever serve it."""
         instance, index = self.instance, self.index
         if instance is None or index is None:
             return None
         client = self.site_index[client_site]
-        decode_steps = max(0, output_tokens - 1)
-        hop_fixed = (
-            instance.prefill_hop_ms(input_tokens)[client]
-            + decode_steps * (instance.token_hop_ms[client])
+        tokens = dispatch.tokens_of(input_tokens, output_tokens)
+        alive = (self.lease > now).tolist()
+        if self.chains:
+            return self._jffc(instance, client, tokens, input_tokens, output_tokens, alive, now)
+        hop_fixed, per_block = dispatch.wsrr_costs(instance, client, input_tokens, output_tokens)
+        choice = dispatch.wsrr_route(
+            index,
+            hop_fixed,
+            per_block,
+            tokens,
+            self.capacity,
+            self.reserved,
+            self.reservations,
+            now,
+            alive=alive,
+            ms_per_time_unit=1000.0,
         )
-        hop_fixed = np.where(self.lease > now, hop_fixed, np.inf)
-        per_block = instance.prefill_ms(input_tokens) + decode_steps * instance.decode_ms
-        free = self.capacity - self.reserved
-
-        def extra(servers: IntArray, blocks: IntArray) -> FloatArray:
-            cost = np.zeros(servers.size, dtype=float)
-            short = np.flatnonzero(blocks > free[servers])
-            cache: dict[tuple[int, int], float] = {}
-            for i in short:
-                key = (int(servers[i]), int(blocks[i]))
-                if key not in cache:
-                    cache[key] = self.waiting_ms(key[0], key[1], now)
-                cost[i] = cache[key]
-            return cost
-
-        route = index.shortest(hop_fixed, per_block, extra)
-        if route is None:
+        if choice is None:
             return None
-        wait = max(self.waiting_ms(h.server, h.blocks, now) for h in route.hops)
-        timing = request_timing(instance, client, route.hops, input_tokens, output_tokens)
-        return RoutePlan(route.hops, timing, wait, client)
+        timing = request_timing(instance, client, choice.hops, input_tokens, output_tokens)
+        return RoutePlan(choice.hops, timing, choice.wait_ms, client)
+
+    def _jffc(
+        self,
+        instance: Instance,
+        client: int,
+        tokens: int,
+        input_tokens: int,
+        output_tokens: int,
+        alive: list[bool],
+        now: float,
+    ) -> RoutePlan | None:
+        in_service = self.chain_in_service or [0] * len(self.chains)
+        free = self.capacity - self.reserved
+        picked = dispatch.jffc_pick(self.chains, in_service, free, tokens, alive)
+        if picked is not None:
+            hops = self.chains[picked].hops
+            timing = request_timing(instance, client, hops, input_tokens, output_tokens)
+            return RoutePlan(hops, timing, 0.0, client, picked)
+        # No free chain: the earliest instant one could take this request by memory (its
+        # job slots free with the same sessions' ends), for Retry-After.
+        best: tuple[float, int] | None = None
+        for k, chain in enumerate(self.chains):
+            if not all(alive[s] for s, _, _ in chain.hops):
+                continue
+            at = dispatch.earliest_start(
+                chain.hops,
+                tokens,
+                self.capacity.tolist(),
+                self.reserved.tolist(),
+                self.reservations,
+                now,
+            )
+            if in_service[k] >= chain.capacity:
+                at = max(at, self._first_release(chain, now))
+            if math.isfinite(at) and (best is None or at < best[0]):
+                best = (at, k)
+        if best is None:
+            return None
+        hops = self.chains[best[1]].hops
+        timing = request_timing(instance, client, hops, input_tokens, output_tokens)
+        wait_ms = max((best[0] - now) * 1000.0, 1.0)  # must wait, however little
+        return RoutePlan(hops, timing, wait_ms, client, best[1])
+
+    def _first_release(self, chain: Chain, now: float) -> float:
+        releases = [items[0][0] for s, _, _ in chain.hops if (items := self.reservations[s])]
+        return max(now, min(releases)) if releases else math.inf
 
     # --- local bookkeeping between rebuilds -----------------------------------------------
 
-    def add_reservation(self, server_id: str, slots: int, expires_at: float) -> None:
+    def add_reservation(self, server_id: str, units: int, expires_at: float) -> None:
         position = self.position.get(server_id)
         if position is None:
             return
-        self.reserved[position] += slots
-        bisect.insort(self.reservations[position], (expires_at, slots))
+        self.reserved[position] += units
+        bisect.insort(self.reservations[position], (expires_at, units))
 
-    def remove_reservation(self, server_id: str, slots: int, expires_at: float) -> None:
+    def remove_reservation(self, server_id: str, units: int, expires_at: float) -> None:
         position = self.position.get(server_id)
         if position is None:
             return
-        self.reserved[position] = max(0, int(self.reserved[position]) - slots)
+        self.reserved[position] = max(0, int(self.reserved[position]) - units)
         items = self.reservations[position]
         with contextlib.suppress(ValueError):
-            items.remove((expires_at, slots))
+            items.remove((expires_at, units))
+
+    def chain_started(self, chain: int | None) -> None:
+        if chain is not None and self.chain_in_service is not None and chain < len(self.chains):
+            self.chain_in_service[chain] += 1
+
+    def chain_ended(self, chain: int | None) -> None:
+        if chain is not None and self.chain_in_service is not None and chain < len(self.chains):
+            self.chain_in_service[chain] = max(0, self.chain_in_service[chain] - 1)
 
     def renew(self, server_id: str, expires_at: float) -> None:
         position = self.position.get(server_id)
@@ -237,3 +310,25 @@ class RouteView:
     def earliest_expiry(self) -> float:
         firsts = [items[0][0] for items in self.reservations if items]
         return min(firsts) if firsts else math.inf
+
+
+def _chains(state: LiveState, position: dict[str, int]) -> list[Chain]:
+    """The published plan's chains in view positions, when its dispatcher is JFFC. A chain
+    through a server the view cannot route (not online with its span loaded) is dropped:
+    JFFC then uses the rest, and none left means WS-RR until the next plan."""
+    placement = state.placement
+    if placement is None or getattr(placement, "dispatcher", None) != "jffc":
+        return []
+    raw: Any = getattr(placement, "chains", None)
+    try:
+        specs = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        return []
+    chains: list[Chain] = []
+    for spec in specs or []:
+        try:
+            hops = tuple(Hop(position[str(s)], int(a), int(b)) for s, a, b in spec["hops"])
+            chains.append(Chain(hops, int(spec["capacity"]), float(spec["service_ms"])))
+        except (KeyError, TypeError, ValueError):
+            continue  # a hop on a server not routable now
+    return sorted(chains, key=lambda chain: chain.service_ms)

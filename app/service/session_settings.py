@@ -6,7 +6,11 @@ quotas), read from the environment with the ``BPRR_`` prefix like app.settings.S
     BPRR_CLIENT_TOKENS='{"alice": "s3cret"}'   client name -> bearer token
     BPRR_ANONYMOUS_CLIENTS=true     false: bookings need a client token (401 without)
     BPRR_ANONYMOUS_MAX_SESSIONS=8   concurrent sessions per anonymous client (its address)
-    BPRR_ANONYMOUS_RATE_PER_S=5     bookings per second per anonymous client (burst below)
+    BPRR_ANONYMOUS_RATE_PER_S=5     bookings per second per anonymous client
+    BPRR_ANONYMOUS_BURST=10         bookings an anonymous client may make at once
+    (BPRR_CLIENT_MAX_SESSIONS, BPRR_CLIENT_RATE_PER_S, BPRR_CLIENT_BURST: the same per named
+    client.) 0 means no bound; every bound is off by default, as before these settings: a
+    swarm open to the Internet should set the anonymous ones, or turn anonymous clients off.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ class SessionSettings(BaseSettings):
     client_tokens: dict[str, SecretStr] = {}
     anonymous_clients: bool = True
     # 0: no limit.
-    anonymous_max_sessions: Annotated[int, Field(ge=0)] = 8
-    anonymous_rate_per_s: Annotated[float, Field(ge=0)] = 5.0
+    anonymous_max_sessions: Annotated[int, Field(ge=0)] = 0
+    anonymous_rate_per_s: Annotated[float, Field(ge=0)] = 0.0
     anonymous_burst: Annotated[int, Field(ge=1)] = 10
     client_max_sessions: Annotated[int, Field(ge=0)] = 0
     client_rate_per_s: Annotated[float, Field(ge=0)] = 0.0

@@ -1,41 +1,113 @@
-"""Routes and sessions: route queries on the in-memory view, bookings (WS-RR with waiting
-times), releases and the sweep of expired sessions.
+"""Routes and sessions: route queries, bookings (JFFC over the published chains, else WS-RR,
+both app.allocation.dispatch), the central FIFO queue, releases with the session's own
+token, session status, and the sweep (expired sessions, sessions through a lost server).
 
 Transaction boundaries:
-- ``route``: no transaction (the route view; it is rebuilt in a read transaction when absent).
-- ``book``: one ``booking_tx`` per attempt (the reservations on every hop and the session row,
-  all or nothing: one autocommitted statement on PostgreSQL); an attempt that another process
-  beat to the slots invalidates the view and tries again, at most BOOK_ATTEMPTS times.
-- ``release``: one ``booking_tx``.
-- ``sweep``: one read transaction to find the expired sessions, then one ``booking_tx`` that
-  releases them (each release commits by itself on PostgreSQL).
-The route view mirrors reservations taken and given back until its next rebuild.
+- ``route``: none (the in-memory route view).
+- ``start`` (a booking): an Idempotency-Key retry is one write transaction (the token is
+  rotated); a client quota is checked in the booking statement; each attempt is one
+  ``booking_tx``: units on every hop, the session, its reservations and its record, all or
+  nothing, and only while no ticket waits in the queue (one autocommitted statement on
+  PostgreSQL). An attempt another process beat to the units invalidates the view and tries
+  again, at most BOOK_ATTEMPTS times. No free chain and wait_s > 0: ``queue.enqueue`` (one
+  write transaction); the queue admits it later in its own transaction (app.service.queue).
+- ``release``: one ``booking_tx`` (the record ended, the session deleted, units given back).
+- ``status``: one read transaction.
+- ``sweep``: one read transaction to find expired and lost sessions, then one ``booking_tx``
+  releasing them (each release commits by itself on PostgreSQL), then one deleting old records.
+The route view mirrors units taken and given back (and JFFC's jobs per chain) until its next
+rebuild.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import secrets
 import uuid
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.allocation import dispatch
+from app.allocation.workload import WorkloadProfile
+from app.logging import get_logger
+from app.service import telemetry
+from app.service.audit import audit
+from app.service.auth import hash_token, is_admin
+from app.service.clients import ClientDirectory, ClientIdentity, RateLimiter
 from app.service.core import Core
-from app.service.errors import Conflict, Invalid, NotFound, Unavailable
+from app.service.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized, Unavailable
+from app.service.queue import CentralQueue, HeadRefused, TooManyRequests
 from app.service.routeview import RoutePlan, RouteView
-from app.service.schemas import RouteHop, RouteOut, SessionIn, SessionOut
-from app.store import repositories as repo
+from app.service.schemas import RouteHop, RouteOut, SessionIn
+from app.service.session_schemas import BookingIn, BookingOut, SessionStatusOut
+from app.service.session_settings import SessionSettings
+from app.service.workload_window import WorkloadWindow
+from app.store.booking_queue import BookingQueue, QueuedRequest, Ticket
+from app.store.bookings import Bookings, Released
 from app.store.models import SessionRow
+from app.store.reservations import Held
+from app.store.session_tables import SessionRecordRow
 
+log = get_logger("bprr.sessions")
 BOOK_ATTEMPTS = 4
+INTERNAL = ClientIdentity("internal", 0, 0.0, 1)  # the coordinator's own callers (tests)
 
 
-class _Contended(Exception):
-    pass
+class _Refused(Exception):
+    """Rolls a refused SQLite booking back (hops already taken)."""
+
+
+@dataclass(frozen=True)
+class Booked:
+    out: BookingOut
+    created: bool  # False: an Idempotency-Key retry returned the session booked before
+
+
+@dataclass
+class Pending:
+    """A booking waiting in the central queue; ``future`` gets the admitted reply."""
+
+    session_id: str
+    token: str
+    future: Future[str]
+    client_site: str
+    wait_s: float
+    enqueued_at: float
 
 
 class SessionService:
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, config: SessionSettings | None = None) -> None:
         self.core = core
         self.settings = core.settings
+        self.config = config or SessionSettings()
+        self.clients = ClientDirectory(self.config)
+        self.limiter = RateLimiter()
+        self.window = WorkloadWindow()
+        self.queue = CentralQueue(
+            core.tx,
+            core.clock,
+            core.instance_id,
+            self.config,
+            self._admit_head,
+            on_depth=telemetry.set_queue_depth,
+            on_orphan=self._release_orphan,
+            stop=core.stop,
+        )
+
+    def close(self) -> None:
+        self.queue.close()
+
+    # --- identity ----------------------------------------------------------------------------
+
+    def identify(self, token: str | None, address: str | None) -> ClientIdentity:
+        return self.clients.identify(token, address, is_admin(self.settings, token))
+
+    # --- routes ------------------------------------------------------------------------------
 
     def _check_route_args(
         self, view: RouteView, client_site: str, inputs: int, outputs: int
@@ -56,12 +128,23 @@ class SessionService:
                 f"({model.max_output_tokens})"
             )
 
+    def _plan(
+        self, view: RouteView, client_site: str, inputs: int, outputs: int, now: float
+    ) -> RoutePlan | None:
+        if view.chain_in_service is None:
+            with self.core.read_tx() as db:
+                counts = Bookings(db).in_service(view.generation)
+            with self.core.view_lock:
+                if view.chain_in_service is None:
+                    view.chain_in_service = [counts.get(k, 0) for k in range(len(view.chains))]
+        with self.core.view_lock:
+            return view.query(client_site, inputs, outputs, now)
+
     def route(self, client_site: str, input_tokens: int, output_tokens: int) -> RouteOut:
         view = self.core.view()
         self._check_route_args(view, client_site, input_tokens, output_tokens)
         now = self.core.clock()
-        with self.core.view_lock:
-            plan = view.query(client_site, input_tokens, output_tokens, now)
+        plan = self._plan(view, client_site, input_tokens, output_tokens, now)
         if plan is None:
             raise Unavailable(
                 "no chain of live servers covers every block right now",
@@ -71,47 +154,198 @@ class SessionService:
         self.core.activity.routed(now, out)
         return out
 
-    def book(self, body: SessionIn) -> SessionOut:
-        """WS-RR: route with waiting times, then reserve cache on every hop in one transaction."""
+    # --- bookings ----------------------------------------------------------------------------
+
+    def book(
+        self,
+        body: BookingIn | SessionIn,
+        client: ClientIdentity | None = None,
+        idempotency_key: str | None = None,
+    ) -> BookingOut:
+        """A booking from a thread (tests, the facade): waits in the queue for wait_s."""
+        started = self.start(body, client, idempotency_key)
+        if isinstance(started, Booked):
+            return started.out
+        reply: str | None
+        try:
+            reply = started.future.result(timeout=started.wait_s)
+        except FutureTimeout:
+            reply = self.queue.withdraw(started.session_id, started.future)
+        if reply is None:
+            raise self.timed_out(started)
+        return self.finish(started, reply)
+
+    def start(
+        self,
+        body: BookingIn | SessionIn,
+        client: ClientIdentity | None = None,
+        idempotency_key: str | None = None,
+    ) -> Booked | Pending:
+        """Book now (Booked), or put the request in the central queue (Pending, wait_s > 0),
+        or refuse (503 with Retry-After; 429 over a quota or the queue's bound)."""
+        client = client or INTERNAL
+        wait_s = float(getattr(body, "wait_s", 0.0))
+        if wait_s > self.config.queue_max_wait_s:
+            raise Invalid(
+                f"wait_s: {wait_s:g} exceeds the longest wait this coordinator allows "
+                f"({self.config.queue_max_wait_s:g} s)"
+            )
+        view = self.core.view()
+        site, inputs, outputs = body.client_site, body.input_tokens, body.output_tokens
+        self._check_route_args(view, site, inputs, outputs)
+        now = self.core.clock()
+        self.window.add(now, inputs, outputs)
+        if idempotency_key is not None:
+            again = self._replay(client, idempotency_key, now)
+            if again is not None:
+                return again
+        retry_in = self.limiter.take(client, now)
+        if retry_in > 0:
+            self._refused(site, "rate_limited", None, "client over its booking rate")
+            raise TooManyRequests(
+                f"client {client.name!r} is over its booking rate "
+                f"({client.rate_per_s:g}/s, burst {client.burst})",
+                retry_after_s=retry_in,
+            )
+        session_id, token = uuid.uuid4().hex, secrets.token_urlsafe(32)
+        wait_ms = self.config.queue_poll_s * 1000
         for _attempt in range(BOOK_ATTEMPTS):
             view = self.core.view()
-            self._check_route_args(view, body.client_site, body.input_tokens, body.output_tokens)
             now = self.core.clock()
             if view.earliest_expiry() <= now:
                 self.sweep()
-            with self.core.view_lock:
-                plan = view.query(body.client_site, body.input_tokens, body.output_tokens, now)
+            plan = self._plan(view, site, inputs, outputs, now)
             if plan is None or not math.isfinite(plan.wait_ms):
-                self._rejected(body.client_site, None, "no chain with enough cache")
+                self._refused(site, "refused", None, "no chain with enough cache")
                 raise Unavailable(
                     "no chain of live servers with enough attention cache covers every block",
                     retry_after_s=self.settings.heartbeat_interval_s,
                 )
             if plan.wait_ms > 0:
-                self._rejected(body.client_site, plan.wait_ms, "every chain is full")
-                raise Unavailable(
-                    f"every chain is full; the first frees in {plan.wait_ms / 1000:.1f} s",
-                    retry_after_s=plan.wait_ms / 1000,
+                wait_ms = plan.wait_ms
+                break
+            try:
+                booked, reply = self._reserve(
+                    view, body, plan, now, session_id, token, client, idempotency_key
                 )
-            session = self._reserve(view, body, plan, now)
-            if session is not None:
-                self.core.counters.sessions_booked += 1
-                self.core.activity.booked(now, session.route, session.id)
-                return session
-            self.core.invalidate()  # another process took the slots: look again
-        self._rejected(body.client_site, None, "cache slots contended")
-        raise Unavailable("cache slots are contended; retry", retry_after_s=1.0)
+            except IntegrityError:  # the same Idempotency-Key booked concurrently
+                if idempotency_key is None:
+                    raise
+                again = self._replay(client, idempotency_key, now)
+                if again is None:
+                    raise Conflict("Idempotency-Key: booked concurrently; retry") from None
+                return again
+            if booked == "booked":
+                return self._booked(now, reply_out(reply, token, now))
+            if booked == "queued":  # tickets wait: they come first
+                self.queue.kick()
+                break
+            if booked == "quota":
+                self._refused(site, "rate_limited", None, "client at its session quota")
+                raise TooManyRequests(
+                    f"client {client.name!r} holds its quota of {client.max_sessions} "
+                    "live sessions; release one",
+                    retry_after_s=self.settings.heartbeat_interval_s,
+                )
+            self.core.invalidate()  # another process took the units: look again
+        if wait_s > 0:
+            return self._enqueue(body, client, idempotency_key, session_id, token, wait_s)
+        self._refused(site, "refused", wait_ms, "every chain is full")
+        raise Unavailable(
+            f"every chain is full; one may free in {wait_ms / 1000:.1f} s "
+            "(or wait in the queue: wait_s)",
+            retry_after_s=wait_ms / 1000,
+        )
 
-    def _rejected(self, client_site: str, wait_ms: float | None, detail: str) -> None:
+    def _enqueue(
+        self,
+        body: BookingIn | SessionIn,
+        client: ClientIdentity,
+        key: str | None,
+        session_id: str,
+        token: str,
+        wait_s: float,
+    ) -> Pending:
+        request = QueuedRequest(
+            session_id,
+            hash_token(token),
+            client.name,
+            key,
+            body.client_site,
+            body.input_tokens,
+            body.output_tokens,
+        )
+        try:
+            future = self.queue.enqueue(request, wait_s)
+        except TooManyRequests:
+            self._refused(body.client_site, "queue_full", None, "the queue is full")
+            raise
+        return Pending(session_id, token, future, body.client_site, wait_s, self.core.clock())
+
+    def finish(self, pending: Pending, reply: str) -> BookingOut:
+        """The reply of a queued booking once admitted."""
+        now = self.core.clock()
+        out = reply_out(reply, pending.token, now)
+        telemetry.record_booking(pending.client_site, "booked", max(0.0, now - pending.enqueued_at))
+        self.core.counters.sessions_booked += 1
+        self.core.activity.booked(now, out.route, "")
+        return out
+
+    def timed_out(self, pending: Pending) -> Unavailable:
+        now = self.core.clock()
+        self._refused(pending.client_site, "queue_timeout", None, "waited wait_s in the queue")
+        telemetry.record_booking(pending.client_site, "queue_timeout", now - pending.enqueued_at)
+        return Unavailable(
+            f"no chain freed within wait_s ({pending.wait_s:g} s)",
+            retry_after_s=self.config.queue_poll_s,
+        )
+
+    def abandon(self, pending: Pending) -> None:
+        """The client went away while waiting: leave the queue, release if just admitted."""
+        reply = self.queue.withdraw(pending.session_id, pending.future)
+        if reply is not None:
+            self._release_orphan(pending.session_id)
+
+    def _booked(self, now: float, out: BookingOut) -> Booked:
+        self.core.counters.sessions_booked += 1
+        # Public GETs never show session ids (GET /v1/routes/recent): none is logged.
+        self.core.activity.booked(now, out.route, "")
+        telemetry.record_booking(out.route.client_site, "booked", 0.0)
+        return Booked(out, True)
+
+    def _refused(self, site: str, outcome: str, wait_ms: float | None, detail: str) -> None:
         self.core.counters.sessions_rejected += 1
-        self.core.activity.rejected(self.core.clock(), client_site, wait_ms, detail)
+        self.core.activity.rejected(self.core.clock(), site, wait_ms, detail)
+        if outcome in {"refused", "queue_full", "rate_limited"}:
+            telemetry.record_booking(site, outcome, 0.0)
 
     def _reserve(
-        self, view: RouteView, body: SessionIn, plan: RoutePlan, now: float
-    ) -> SessionOut | None:
-        session_id = uuid.uuid4().hex
+        self,
+        view: RouteView,
+        body: BookingIn | SessionIn | QueuedRequest,
+        plan: RoutePlan,
+        now: float,
+        session_id: str,
+        token_hash_or_token: str,
+        client: ClientIdentity | str,
+        key: str | None,
+        db: Session | None = None,
+    ) -> tuple[str, str]:
+        """Take the units of ``plan`` for the request: ("booked", the reply without its
+        token), or why not ("full", "queued", "quota"). ``db``: inside the queue's admission
+        transaction (no queue check; a savepoint rolls a refused SQLite booking back)."""
         expires_at = now + plan.timing.total_ms / 1000 + self.settings.session_grace_s
-        hops = [(view.entries[h.server].id, h.start, h.end, h.blocks) for h in plan.hops]
+        tokens = dispatch.tokens_of(body.input_tokens, body.output_tokens)
+        units = dispatch.units_needed(plan.hops, tokens)
+        holds = sorted((view.entries[s].id, n) for s, n in units.items())
+        route = route_out(view, body.client_site, plan)
+        reply = json.dumps(
+            {"id": session_id, "expires_at": expires_at, "route": route.model_dump(mode="json")}
+        )
+        queued = db is not None
+        token_hash = token_hash_or_token if queued else hash_token(token_hash_or_token)
+        name = client if isinstance(client, str) else client.name
+        quota = 0 if queued or isinstance(client, str) else client.max_sessions
         row = SessionRow(
             id=session_id,
             client_site=body.client_site,
@@ -122,55 +356,221 @@ class SessionService:
             expires_at=expires_at,
             first_token_ms=plan.timing.first_token_ms,
             per_token_ms=plan.timing.per_token_ms,
-            path=json.dumps([[s, a, b] for s, a, b, _ in hops]),
+            path=json.dumps([[view.entries[h.server].id, h.start, h.end] for h in plan.hops]),
         )
-        try:
-            with self.core.booking_tx() as db:
-                if not repo.Sessions(db).book(row, [(h[0], h[3]) for h in hops], now):
-                    raise _Contended()  # rolls back the hops already taken
-        except _Contended:
-            return None
-        with self.core.view_lock:
-            for server_id, _, _, blocks in hops:
-                view.add_reservation(server_id, blocks, expires_at)
-        return SessionOut(
+        record = SessionRecordRow(
             id=session_id,
-            expires_in_s=expires_at - now,
-            route=route_out(view, body.client_site, plan),
+            token_hash=token_hash,
+            client=name,
+            idempotency_key=key,
+            client_site=body.client_site,
+            input_tokens=body.input_tokens,
+            output_tokens=body.output_tokens,
+            hops=len(holds),
+            generation=view.generation,
+            chain=plan.chain,
+            created_at=now,
+            ended_at=None,
+            end_reason=None,
+            reply=reply,
         )
+        stale = None if queued else self.queue.stale_before(now)
+        try:
+            if db is not None:
+                with db.begin_nested():
+                    check = Bookings(db).book(row, holds, record, now, quota=quota)
+                    if not check.ok:
+                        raise _Refused()
+            else:
+                with self.core.booking_tx() as tx:
+                    check = Bookings(tx).book(
+                        row, holds, record, now, queue_stale_before=stale, quota=quota
+                    )
+                    if not check.ok:
+                        raise _Refused()
+        except _Refused:
+            return ("queued" if not check.clear else "quota" if not check.within else "full"), ""
+        with self.core.view_lock:
+            for server_id, n in holds:
+                view.add_reservation(server_id, n, expires_at)
+            view.chain_started(plan.chain)
+        return "booked", reply
 
-    def release(self, session_id: str) -> None:
-        with self.core.booking_tx() as db:
-            released = repo.Sessions(db).release(session_id)
-        if released is None:
+    def _replay(self, client: ClientIdentity, key: str, now: float) -> Booked | None:
+        """The session booked before with this client's Idempotency-Key, with a new token
+        (the first reply may never have arrived; only its hash was kept)."""
+        token = secrets.token_urlsafe(32)
+        with self.core.tx() as db:
+            bookings = Bookings(db)
+            record = bookings.by_key(client.name, key)
+            if record is None:
+                if BookingQueue(db).find_waiting(client.name, key) is not None:
+                    raise Conflict(
+                        "Idempotency-Key: the booking with this key is still waiting in the queue"
+                    )
+                return None
+            bookings.rotate_token(record.id, hash_token(token))
+            reply = record.reply
+        return Booked(reply_out(reply, token, now), False)
+
+    # --- the queue's admission ---------------------------------------------------------------
+
+    def _admit_head(self, db: Session, ticket: Ticket, now: float) -> str | None:
+        """Book the queue's head in the admission transaction (see app.service.queue)."""
+        request = ticket.request
+        view = self.core.view()
+        try:
+            self._check_route_args(
+                view, request.client_site, request.input_tokens, request.output_tokens
+            )
+        except (Conflict, Invalid) as error:
+            raise HeadRefused(error.message) from None
+        plan = self._plan(
+            view, request.client_site, request.input_tokens, request.output_tokens, now
+        )
+        if plan is None or not math.isfinite(plan.wait_ms):
+            raise HeadRefused(
+                "no chain of live servers with enough attention cache covers every block"
+            )
+        if plan.wait_ms > 0:
+            return None
+        booked, reply = self._reserve(
+            view,
+            request,
+            plan,
+            now,
+            request.session_id,
+            request.token_hash,
+            request.client,
+            request.idempotency_key,
+            db=db,
+        )
+        if booked != "booked":
+            self.core.invalidate()  # the view was stale; the next round looks again
+            return None
+        return reply
+
+    def _release_orphan(self, session_id: str) -> None:
+        try:
+            self._release(session_id, None, "abandoned")
+        except Exception as error:  # it expires by itself
+            log.warning("orphan not released", session=session_id, error=str(error))
+
+    # --- releases, status, sweep -----------------------------------------------------------
+
+    def release(self, session_id: str, token: str | None = None) -> None:
+        """DELETE /v1/sessions/{id}: with the session's token or the admin token. Audited
+        (session_released, or session_release_refused with the reason)."""
+        if token is None:
+            audit("session_release_refused", session=session_id, reason="no token")
+            raise Unauthorized("missing bearer token (the session's token or the admin token)")
+        admin = is_admin(self.settings, token)
+        released = self._release(session_id, None if admin else hash_token(token), "released")
+        if released.ended or released.deleted:
+            audit("session_released", session=session_id, by="admin" if admin else "owner")
+            return
+        with self.core.read_tx() as db:
+            record = Bookings(db).record(session_id)
+        if record is None:
             raise NotFound(f"session {session_id!r} does not exist (released or expired)")
-        self._forget(released)
+        if record.ended_at is not None:
+            raise NotFound(f"session {session_id!r} has ended ({record.end_reason})")
+        audit("session_release_refused", session=session_id, reason="not the session's token")
+        raise Forbidden(f"the bearer token is not session {session_id!r}'s token")
 
-    def _forget(self, released: list[repo.Held]) -> None:
-        """Mirror released reservations in the route view until its next rebuild."""
+    def _release(self, session_id: str, token_hash: str | None, reason: str) -> Released:
+        now = self.core.clock()
+        with self.core.booking_tx() as db:
+            released = Bookings(db).release(session_id, token_hash, now, reason)
+        self._forget(released.held)
+        if released.held:
+            self.queue.kick()
+        return released
+
+    def _forget(self, released: list[Held]) -> None:
+        """Mirror released reservations in the route view until its next rebuild (JFFC's
+        jobs per chain are counted again from the records at the next booking)."""
         with self.core.view_lock:
             view = self.core.cached_view()
-            if view is not None:
+            if view is not None and released:
                 for held in released:
                     view.remove_reservation(held.server_id, held.slots, held.expires_at)
+                if view.chains:
+                    view.chain_in_service = None
 
-    def sweep(self) -> int:
-        """Release every session past its expiry (predicted completion plus grace)."""
+    def status(self, session_id: str, token: str | None) -> SessionStatusOut:
+        if token is None:
+            raise Unauthorized("missing bearer token (the session's token or the admin token)")
         now = self.core.clock()
         with self.core.read_tx() as db:
-            expired = repo.Sessions(db).expired_ids(now)
-        if not expired:
+            record = Bookings(db).record(session_id)
+            live = db.get(SessionRow, session_id)
+            expires_at = None if live is None else live.expires_at
+        if record is None:
+            raise NotFound(f"session {session_id!r} does not exist")
+        if not is_admin(self.settings, token) and hash_token(token) != record.token_hash:
+            raise Forbidden(f"the bearer token is not session {session_id!r}'s token")
+        reply = json.loads(record.reply)
+        ended = record.ended_at is not None or live is None
+        return SessionStatusOut(
+            id=record.id,
+            state="ended" if ended else "active",
+            end_reason=record.end_reason if ended else None,
+            created_at=record.created_at,
+            ended_at=record.ended_at,
+            expires_in_s=None if ended or expires_at is None else max(0.0, expires_at - now),
+            route=RouteOut(**reply["route"]),
+        )
+
+    def sweep(self) -> int:
+        """End every session past its expiry, and every session through a server that is
+        gone (lease expired, left, re-registered): their clients learn it from
+        GET /v1/sessions/{id} ("expired", "server_lost")."""
+        now = self.core.clock()
+        with self.core.read_tx() as db:
+            from app.store.sessions import Sessions
+
+            expired = Sessions(db).expired_ids(now)
+            lost = [s for s in Bookings(db).lost_ids(now) if s not in set(expired)]
+        if not expired and not lost:
             return 0
+        released: list[Held] = []
         # On PostgreSQL every release commits by itself (booking_tx): one transaction holding
         # many sessions' server rows would lock them out of id order and could deadlock.
         with self.core.booking_tx() as db:
-            released = repo.Sessions(db).release_all(expired)
+            bookings = Bookings(db)
+            for ids, reason in ((expired, "expired"), (lost, "server_lost")):
+                for session_id in ids:
+                    released.extend(bookings.release(session_id, None, now, reason).held)
         self._forget(released)
-        return len(expired)
+        if released:
+            self.queue.kick()
+        if lost:
+            audit("sessions_ended", reason="server_lost", count=len(lost))
+        with self.core.booking_tx() as db:
+            Bookings(db).forget_ended(now - self.config.record_retention_s)
+        return len(expired) + len(lost)
 
     def active(self) -> int:
+        from app.store.sessions import Sessions
+
         with self.core.read_tx() as db:
-            return repo.Sessions(db).count()
+            return Sessions(db).count()
+
+    def profile(self) -> WorkloadProfile | None:
+        """The load this process has seen (a rolling window of booking requests), for the
+        scenario export; None before enough requests were seen."""
+        return self.window.profile(self.core.clock())
+
+    def profile_workload(self) -> dict[str, object] | None:
+        """The measured profile as a scenario's Poisson workload (docs/SCENARIO.md: rate and
+        length distributions; as many requests as one window holds), for GET /v1/scenario,
+        so that ``bprr solve``/``bprr simulate`` on the export replay the live load."""
+        profile = self.profile()
+        if profile is None:
+            return None
+        requests = max(1, round(profile.rate_per_s * self.window.window_s))
+        return {"arrival": "poisson", "num_requests": requests, **profile.to_json()}
 
 
 def route_out(view: RouteView, client_site: str, plan: RoutePlan) -> RouteOut:
@@ -179,18 +579,27 @@ def route_out(view: RouteView, client_site: str, plan: RoutePlan) -> RouteOut:
         client_site=client_site,
         hops=[
             RouteHop(
-                server_id=entry.id,
-                address=entry.address,
+                server_id=view.entries[h.server].id,
+                address=view.entries[h.server].address,
                 start=h.start,
                 end=h.end,
-                peer_id=entry.peer_id,
-                multiaddrs=list(entry.multiaddrs),
+                peer_id=view.entries[h.server].peer_id,
+                multiaddrs=list(view.entries[h.server].multiaddrs),
             )
             for h in plan.hops
-            for entry in (view.entries[h.server],)
         ],
         first_token_ms=plan.timing.first_token_ms,
         per_token_ms=plan.timing.per_token_ms,
         total_ms=plan.timing.total_ms,
         wait_ms=plan.wait_ms,
+    )
+
+
+def reply_out(reply: str, token: str, now: float) -> BookingOut:
+    data = json.loads(reply)
+    return BookingOut(
+        id=data["id"],
+        expires_in_s=max(0.0, float(data["expires_at"]) - now),
+        route=RouteOut(**data["route"]),
+        token=token,
     )

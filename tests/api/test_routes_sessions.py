@@ -7,8 +7,9 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from app.allocation.scenario import parse_scenario
-from tests.api.conftest import FakeClock, admin, example_scenario
+from tests.api.conftest import FakeClock, admin, bearer, example_scenario
 from tests.api.helpers import SMALL_MODEL, heartbeat, route_params, small_swarm
+from tests.api.test_session_security import units_by_server
 
 
 def test_placements_are_generations_with_etag(client: TestClient) -> None:
@@ -92,7 +93,9 @@ def _servers(client: TestClient) -> dict[str, dict[str, Any]]:
     return {s["id"]: s for s in client.get("/v1/servers").json()}
 
 
-def test_sessions_reserve_cache_until_full_then_503(client: TestClient, clock: FakeClock) -> None:
+def test_sessions_reserve_cache_until_full_then_503(
+    client: TestClient, clock: FakeClock, database_url: str
+) -> None:
     small_swarm(client, count=3, memory_gb=4.0)
     booked = []
     for _ in range(200):
@@ -104,13 +107,15 @@ def test_sessions_reserve_cache_until_full_then_503(client: TestClient, clock: F
     assert response.status_code == 503
     assert int(response.headers["Retry-After"]) >= 1
     servers = _servers(client)
-    for server in servers.values():
-        assert server["reserved_slots"] <= server["cache_slots"]
-    total = sum(hop["end"] - hop["start"] for s in booked for hop in s["route"]["hops"])
+    # Every booking holds its own tokens (50 + 50) on every block of its path.
+    total = sum((hop["end"] - hop["start"]) * 100 for s in booked for hop in s["route"]["hops"])
     assert sum(s["reserved_slots"] for s in servers.values()) == total
-    # Releasing one session makes room for exactly that booking again.
-    assert client.delete(f"/v1/sessions/{booked[0]['id']}").status_code == 204
-    assert client.delete(f"/v1/sessions/{booked[0]['id']}").status_code == 404
+    for server_id, (reserved, capacity) in units_by_server(database_url).items():
+        assert reserved <= capacity, server_id
+    # Releasing one session (with its token) makes room for exactly that booking again.
+    path = f"/v1/sessions/{booked[0]['id']}"
+    assert client.delete(path, headers=bearer(booked[0]["token"])).status_code == 204
+    assert client.delete(path, headers=bearer(booked[0]["token"])).status_code == 404
     assert client.post("/v1/sessions", json=route_params()).status_code == 201
     # Sessions expire at predicted completion plus the grace period.
     clock.advance(max(s["expires_in_s"] for s in booked) + 1)

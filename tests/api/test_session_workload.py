@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from fastapi.testclient import TestClient
 
+from app.allocation.scenario import parse_scenario
+from app.allocation.workload import WorkloadProfile
 from app.service.workload_window import WorkloadWindow
+from tests.api.conftest import FakeClock
+from tests.api.helpers import route_params, small_swarm
 
 
 def test_rate_and_lengths_come_from_the_window() -> None:
@@ -58,3 +63,26 @@ def test_bounded_samples_estimate_the_rate_from_their_span() -> None:
 def test_bad_window_settings_name_the_field() -> None:
     with pytest.raises(ValueError, match="window_s"):
         WorkloadWindow(window_s=0)
+
+
+def test_the_measured_profile_is_a_scenario_workload_that_parses(
+    client: TestClient, clock: FakeClock
+) -> None:
+    """What the export puts in GET /v1/scenario's workload (engineer C's export calls
+    SessionService.profile_workload): a Poisson workload with the measured lengths."""
+    small_swarm(client)
+    sessions = client.app.state.coordinator.sessions  # type: ignore[attr-defined]
+    assert sessions.profile_workload() is None  # nothing seen yet
+    for inputs in range(12):
+        client.get("/v1/routes", params=route_params())  # routes are not bookings
+        client.post("/v1/sessions", json=route_params(inputs=inputs, outputs=7))
+        clock.advance(0.5)
+    workload = sessions.profile_workload()
+    assert workload is not None
+    scenario = client.get("/v1/scenario").json()
+    scenario["workload"] = workload
+    parsed = parse_scenario(scenario)
+    assert parsed.workload is not None
+    profile = WorkloadProfile.from_scenario(parsed)
+    assert profile.input_tokens.max == 11 and profile.output_tokens.p50 == 7
+    assert profile.rate_per_s == pytest.approx(12 / 6.0)  # 12 requests in 6 s

@@ -1,0 +1,360 @@
+"""Bookings with the central queue, on loopback (SQLite, one coordinator process).
+
+1. wait_s = 0: bookings per second (each a POST and its DELETE with the session's token),
+   A/B against a baseline commit (default: the HEAD before the sessions domain changed),
+   interleaved in the same run: the baseline's tree is exported with ``git archive`` and
+   served by the same interpreter. wrk drives both with the same script.
+2. Saturation with a queue: Poisson arrivals above what the swarm serves at once, each booking
+   waiting up to --wait-s in the queue, holding its session for the route's predicted time,
+   then releasing it; the measured wait p50/p99 beside the simulator's prediction for the
+   same swarm, placement algorithm and load (app.simulation.run.simulate: start - arrival).
+
+    .venv/bin/python bench/bench_queue.py                     # both parts
+    .venv/bin/python bench/bench_queue.py --part ab --runs 3 --seconds 5
+    .venv/bin/python bench/bench_queue.py --part saturation --rate 6 --seconds 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_api import swarm, wrk  # noqa: E402
+
+ADMIN = "bench-admin"
+CLIENT = "bench-client"
+# The last commit before the sessions domain changed (session tokens, the queue, units).
+DEFAULT_BASELINE = "4975f6f"
+
+# POST a booking (with a client token), then DELETE it with the session's token when the
+# reply carries one (the baseline's does not); counts printed from done().
+BOOK_AND_RELEASE = """
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+local sites = {}
+for i = 0, 9 do sites[#sites + 1] = "site" .. i end
+local n, booked, released, full = 0, 0, 0, 0
+local pending = {}
+function request()
+  if #pending > 0 then
+    local s = table.remove(pending)
+    local headers = {}
+    if s[2] then headers["Authorization"] = "Bearer " .. s[2] end
+    return wrk.format("DELETE", "/v1/sessions/" .. s[1], headers)
+  end
+  n = n + 1
+  local body = '{"client_site": "' .. sites[(n % 10) + 1] ..
+    '", "input_tokens": 20, "output_tokens": 8}'
+  return wrk.format("POST", "/v1/sessions", {["Content-Type"] = "application/json",
+    ["Authorization"] = "Bearer CLIENT"}, body)
+end
+function response(status, headers, body)
+  if status == 201 then
+    booked = booked + 1
+    local id = string.match(body, '"id":"(%x+)"')
+    local token = string.match(body, '"token":"([%w_%-]+)"')
+    if id then table.insert(pending, {id, token}) end
+  elseif status == 204 then
+    released = released + 1
+  elseif status == 503 then
+    full = full + 1
+  end
+  thread_counts = {booked, released, full}
+end
+function done(summary, latency, requests)
+  local b, r, f = 0, 0, 0
+  for _, t in ipairs(threads) do
+    local c = t:get("thread_counts")
+    if c then b, r, f = b + c[1], r + c[2], f + c[3] end
+  end
+  io.write("BOOKED " .. b .. "\\nRELEASED " .. r .. "\\nFULL " .. f .. "\\n")
+end
+""".replace("CLIENT", CLIENT)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def export_tree(revision: str) -> Path:
+    """The baseline's files (git archive), beside nothing of the working tree."""
+    target = Path(tempfile.mkdtemp(prefix="bprr-baseline-"))
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", revision], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
+
+
+def start(tree: Path, database: Path, extra_env: dict[str, str]) -> tuple[Any, str]:
+    """uvicorn on the tree's app (its directory first on sys.path), one process."""
+    port = free_port()
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(tree),
+        BPRR_DATABASE_URL=f"sqlite:///{database}",
+        BPRR_ADMIN_TOKEN=ADMIN,
+        BPRR_SESSION_GRACE_S="0",
+        BPRR_PLANNER_INTERVAL_S="1",
+        BPRR_CLIENT_TOKENS=json.dumps({"bench": CLIENT}),
+        **extra_env,
+    )
+    command = [sys.executable, "-m", "uvicorn", "app.api.app:create_app", "--factory"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    process = subprocess.Popen(
+        command, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                return process, base
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or process.poll() is not None:
+            process.kill()
+            raise SystemExit(f"the coordinator of {tree} did not start")
+        time.sleep(0.2)
+
+
+def load(base: str, scenario: dict[str, Any]) -> None:
+    loaded = httpx.post(
+        f"{base}/v1/scenario",
+        params={"lease_s": 3600},
+        json=scenario,
+        headers={"Authorization": f"Bearer {ADMIN}"},
+        timeout=120,
+    )
+    loaded.raise_for_status()
+    time.sleep(1.2)  # the route view's refresh
+
+
+def bookings_per_s(tree: Path, seconds: float, connections: int, work: Path) -> dict[str, Any]:
+    database = Path(tempfile.mkdtemp(prefix="bprr-db-")) / "bench.db"
+    process, base = start(tree, database, {})
+    try:
+        load(base, swarm())
+        script = work / "book.lua"
+        script.write_text(BOOK_AND_RELEASE)
+        return wrk(base, "/v1/sessions", seconds, connections, str(script))
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        shutil.rmtree(database.parent, ignore_errors=True)
+
+
+def part_ab(baseline: str, runs: int, seconds: float, connections: int) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="bprr-bench-"))
+    old = export_tree(baseline)
+    rates: dict[str, list[float]] = {"baseline": [], "current": []}
+    try:
+        for run in range(runs):
+            for label, tree in (("baseline", old), ("current", ROOT)):
+                result = bookings_per_s(tree, seconds, connections, work)
+                rates[label].append(result.get("booked_per_s", 0.0))
+                print(
+                    f"  run {run + 1} {label:8s} booked {result.get('booked_per_s', 0):.0f}/s "
+                    f"released {result.get('released_per_s', 0):.0f}/s "
+                    f"p50 {result['p50_ms']:.2f} ms p99 {result['p99_ms']:.2f} ms "
+                    f"non-2xx {result['non2xx']}",
+                    flush=True,
+                )
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    medians = {label: statistics.median(values) for label, values in rates.items()}
+    ratio = medians["current"] / medians["baseline"] if medians["baseline"] else float("nan")
+    print(
+        f"== wait_s=0 bookings/s (wrk -c{connections}, {seconds:g} s, medians of {runs}): "
+        f"baseline {baseline} {medians['baseline']:.0f}/s, current {medians['current']:.0f}/s, "
+        f"ratio {ratio:.3f}"
+    )
+    return {"baseline": baseline, "rates": rates, "medians": medians, "ratio": ratio}
+
+
+# --- part 2: saturation with the queue ---------------------------------------------------------
+
+
+def small_swarm(servers: int, seed: int = 11) -> dict[str, Any]:
+    """A swarm that saturates at a few requests per second (long, token-heavy requests)."""
+    data = swarm(servers=servers, sites=3, seed=seed)
+    data["name"] = f"queue-{servers}"
+    data["requests"] = {"max_input_tokens": 2048, "max_output_tokens": 256}
+    for entry in data["servers"]:
+        entry["memory_gb"] = min(entry["memory_gb"], 24.0)
+    return data
+
+
+async def offered_load(
+    base: str, rate: float, seconds: float, wait_s: float, inputs: int, outputs: int, seed: int
+) -> dict[str, Any]:
+    rng = random.Random(seed)
+    sites = ["site0", "site1", "site2"]
+    waits: list[float] = []
+    codes: dict[int, int] = {}
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
+    async with httpx.AsyncClient(base_url=base, timeout=wait_s + 30, limits=limits) as http:
+
+        async def one(i: int) -> None:
+            body = {
+                "client_site": sites[i % 3],
+                "input_tokens": inputs,
+                "output_tokens": outputs,
+                "wait_s": wait_s,
+            }
+            asked = time.monotonic()
+            reply = await http.post(
+                "/v1/sessions", json=body, headers={"Authorization": f"Bearer {CLIENT}"}
+            )
+            codes[reply.status_code] = codes.get(reply.status_code, 0) + 1
+            if reply.status_code != 201:
+                return
+            waits.append(time.monotonic() - asked)
+            session = reply.json()
+            await asyncio.sleep(session["route"]["total_ms"] / 1000)
+            await http.delete(
+                f"/v1/sessions/{session['id']}",
+                headers={"Authorization": f"Bearer {session['token']}"},
+            )
+
+        tasks = []
+        started = time.monotonic()
+        at = 0.0
+        i = 0
+        while at < seconds:
+            await asyncio.sleep(max(0.0, started + at - time.monotonic()))
+            tasks.append(asyncio.create_task(one(i)))
+            i += 1
+            at += rng.expovariate(rate)
+        await asyncio.gather(*tasks)
+    return {"waits_s": waits, "codes": codes, "requests": i}
+
+
+def predicted(
+    scenario: dict[str, Any],
+    placement: dict[str, Any],
+    rate: float,
+    seconds: float,
+    inputs: int,
+    outputs: int,
+    seed: int,
+) -> dict[str, Any]:
+    """The simulator on the same swarm and load, under the policy matching the published
+    placement (chains: JFFC with the central queue; otherwise WS-RR)."""
+    from app.allocation.scenario import parse_scenario
+    from app.simulation.run import simulate
+
+    data = dict(scenario)
+    lengths = {
+        name: {stat: value for stat in ("mean", "p50", "p90", "p99", "max")}
+        for name, value in (("input_tokens", inputs), ("output_tokens", outputs))
+    }
+    data["workload"] = {
+        "arrival": "poisson",
+        "rate_per_s": rate,
+        "num_requests": max(50, int(rate * seconds)),
+        "seed": seed,
+        **lengths,
+    }
+    algorithm = placement.get("algorithm", "cg")
+    policy = {"chains": "chains", "auto": "auto", "petals": "petals-rr"}.get(algorithm, "cg-wsrr")
+    result = simulate(parse_scenario(data), policy, seed)
+    wait_s = (result.start_ms - result.arrival_ms) / 1000.0
+    return {"policy": policy, "waits_s": wait_s.tolist()}
+
+
+def part_saturation(
+    rate: float, seconds: float, wait_s: float, servers: int, inputs: int, outputs: int, seed: int
+) -> dict[str, Any]:
+    scenario = small_swarm(servers)
+    database = Path(tempfile.mkdtemp(prefix="bprr-db-")) / "bench.db"
+    process, base = start(ROOT, database, {"BPRR_QUEUE_MAX_DEPTH": "100000"})
+    try:
+        load(base, scenario)
+        placement = httpx.get(f"{base}/v1/placements/current", timeout=30).json()
+        measured = asyncio.run(offered_load(base, rate, seconds, wait_s, inputs, outputs, seed))
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        shutil.rmtree(database.parent, ignore_errors=True)
+    model = predicted(scenario, placement, rate, seconds, inputs, outputs, seed)
+
+    def quantiles(values: list[float]) -> tuple[float, float]:
+        if not values:
+            return float("nan"), float("nan")
+        p50, p99 = np.percentile(np.asarray(values), [50, 99])
+        return float(p50), float(p99)
+
+    m50, m99 = quantiles(measured["waits_s"])
+    s50, s99 = quantiles(model["waits_s"])
+    print(
+        f"== saturation: {servers} servers, Poisson {rate:g}/s for {seconds:g} s, "
+        f"{inputs}+{outputs} tokens, wait_s {wait_s:g}, placement {placement.get('algorithm')}\n"
+        f"   measured: {len(measured['waits_s'])} booked of {measured['requests']} "
+        f"(codes {measured['codes']}), wait p50 {m50:.3f} s p99 {m99:.3f} s\n"
+        f"   simulator ({model['policy']}): wait p50 {s50:.3f} s p99 {s99:.3f} s"
+    )
+    return {
+        "measured": {"p50_s": m50, "p99_s": m99, "codes": measured["codes"]},
+        "predicted": {"policy": model["policy"], "p50_s": s50, "p99_s": s99},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["ab", "saturation", "both"], default="both")
+    parser.add_argument("--baseline", default=DEFAULT_BASELINE)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--rate", type=float, default=4.0)
+    parser.add_argument("--load-seconds", type=float, default=40.0)
+    parser.add_argument("--wait-s", type=float, default=60.0)
+    parser.add_argument("--servers", type=int, default=12)
+    parser.add_argument("--inputs", type=int, default=1024)
+    parser.add_argument("--outputs", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=3)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None and args.part != "saturation":
+        raise SystemExit("wrk is not installed (apt-get install -y wrk)")
+    out: dict[str, Any] = {}
+    if args.part in {"ab", "both"}:
+        out["ab"] = part_ab(args.baseline, args.runs, args.seconds, args.connections)
+    if args.part in {"saturation", "both"}:
+        out["saturation"] = part_saturation(
+            args.rate,
+            args.load_seconds,
+            args.wait_s,
+            args.servers,
+            args.inputs,
+            args.outputs,
+            args.seed,
+        )
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
