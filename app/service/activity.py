@@ -76,8 +76,9 @@ class RouteLog:
     def routed(self, at: float, route: RouteOut) -> None:
         self._add(at, "route", route.client_site, route=route, wait_ms=route.wait_ms)
 
-    def booked(self, at: float, route: RouteOut, session_id: str) -> None:
-        self._add(at, "booked", route.client_site, route, session_id, route.wait_ms)
+    def booked(self, at: float, route: RouteOut, session_id: str | None = None) -> None:
+        """A booking; the sessions code passes no id (public GETs never show session ids)."""
+        self._add(at, "booked", route.client_site, route, session_id or None, route.wait_ms)
 
     def rejected(self, at: float, client_site: str, wait_ms: float | None, detail: str) -> None:
         self._add(at, "rejected", client_site, wait_ms=wait_ms, detail=detail)

@@ -118,7 +118,8 @@ def test_recent_routes_record_queries_bookings_and_refusals(
     rejected, booking, query = recent
     assert rejected["hops"] == [] and rejected["generation"] is None and rejected["detail"]
     assert rejected["at"] == clock.now
-    assert booking["session_id"] == booked.json()["id"]
+    assert booking["session_id"] is None  # public: session ids are never shown
+    assert booked.json()["id"] not in client.get("/v1/routes/recent").text
     assert booking["hops"] == booked.json()["route"]["hops"]
     assert booking["per_token_ms"] == booked.json()["route"]["per_token_ms"]
     assert query["hops"] == route.json()["hops"] and query["session_id"] is None
