@@ -4,9 +4,11 @@ Each study is a list of points (a scenario generator's arguments and a label for
 the policies to compare, and the seeds. Running one writes, under the output folder:
 ``runs.csv`` (one row per run: point, policy, seed and every summary number),
 ``scenarios/`` (the generated scenario files, so each run can be replayed with
-``bprr simulate``), ``<study>.png`` (mean per-token time and TTFT per policy), ``summary.md``
-(markdown tables of the means over seeds: per-token time with cg-wsrr's reduction against
-PETALS, TTFT, waiting) and prints the per-token table.
+``bprr simulate``), ``<study>.png`` (mean response time and per-token time per policy, each
+policy with its own marker and line style so that overlapping curves stay visible),
+``summary.md`` (markdown tables of the means over seeds: response time with auto / petals,
+per-token time with cg-wsrr's reduction against PETALS, TTFT, waiting) and prints the
+response-time table.
 """
 
 from __future__ import annotations
@@ -172,7 +174,7 @@ STUDIES: dict[str, Study] = {
             "servers",
             _sweep((100, 300, 1000), "n", _scale_at),
             ("petals", "cg-wsrr", "chains", "auto"),
-            requests=2400,  # per 100 servers: the same ~84 s of arrivals at every size
+            requests=1200,  # per 100 servers: the same ~42 s of arrivals at every size
             quick_requests=100,
             seeds=2,
         ),
