@@ -201,6 +201,7 @@ class Testbed:
         self.tmp = Path(tempfile.mkdtemp(prefix="bprr-testbed-"))
         self.procs = Processes(self.tmp)
         self.admin_token = secrets.token_urlsafe(18)
+        self.join_token = secrets.token_urlsafe(18)  # registration needs one (no dev mode)
         self.server: uvicorn.Server | None = None
         self.server_thread: threading.Thread | None = None
         self.url = ""
@@ -257,7 +258,7 @@ class Testbed:
                 **Settings().model_dump(),
                 "database_url": f"sqlite:///{self.tmp / 'coordinator.db'}",
                 "admin_token": SecretStr(self.admin_token),
-                "join_token": None,
+                "join_token": SecretStr(self.join_token),
                 "auto_migrate": True,
                 "planner_interval_s": 0.0,
                 "heartbeat_interval_s": 1.0,
@@ -355,6 +356,8 @@ class Testbed:
                 "app.testbed.block_server",
                 "--server-id",
                 spec.id,
+                "--join-token",
+                self.join_token,
                 "--site",
                 spec.site,
                 "--coordinator",
