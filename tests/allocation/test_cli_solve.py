@@ -152,3 +152,14 @@ def test_bad_profile_lengths_are_one_error_line(
         code, _, err = run(command, capsys)
         assert code == 2
         assert err.startswith("error: ") and field in err and err.count("\n") == 1
+
+
+def test_shipped_table1_example_runs_with_its_bare_trace_name(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "table1-mig-9-code-trace.json"
+    assert '"trace": "azure_llm_inference_trace_2023_code.csv"' in example.read_text()
+    code, out, _ = run(["simulate", str(example), "--json"], capsys)
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["policy"] == "auto" and summary["requests"] == 1000
