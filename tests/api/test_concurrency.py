@@ -35,15 +35,15 @@ from tests.api.conftest import (
     example_scenario,
 )
 from tests.api.helpers import route_params, server_body, server_row, session_row, small_swarm
+from tests.api.test_session_security import units_by_server
 
 
 def assert_not_overcommitted(url: str) -> int:
+    """Every server's reserved cache units within its capacity in units (from its memory,
+    loaded span and the model) and equal to its reservations; the units reserved in all."""
     engine = create_engine(url)
     try:
         with engine.connect() as connection:
-            servers = connection.execute(
-                select(ServerRow.id, ServerRow.cache_slots, ServerRow.reserved_slots)
-            ).all()
             held = dict(
                 connection.execute(
                     select(ReservationRow.server_id, func.sum(ReservationRow.slots)).group_by(
@@ -53,10 +53,11 @@ def assert_not_overcommitted(url: str) -> int:
             )
     finally:
         engine.dispose()
-    for server_id, capacity, reserved in servers:
+    units = units_by_server(url)
+    for server_id, (reserved, capacity) in units.items():
         assert reserved <= capacity, f"{server_id} over-committed: {reserved} > {capacity}"
         assert reserved == (held.get(server_id) or 0), server_id
-    return sum(reserved for _, _, reserved in servers)
+    return sum(reserved for reserved, _ in units.values())
 
 
 def test_concurrent_bookings_never_overcommit(client: TestClient, database_url: str) -> None:
@@ -75,7 +76,8 @@ def test_concurrent_bookings_never_overcommit(client: TestClient, database_url: 
         results = list(pool.map(book, range(120)))
     assert any(results) and not all(results), "the swarm should fill up"
     reserved = assert_not_overcommitted(database_url)
-    assert reserved == sum(results) * 8  # every booked session holds one slot per block
+    # Every booked session holds its own 10 + 10 tokens on each of the 8 blocks.
+    assert reserved == sum(results) * 8 * 20
 
 
 def _free_port() -> int:
@@ -166,7 +168,8 @@ def test_two_instances_one_leader_no_overadmission(
     assert set(codes) <= {201, 503}
     assert 201 in codes and 503 in codes
     reserved = assert_not_overcommitted(pg_url)
-    assert reserved == codes.count(201) * 70  # one slot per block on each booked path
+    # Each booked path holds 20 + 128 tokens on each of the 70 blocks.
+    assert reserved == codes.count(201) * 70 * 148
 
     engine = create_engine(pg_url)
     try:
