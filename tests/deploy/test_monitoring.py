@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import promql_parser
 import pytest
 import yaml
 from fastapi.testclient import TestClient
@@ -134,7 +135,12 @@ def test_grafana_is_provisioned_with_prometheus_and_the_dashboard() -> None:
 
 
 def names_in(expr: str) -> tuple[set[str], set[str]]:
-    """(metric names, label names) of a PromQL expression; fails on an unknown word."""
+    """(metric names, label names) of a PromQL expression, which must parse (syntax,
+    function names and argument types, by promql-parser); fails on an unknown word."""
+    try:
+        promql_parser.parse(expr)
+    except ValueError as error:
+        raise AssertionError(f"{expr!r} is not valid PromQL: {error}") from None
     labels: set[str] = set()
     for group in re.findall(r"\b(?:by|without|ignoring|on)\s*\(([^)]*)\)", expr):
         labels |= {label.strip() for label in group.split(",") if label.strip()}
@@ -208,3 +214,6 @@ def test_the_name_check_catches_a_wrong_metric() -> None:
     assert metrics == {"bprr_bookings_total"} and labels == {"client_site", "outcome"}
     with pytest.raises(AssertionError, match="unknown word"):
         names_in("rate(process_cpu_seconds_total[5m])")
+    for broken in ("sum by (client_site (rate(bprr_x[5m]))", "rate(bprr_x)", "ratez(bprr_x[5m])"):
+        with pytest.raises(AssertionError, match="not valid PromQL"):
+            names_in(broken)
