@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -63,6 +64,8 @@ def simulate_command(
     if time_limit <= 0:
         _fail("--time-limit: must be positive")
     scenario = load_scenario(scenario_path)
+    for warning in scenario.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
     try:
         result = simulate(
             scenario, policy, seed, service_model=service_model, milp_time_limit_s=time_limit

@@ -13,6 +13,8 @@ petals-number   PETALS windows with CG's block counts   PETALS' fixed     PETALS
 petals-rr       PETALS 2.2                              PETALS' fixed     WS-RR
 cg-sp           CG-BP for |R| from the arrival rate     memory - weights  shortest path, waits
 cg-wsrr         CG-BP for |R| from the arrival rate     memory - weights  WS-RR
+cg-wsrr-profile CG-BP sized for the profile's typical   memory - weights  WS-RR priced at each
+                request (|R| and s_c from its means)                      request's own lengths
 milp-wsrr       MILP-BPRR (time limit), CG hint         memory - weights  WS-RR
 =============== ======================================= ================= =====================
 
@@ -55,6 +57,7 @@ from app.simulation.engine import Decision, Retry, SimulationError, Simulator, S
 POLICIES = (
     "auto",
     "chains",
+    "cg-wsrr-profile",
     "petals",
     "cg-sp",
     "cg-wsrr",
@@ -113,16 +116,24 @@ class WsrrPolicy:
     """WS-RR (app.allocation.dispatch.wsrr_route): shortest path where entering server j for
     k blocks costs its waiting time (until k x T units free up, its bookings scanned in
     completion order) plus t^I_cj + k tau^I_j + (l - 1)(t_cj + k tau_j). The paper's policies
-    price every request at the caps (l_in, l_max), as WS_RR.m does; each request still holds
-    only its own tokens.
+    price every request at the caps (l_in, l_max), as WS_RR.m does; ``own_lengths`` prices
+    each request at its own lengths (as the coordinator's route view does). Either way each
+    request holds only its own tokens.
     """
 
     def __init__(
-        self, name: str, instance: Instance, placement: Placement, capacity: Sequence[int]
+        self,
+        name: str,
+        instance: Instance,
+        placement: Placement,
+        capacity: Sequence[int],
+        own_lengths: bool = False,
     ) -> None:
         self.name = name
         self.placement = placement
         self.capacity = list(capacity)
+        self.instance = instance
+        self.own_lengths = own_lengths
         self.index = RouteIndex(placement, instance.num_blocks)
         self.costs = [
             dispatch.wsrr_costs(instance, c, instance.input_tokens, instance.output_tokens)
@@ -140,11 +151,16 @@ class WsrrPolicy:
     def decide(self, sim: Simulator, request: int, now: float) -> Decision:
         client = sim.client_of(request)
         tokens = sim.tokens_of(request)
-        hops = self.cached[client]
-        if not _lacking(sim, hops, tokens):
-            return Start(hops, now)
+        if self.own_lengths:
+            hop_fixed, per_block = dispatch.wsrr_costs(
+                self.instance, client, *sim.lengths_of(request)
+            )
+        else:
+            hops = self.cached[client]
+            if not _lacking(sim, hops, tokens):
+                return Start(hops, now)
+            hop_fixed, per_block = self.costs[client]
         self.recomputed += 1
-        hop_fixed, per_block = self.costs[client]
         choice = dispatch.wsrr_route(
             self.index,
             hop_fixed,
@@ -315,6 +331,8 @@ def build_policy(
     began = time.perf_counter()
     if name in ("auto", "chains"):
         return _build_chain_policy(name, scenario, instance, rate_per_s, profile, began)
+    if name == "cg-wsrr-profile":
+        return _build_profile_wsrr(name, scenario, instance, rate_per_s, profile, began)
     if name in ("cg-sp", "cg-wsrr", "milp-wsrr"):
         concurrency = cg.design_concurrency(instance, rate_per_s)
         if name == "milp-wsrr":
@@ -358,6 +376,36 @@ def build_policy(
         router = petals.PetalsRouter(scenario, instance, result.placement)
         policy = PetalsPolicy(name, instance.num_clients, result.placement, units, router)
     return BuiltPolicy(policy, seconds, design, {"block_counts": list(result.block_counts)})
+
+
+def _build_profile_wsrr(
+    name: str,
+    scenario: Scenario,
+    instance: Instance,
+    rate_per_s: float,
+    profile: WorkloadProfile | None,
+    began: float,
+) -> BuiltPolicy:
+    """The paper's CG-BP + WS-RR with the workload's typical request instead of the caps
+    (../shared/CHAINS.md: |R| from T1 of the mean request, route costs from each request's
+    own lengths): an ablation of what the caps cost the paper's policy."""
+    from app.allocation.auto import profile_concurrency, profile_instance
+    from app.allocation.chains import job_costs
+
+    if profile is None:
+        profile = WorkloadProfile.from_scenario(scenario, rate_per_s)
+    costs = job_costs(instance, profile)
+    single = cg.place(profile_instance(instance, profile), 1).placement
+    typical_ms = RouteIndex(single, instance.num_blocks).shortest(costs.tau_c, costs.tau_p)
+    if typical_ms is None:  # pragma: no cover - CG-BP covers every block
+        raise SimulationError(f"{name}: no chain covers every block")
+    concurrency = profile_concurrency(instance, profile, typical_ms.cost + costs.per_request_ms)
+    placement = cg.place(profile_instance(instance, profile), concurrency).placement
+    seconds = time.perf_counter() - began
+    policy = WsrrPolicy(
+        name, instance, placement, cg_capacity(instance, placement), own_lengths=True
+    )
+    return BuiltPolicy(policy, seconds, concurrency, {})
 
 
 def _build_chain_policy(
