@@ -2,8 +2,11 @@
 
 A uvicorn subprocess on 127.0.0.1 (temporary SQLite) gets the paper's clustered scenario, two
 extra servers that register and heartbeat (one online, one draining), a CG placement and a
-booked session; Chromium loads ``/`` and the test asserts on the rendered DOM, then saves a
-screenshot to out/dashboard/dashboard.png (printed; gitignored) for a person to look at.
+booked session, then (while the history samples every 2 s) a re-plan that every server loads
+and three more bookings; Chromium, with no network beyond 127.0.0.1, loads ``/`` and the test
+asserts on the rendered DOM (cards, sites, coverage and the bottleneck, servers, routes, the
+uPlot charts with the re-plan marked, predicted vs measured), then saves a screenshot to
+out/dashboard/dashboard.png (printed; gitignored) for a person to look at.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import httpx
 import pytest
 
 from tests.api.conftest import ADMIN, JOIN, ROOT, example_scenario
-from tests.dashboard.browser import free_port, parse, run_chromium
+from tests.dashboard.browser import NoNetwork, free_port, parse, run_chromium
 
 SCREENSHOT = ROOT / "out" / "dashboard" / "dashboard.png"
 
@@ -155,7 +158,9 @@ def test_dashboard_renders_the_live_swarm(coordinator: str) -> None:
     history = swarm["history"]
     assert placement["generation"] == 3  # the scenario's, populate's, then replan's
 
-    dumped = run_chromium("--dump-dom", f"{coordinator}/")
+    with NoNetwork() as proxy:  # no network beyond 127.0.0.1: uPlot comes with the page
+        dumped = run_chromium("--dump-dom", f"{coordinator}/", proxy=proxy.url)
+    assert proxy.page_requests() == []
     assert dumped.returncode == 0, dumped.stderr[-2000:]
     dom = parse(dumped.stdout)
     body = [attrs for tag, attrs in dom.elements if tag == "body"]
