@@ -22,6 +22,8 @@ Signatures::
               alive: Sequence[bool] | None = None,
               order: Sequence[int] | None = None) -> int | None
     client_order(chains: Sequence[Chain], client: int) -> list[int]
+    request_order(instance: Instance, chains: Sequence[Chain], client: int,
+                  input_tokens: int, output_tokens: int) -> list[int]
     free_from(capacity: int, used: int, releases: Sequence[tuple[float, int]],
               units: int, now: float) -> float                               # inf: never
     earliest_start(hops, tokens, capacity, used, releases, now) -> float
@@ -54,7 +56,7 @@ import numpy as np
 
 from app.allocation.chains import Chain
 from app.allocation.instance import FloatArray, Instance, IntArray
-from app.allocation.perf import Hop
+from app.allocation.perf import Hop, total_ms
 from app.allocation.routing import RouteIndex
 
 __all__ = [
@@ -63,6 +65,7 @@ __all__ = [
     "earliest_start",
     "free_from",
     "jffc_pick",
+    "request_order",
     "tokens_of",
     "units_needed",
     "wsrr_costs",
@@ -126,6 +129,17 @@ def client_order(chains: Sequence[Chain], client: int) -> list[int]:
     if not chains or not chains[0].client_ms:
         return list(range(len(chains)))
     return sorted(range(len(chains)), key=lambda k: (chains[k].client_ms[client], k))
+
+
+def request_order(
+    instance: Instance, chains: Sequence[Chain], client: int, input_tokens: int, output_tokens: int
+) -> list[int]:
+    """Chain indices fastest first for one request of ``client`` with these lengths, by the
+    performance model (perf.total_ms): for callers whose chains carry no per-client times."""
+    times = [
+        total_ms(instance, client, chain.hops, input_tokens, output_tokens) for chain in chains
+    ]
+    return sorted(range(len(chains)), key=lambda k: (times[k], k))
 
 
 def free_from(

@@ -110,3 +110,18 @@ def test_earliest_start_counts_a_server_visited_twice() -> None:
     # Server 0 needs 3 blocks x 10 tokens = 30 units: all of it, free only from t = 7.
     start = dispatch.earliest_start(hops, 10, capacity.tolist(), [10, 0], [[(7.0, 10)], []], 0.0)
     assert start == 7.0
+
+
+def test_orders_per_client_and_per_request() -> None:
+    instance, _ = swarm()  # client at site a: "near" 10 ms, "far" 50 ms
+    far_first = [
+        Chain((Hop(1, 0, 4),), 1, 100.0, client_ms=(900.0,)),
+        Chain((Hop(0, 0, 4),), 1, 200.0, client_ms=(300.0,)),
+    ]
+    assert dispatch.client_order(far_first, 0) == [1, 0]
+    assert dispatch.request_order(instance, far_first, 0, 5, 5) == [1, 0]
+    no_times = [Chain(c.hops, c.capacity, c.service_ms) for c in far_first]
+    assert dispatch.client_order(no_times, 0) == [0, 1]
+    # The order steers JFFC: the near chain first, the far one when it is busy.
+    assert dispatch.jffc_pick(far_first, [0, 0], [10**6] * 2, 10, order=[1, 0]) == 1
+    assert dispatch.jffc_pick(far_first, [0, 1], [10**6] * 2, 10, order=[1, 0]) == 0
