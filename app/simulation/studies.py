@@ -184,7 +184,7 @@ STUDIES: dict[str, Study] = {
             "the Azure code trace rescaled to 2.57 req/s, 1000 requests",
             "swarm",
             (Point("table1", 0, lambda n, s: generators.mig_swarm(9, 2.57, n, s)),),
-            ("petals", "cg-sp", "cg-wsrr", "chains", "auto"),
+            ("petals", "cg-sp", "cg-wsrr", "cg-wsrr-profile", "chains", "auto"),
             requests=1000,
             quick_requests=200,
             seeds=1,
