@@ -293,11 +293,11 @@ function replanHook(state) {
   };
 }
 
-function drawChart(id, series, data, replans, empty) {
+function drawChart(id, series, data, replans, empty, allZero = empty) {
+  // ``empty``: the note when no series has a value; ``allZero``: when every value is 0.
   const target = $(id);
-  const note = $(`${id}-note`);
-  const hasData = data.slice(1).some((ys) => ys.some((y) => y !== null && y !== 0));
-  if (note) note.textContent = hasData ? "" : empty;
+  const values = data.slice(1).flat().filter((y) => y !== null);
+  $(`${id}-note`).textContent = !values.length ? empty : values.every((y) => y === 0) ? allZero : "";
   target.dataset.points = data[0].length;
   target.dataset.replans = replans.length;
   let entry = charts.get(id);
@@ -338,7 +338,8 @@ function renderHistory(history) {
   ], [xs, pick("booked"), pick("refused")], replans, "no booking decision in this window");
   drawChart("chart-waits", [
     { label: "mean queue wait (s)", stroke: "#b384f5", spanGaps: false },
-  ], [xs, pick("mean_wait_s")], replans, "no booking left the queue in this window");
+  ], [xs, pick("mean_wait_s")], replans, "no booking ended in this window",
+  "no booking waited in the queue in this window");
 
   const gens = $("generations").tBodies[0];
   gens.replaceChildren();
