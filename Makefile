@@ -7,7 +7,7 @@ SCENARIO ?= examples/paper-clustered-9.json
 PORT ?= 8080
 DEMO_SPEED ?= 1
 
-.PHONY: run test lint typecheck chromium bench clean
+.PHONY: run test lint typecheck chromium bench clean petals test-petals
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,11 +39,21 @@ chromium:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	fi
 
-test: lint typecheck chromium
+# The PETALS 2.2 environment (.venv-petals) for the real-swarm tests and `bprr testbed
+# --backend petals`: built from the package registries by petals/build-env.sh, which does
+# nothing when its stamp (the hash of the script and the pinned requirements) is current.
+petals:
+	bash petals/build-env.sh
+
+# The real-PETALS tests only (tests/petals, marked `petals`), building the environment first.
+test-petals: $(STAMP) petals
+	$(BIN)/pytest -q -m petals tests/petals
+
+test: lint typecheck chromium petals
 	$(BIN)/pytest -q -n 2
 
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-petals .pytest_cache .mypy_cache .ruff_cache

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from bprr_client import PetalsOptions, ProcessSupervisor, RetryPolicy, Span, petals_command
+from bprr_client.petals import HostFailed, LauncherOptions, PetalsHost
 from fastapi.testclient import TestClient
 
 from tests.clients.conftest import FakeClock, Forward, make_agent, publish, put_model
@@ -166,3 +167,25 @@ def test_agent_runs_petals_for_its_assigned_span(
         for _ in range(100):
             os.kill(pid, 0)
             time.sleep(0.05)
+
+
+def test_a_launcher_without_petals_stops_the_agent_without_a_crash_loop(tmp_path: Path) -> None:
+    """The launcher under an interpreter that lacks PETALS exits with its error line; the
+    host raises HostFailed (the agent stops) instead of restarting it."""
+    options = LauncherOptions(
+        model="tiny",
+        python=sys.executable,
+        dht_prefix="tiny",
+        host_maddrs=("/ip4/127.0.0.1/tcp/1",),
+    )
+    host = PetalsHost(options, state_dir=tmp_path / "state")
+    try:
+        host.apply(Span(start=0, end=2))
+        process = host.supervisor.process
+        assert process is not None
+        process.wait(timeout=60)
+        with pytest.raises(HostFailed, match="PETALS is not importable"):
+            host.poll()
+        assert host.supervisor.starts == 1 and host.loaded_span() is None
+    finally:
+        host.close()

@@ -270,7 +270,9 @@ class LauncherOptions:
             raise ValueError("host_maddrs: give at least one, e.g. /ip4/127.0.0.1/tcp/31337")
 
     def command(self, control: Path, status: Path) -> list[str]:
-        argv = [self.python, "-m", "bprr_client.petals_server", self.model]
+        # -P: the working directory stays off sys.path (a folder named petals/ there would
+        # shadow PETALS)
+        argv = [self.python, "-P", "-m", "bprr_client.petals_server", self.model]
         argv += ["--control", str(control), "--status", str(status)]
         argv += ["--dht-prefix", self.dht_prefix, "--throughput", str(self.throughput)]
         argv += ["--device", self.device, "--torch-dtype", self.torch_dtype]
@@ -290,7 +292,7 @@ def petals_importable(python: str, timeout_s: float = 30.0) -> str | None:
     """None when ``python`` can import PETALS, else why not (one line)."""
     probe = "import importlib.util as u, sys; sys.exit(u.find_spec('petals') is None)"
     try:
-        done = subprocess.run([python, "-c", probe], capture_output=True, timeout=timeout_s)
+        done = subprocess.run([python, "-P", "-c", probe], capture_output=True, timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired) as error:
         return f"cannot run {python}: {error}"
     if done.returncode != 0:
@@ -301,6 +303,31 @@ def petals_importable(python: str, timeout_s: float = 30.0) -> str | None:
     return None
 
 
+# hivemind 1.1.10 puts its sockets here whatever TMPDIR says, and leaves them behind.
+HIVEMIND_SOCKETS = "/tmp/hivemind-*.sock"
+
+
+def remove_stale_hivemind_sockets(pattern: str = HIVEMIND_SOCKETS) -> list[str]:
+    """Delete hivemind's socket files that no process listens on any more (a connect is
+    refused); live ones (another server on this machine) are kept. Returns those removed."""
+    import glob
+    import socket
+
+    removed = []
+    for path in glob.glob(pattern):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(0.5)
+            try:
+                probe.connect(path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    removed.append(path)
+            except OSError:
+                continue  # busy or not ours to judge
+    return removed
+
+
 class PetalsHost:
     """A ``SpanHost`` running one PETALS server through our launcher.
 
@@ -308,8 +335,8 @@ class PetalsHost:
     own process within ~1-3 s); ``loaded_span()`` is the span once the launcher saw PETALS
     announce it ONLINE in the DHT; ``identity()`` is the server's PETALS peer id and
     multiaddrs (for the registration). The launcher is restarted after a crash (backoff);
-    an exit saying PETALS is missing raises ``HostFailed`` instead. The launcher's hivemind
-    sockets go to a private temporary folder, removed by ``close()``.
+    an exit saying PETALS is missing raises ``HostFailed`` instead. ``close()`` stops it
+    and removes the hivemind socket files no process listens on any more.
     """
 
     def __init__(
@@ -397,6 +424,7 @@ class PetalsHost:
 
     def close(self) -> None:
         self.supervisor.close()
+        remove_stale_hivemind_sockets()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         if self._own_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)
