@@ -43,7 +43,7 @@ from bench_api import swarm, wrk  # noqa: E402
 ADMIN = "bench-admin"
 CLIENT = "bench-client"
 # The last commit before the sessions domain changed (session tokens, the queue, units).
-DEFAULT_BASELINE = "4975f6f"
+DEFAULT_BASELINE = "9676567"
 
 # POST a booking (with a client token), then DELETE it with the session's token when the
 # reply carries one (the baseline's does not); counts printed from done().

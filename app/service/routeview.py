@@ -242,7 +242,9 @@ class RouteView:
     ) -> RoutePlan | None:
         in_service = self.chain_in_service or [0] * len(self.chains)
         free = self.capacity - self.reserved
-        picked = dispatch.jffc_pick(self.chains, in_service, free, tokens, alive)
+        # Fastest first for this request: its client's RTTs and its own lengths.
+        order = dispatch.request_order(instance, self.chains, client, input_tokens, output_tokens)
+        picked = dispatch.jffc_pick(self.chains, in_service, free, tokens, alive, order)
         if picked is not None:
             hops = self.chains[picked].hops
             timing = request_timing(instance, client, hops, input_tokens, output_tokens)
@@ -250,7 +252,8 @@ class RouteView:
         # No free chain: the earliest instant one could take this request by memory (its
         # job slots free with the same sessions' ends), for Retry-After.
         best: tuple[float, int] | None = None
-        for k, chain in enumerate(self.chains):
+        for k in order:
+            chain = self.chains[k]
             if not all(alive[s] for s, _, _ in chain.hops):
                 continue
             at = dispatch.earliest_start(

@@ -474,7 +474,7 @@ class SessionService:
         if record is None:
             raise NotFound(f"session {session_id!r} does not exist (released or expired)")
         if record.ended_at is not None:
-            raise NotFound(f"session {session_id!r} has ended ({record.end_reason})")
+            raise NotFound(f"session {session_id!r} does not exist (it ended: {record.end_reason})")
         audit("session_release_refused", session=session_id, reason="not the session's token")
         raise Forbidden(f"the bearer token is not session {session_id!r}'s token")
 
