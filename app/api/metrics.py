@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from app.service.coordinator import Coordinator
 from app.service.errors import Unavailable
+from app.service.overview import BottleneckOut, view_bottleneck
 from app.service.telemetry import REGISTRY, ServerCollector, ServerSample, route_view_samples
 
 _GAUGES = [  # metric, key of Coordinator.stats(), help
@@ -42,9 +43,11 @@ class SwarmCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         counters = self.coordinator.counters
+        neck: BottleneckOut | None = None
         try:
             stats = self.coordinator.stats()
             stats["active_sessions"] = float(self.coordinator.active_sessions())
+            neck = view_bottleneck(self.coordinator.view(), self.coordinator.clock())
         except Unavailable:  # the scrape still answers, saying so, during an outage
             stats = None
         yield GaugeMetricFamily(
@@ -55,6 +58,23 @@ class SwarmCollector(Collector):
         if stats is not None:
             for name, key, documentation in _GAUGES:
                 yield GaugeMetricFamily(name, documentation, value=stats[key])
+        if neck is not None:  # a model is set
+            yield GaugeMetricFamily(
+                "bprr_bottleneck_live_copies",
+                "Fewest live copies of any block (0: some block has no live server)",
+                value=neck.live_copies,
+            )
+            yield GaugeMetricFamily(
+                "bprr_bottleneck_blocks",
+                "Blocks that have only the fewest live copies",
+                value=sum(end - start for start, end in neck.blocks),
+            )
+            if neck.cache_used is not None:
+                yield GaugeMetricFamily(
+                    "bprr_bottleneck_cache_used",
+                    "Fraction of the cache units in use on the servers of the bottleneck blocks",
+                    value=neck.cache_used,
+                )
         yield CounterMetricFamily(
             "bprr_sessions_booked",
             "Sessions booked by this process",

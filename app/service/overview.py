@@ -85,6 +85,22 @@ def _span_text(ranges: list[tuple[int, int]]) -> tuple[str, bool]:
     return ("block " if single else "blocks ") + ", ".join(parts) + more, not single
 
 
+def live_copies(view: RouteView, num_blocks: int, now: float) -> list[int]:
+    """How many routable servers with a live lease hold each block."""
+    copies = [0] * num_blocks
+    for entry, expires in zip(view.entries, view.lease, strict=True):
+        if expires > now:
+            for block in range(entry.span.start, min(entry.span.end, num_blocks)):
+                copies[block] += 1
+    return copies
+
+
+def view_bottleneck(view: RouteView, now: float) -> BottleneckOut | None:
+    """The bottleneck from the route view alone (no database read): for /metrics."""
+    num_blocks = view.model.num_blocks if view.model is not None else 0
+    return bottleneck(view, live_copies(view, num_blocks, now), now)
+
+
 def bottleneck(view: RouteView, block_servers: list[int], now: float) -> BottleneckOut | None:
     """Name the blocks with the fewest live copies, their servers and how full their cache
     is (None before a model is set)."""
@@ -131,14 +147,8 @@ def overview(coordinator: Coordinator) -> OverviewOut:
     with coordinator.read_tx() as db:
         state = load_state(db)
     num_blocks = None if state.model is None else state.model.num_blocks
-    block_servers = [0] * (num_blocks or 0)
-    routable = 0
-    for entry, expires in zip(view.entries, view.lease, strict=True):
-        if expires <= now:
-            continue
-        routable += 1
-        for block in range(entry.span.start, min(entry.span.end, len(block_servers))):
-            block_servers[block] += 1
+    block_servers = live_copies(view, num_blocks or 0, now)
+    routable = view.live_count(now)
     shares: dict[str, float] = {}
     for _, site, share in client_list(state) if state.sites else []:
         shares[site] = shares.get(site, 0.0) + share

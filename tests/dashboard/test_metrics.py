@@ -50,8 +50,18 @@ def test_per_server_cache_units_and_state(client: TestClient, clock: FakeClock) 
     hops = session.json()["route"]["hops"]
     assert {hop["server_id"] for hop in hops} == {s for s, units in used.items() if units > 0}
     assert sum(used.values()) == value(after, "bprr_reserved_cache_slots")
+    # The bottleneck, as the dashboard names it.
+    neck = client.get("/v1/overview").json()["bottleneck"]
+    assert value(after, "bprr_bottleneck_live_copies") == neck["live_copies"] >= 1
+    named = sum(end - start for start, end in neck["blocks"])
+    assert value(after, "bprr_bottleneck_blocks") == named
+    assert neck["cache_used"] > 0
+    assert value(after, "bprr_bottleneck_cache_used") == pytest.approx(neck["cache_used"])
     clock.advance(20)  # every lease runs out
     expired = samples(client)
+    assert value(expired, "bprr_bottleneck_live_copies") == 0
+    assert value(expired, "bprr_bottleneck_blocks") == 70
+    assert ("bprr_bottleneck_cache_used", ()) not in expired
     for server in servers:
         assert value(expired, "bprr_server_state", server=server, state="expired") == 1.0
         assert value(expired, "bprr_server_state", server=server, state="routable") == 0.0

@@ -129,9 +129,14 @@ def test_grafana_is_provisioned_with_prometheus_and_the_dashboard() -> None:
             assert target["datasource"]["uid"] == source["uid"], panel["title"]
     ids = [p["id"] for p in board["panels"]]
     assert len(ids) == len(set(ids))
+    taken: dict[tuple[int, int], str] = {}
     for panel in board["panels"]:
         grid = panel["gridPos"]
         assert grid["x"] + grid["w"] <= 24 and grid["w"] > 0 and grid["h"] > 0, panel["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                other = taken.setdefault((x, y), panel["title"])
+                assert other == panel["title"], f"{panel['title']} overlaps {other}"
 
 
 def names_in(expr: str) -> tuple[set[str], set[str]]:
