@@ -60,6 +60,19 @@ def testbed_command(
         typer.Option("--cleanup", help="Delete every leftover bprr-tb-* namespace and exit."),
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend",
+            help="emulated (random-weight block servers behind delaying relays) or petals "
+            "(real PETALS 2.2 servers of a tiny model, steered by the coordinator; needs "
+            "`make petals`).",
+        ),
+    ] = "emulated",
+    petals_python: Annotated[
+        Path | None,
+        typer.Option("--petals-python", help="The PETALS interpreter (.venv-petals/bin/python)."),
+    ] = None,
 ) -> None:
     """Run the scenario on an emulated geo-distributed testbed (one network namespace per
     site, delays on the path, real random-weight block servers, clients relaying activations)
@@ -105,6 +118,11 @@ def testbed_command(
         raise TestbedUserError("workload: the scenario has none; give --rate to replay one")
     if save_scenario is not None:
         save_scenario.write_text(scenario.model_dump_json(indent=2, exclude_none=True))
+    if backend not in ("emulated", "petals"):
+        raise TestbedUserError(f"--backend: {backend!r} is not emulated or petals")
+    if backend == "petals":
+        _run_petals(scenario, policies, petals_python, seed, as_json)
+        return
     options = TestbedOptions(policies=policies, use_netns=not no_netns, seed=seed)
     try:
         result = Testbed(scenario, options).run()
@@ -137,6 +155,48 @@ def testbed_command(
         print(json.dumps(report))
         return
     print_report(report)
+
+
+def _run_petals(
+    scenario: Any, policies: tuple[str, ...], python: Path | None, seed: int | None, as_json: bool
+) -> None:
+    from app.testbed.petals_backend import (
+        DEFAULT_PETALS_PYTHON,
+        PetalsTestbed,
+        PetalsTestbedError,
+        petals_predictions,
+    )
+    from app.testbed.runner import error_summary, testbed_metrics
+
+    try:
+        testbed = PetalsTestbed(scenario, policies, python or DEFAULT_PETALS_PYTHON, seed or 0)
+        result = testbed.run()
+    except PetalsTestbedError as error:
+        raise TestbedUserError(str(error)) from None
+    report: dict[str, Any] = {
+        "scenario": scenario.name,
+        "mode": "petals",
+        "mode_note": "real PETALS 2.2 servers on 127.0.0.1, RTTs zeroed, requests one at a time",
+        "timings_s": result.timings_s,
+        "policies": {},
+    }
+    for run in result.runs:
+        rows = petals_predictions(result, run)
+        report["policies"][run.policy] = {
+            "placement": [
+                {"server": s["server_id"], "start": s["start"], "end": s["end"]}
+                for s in run.placement["spans"]
+            ],
+            "measured_speeds": run.speeds,
+            "errors": error_summary(rows) if rows else {},
+            "failed_requests": [],
+            "testbed": testbed_metrics(rows) if rows else {},
+            "requests": rows,
+        }
+    if as_json:
+        print(json.dumps(report))
+    else:
+        print_report(report)
 
 
 def print_report(report: dict[str, Any]) -> None:

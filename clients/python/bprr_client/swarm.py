@@ -104,6 +104,7 @@ class Attempt:
     hops: list[tuple[str, str, int, int]]  # (server id, peer id, start, end)
     tokens: int = 0
     failed_peers: list[str] = field(default_factory=list)
+    booking_ms: float = 0.0  # POST /v1/sessions (and re-bookings around failed servers)
 
 
 @dataclass
@@ -142,6 +143,7 @@ class BookedSwarm:
         self.max_failovers = max_failovers
         self.wait_s = wait_s
         self.report = GenerationReport()
+        self.last_booking_ms = 0.0
         old = model.transformer.h.sequence_manager
         old.config.max_retries = 1  # fail fast; the failover is ours (PETALS issue #587)
         old.config.request_timeout = request_timeout
@@ -187,7 +189,9 @@ class BookedSwarm:
         """Book a session, make PETALS use exactly its chain, release it on exit."""
         from hivemind import PeerID
 
+        began = time.monotonic()
         booked = self._book(input_tokens, output_tokens, avoid or set())
+        self.last_booking_ms = (time.monotonic() - began) * 1000.0
         try:
             chain = []
             for hop in booked.route.hops:

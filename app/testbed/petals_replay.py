@@ -1,0 +1,147 @@
+"""The client side of ``bprr testbed --backend petals``; runs under the PETALS interpreter
+(``.venv-petals``), never imported by the coordinator's code.
+
+    PYTHON -m app.testbed.petals_replay PLAN.json OUT.json
+
+PLAN: {"model", "coordinator", "initial_peers", "dht_prefix", "servers": {id: [peer, start,
+end]}, "requests": [{"index", "client", "input_tokens", "output_tokens"}], "seed"}.
+First the calibration: for every server, the time of a PETALS inference step on its first
+block alone and on its whole span, for two prompt lengths and for decoding (median of
+``REPEATS``): the per-block compute (the slope) and the per-hop transport (the rest). Then
+the requests one after the other through ``BookedSwarm``: booking, first-token and
+per-token times. Writes OUT: {"servers": {id: speeds}, "requests": [...]}.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPEATS = 5
+PROMPTS = (8, 32)
+
+
+def _step_ms(manager: Any, peer: Any, start: int, end: int, tokens: int, hidden: int) -> float:
+    """Median time (ms) of a prefill of ``tokens`` (or, with ``tokens`` == 0, of one decode
+    step after an 8-token prefill) on blocks [start, end) of one server, through PETALS."""
+    import torch
+    from petals.client.inference_session import InferenceSession
+
+    sub = manager[start:end]
+    sub.chain = [(peer, 0, end - start)]
+    sub.failed = set()
+    samples = []
+    for _ in range(REPEATS + 1):
+        with InferenceSession(sub, max_length=64) as session:
+            if tokens == 0:
+                session.step(torch.randn(1, 8, hidden))
+                began = time.perf_counter()
+                session.step(torch.randn(1, 1, hidden))
+            else:
+                began = time.perf_counter()
+                session.step(torch.randn(1, tokens, hidden))
+            samples.append((time.perf_counter() - began) * 1000.0)
+    return statistics.median(samples[1:])  # the first one warms up
+
+
+def calibrate(manager: Any, servers: dict[str, list[Any]], hidden: int) -> dict[str, Any]:
+    """Per server: decode ms per block, the prefill line per block (fixed + per token), and
+    the per-hop transport (the one-block step less one block's compute)."""
+    from hivemind import PeerID
+
+    speeds: dict[str, Any] = {}
+    for server_id, (peer, start, end) in servers.items():
+        peer_id = PeerID.from_base58(peer)
+        blocks = end - start
+        one = {t: _step_ms(manager, peer_id, start, start + 1, t, hidden) for t in (0, *PROMPTS)}
+        if blocks > 1:
+            full = {t: _step_ms(manager, peer_id, start, end, t, hidden) for t in (0, *PROMPTS)}
+            per_block = {t: max(1e-3, (full[t] - one[t]) / (blocks - 1)) for t in one}
+        else:
+            per_block = {t: one[t] / 2 for t in one}  # one block: no slope; split evenly
+        low, high = PROMPTS
+        per_token = max(0.0, (per_block[high] - per_block[low]) / (high - low))
+        speeds[server_id] = {
+            "decode_ms_per_block": per_block[0],
+            "prefill_fixed_ms": max(0.0, per_block[low] - per_token * low),
+            "prefill_per_token_ms": per_token,
+            "transport_decode_ms": max(0.0, one[0] - per_block[0]),
+            "transport_prefill_ms": max(0.0, one[low] - per_block[low]),
+        }
+    return speeds
+
+
+def _stamper(stamps: list[float]) -> Any:
+    def stamp(_token: int) -> None:
+        stamps.append(time.perf_counter())
+
+    return stamp
+
+
+def replay(swarm: Any, requests: list[dict[str, Any]], vocab: int, seed: int) -> list[Any]:
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for request in requests:
+        ids = torch.randint(3, vocab, (1, request["input_tokens"]), generator=generator)
+        stamps: list[float] = []
+        on_token = _stamper(stamps)
+        began = time.perf_counter()
+        with torch.inference_mode():
+            swarm.generate(
+                ids,
+                max_new_tokens=request["output_tokens"],
+                on_token=on_token,
+                min_new_tokens=request["output_tokens"],
+            )
+        attempt = swarm.report.attempts[-1]
+        first_ms = (stamps[0] - began) * 1000.0 - attempt.booking_ms
+        gaps = [(b - a) * 1000.0 for a, b in itertools.pairwise(stamps)]
+        rows.append(
+            {
+                **request,
+                "hops": [[h[0], h[2], h[3]] for h in attempt.hops],
+                "booking_ms": attempt.booking_ms,
+                "first_token_ms": first_ms,
+                "token_ms": gaps,
+                "e2e_ms": (stamps[-1] - began) * 1000.0,
+                "attempts": len(swarm.report.attempts),
+            }
+        )
+    return rows
+
+
+def main() -> int:
+    plan = json.loads(Path(sys.argv[1]).read_text())
+    import torch
+    from bprr_client import RouteClient
+    from bprr_client.swarm import BookedSwarm
+
+    # by name: the repository's petals/ folder must not pass for PETALS to a type checker
+    petals = importlib.import_module("petals")
+    model = petals.AutoDistributedModelForCausalLM.from_pretrained(
+        plan["model"],
+        initial_peers=plan["initial_peers"],
+        dht_prefix=plan["dht_prefix"],
+        torch_dtype=torch.float32,
+    )
+    with RouteClient(plan["coordinator"]) as routes:
+        swarm = BookedSwarm(model, routes, request_timeout=30.0)
+        speeds = calibrate(swarm.manager, plan["servers"], model.config.hidden_size)
+        rows = []
+        for request in plan["requests"]:
+            swarm.client_site = request["client_site"]
+            rows += replay(swarm, [request], model.config.vocab_size, plan["seed"])
+    Path(sys.argv[2]).write_text(json.dumps({"servers": speeds, "requests": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
