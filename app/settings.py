@@ -19,8 +19,10 @@ class Settings(BaseSettings):
     database_url: str = "sqlite:///bprr.db"
     auto_migrate: bool = True
     admin_token: SecretStr | None = None
-    # None: registration is open (a warning is logged at start).
+    # Servers register with this token. Without one, registration is closed, unless
+    # dev_mode opens it to anyone (for demos and local tests; a warning is logged at start).
     join_token: SecretStr | None = None
+    dev_mode: bool = False
 
     lease_ttl_s: Annotated[float, Field(gt=0)] = 15.0
     heartbeat_interval_s: Annotated[float, Field(gt=0)] = 5.0
@@ -43,6 +45,22 @@ class Settings(BaseSettings):
     # Design concurrency |R| when none is set on the model (0: one request per client site).
     default_concurrency: Annotated[int, Field(ge=0)] = 0
     leader_lease_s: Annotated[float, Field(gt=0)] = 10.0
+
+    # Limits. A request body larger than this is refused with 413 before it is read whole.
+    max_body_bytes: Annotated[int, Field(ge=1024, le=2**31)] = 8 * 2**20
+    # Threads serving synchronous routes (database work); more requests wait their turn.
+    thread_pool_size: Annotated[int, Field(ge=1, le=1000)] = 40
+    # A database statement (PostgreSQL statement_timeout and lock_timeout) or a wait for
+    # SQLite's write lock gives up after this long: the request gets a 503 with Retry-After.
+    db_timeout_s: Annotated[float, Field(gt=0, le=600)] = 5.0
+    # Leases and session expiry follow the database server's clock (PostgreSQL), not this
+    # replica's: the offset between the two is measured at start and every few seconds.
+    database_clock: bool = True
+    # HTTP server (``bprr serve``): idle keep-alive connections and requests whose headers do
+    # not arrive in time are closed; at most max_connections are served at once (503 beyond).
+    keep_alive_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    header_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 2048
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080

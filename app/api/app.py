@@ -11,12 +11,11 @@ from __future__ import annotations
 import gc
 import math
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import structlog
+from anyio import to_thread
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -25,59 +24,18 @@ from prometheus_client import CollectorRegistry
 from prometheus_fastapi_instrumentator import Instrumentator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api import dashboard
 from app.api.metrics import SwarmCollector
+from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from app.api.routers import model, ops, placements, scenario, servers, sessions
 from app.logging import configure_logging, get_logger
+from app.service.audit import audit
 from app.service.coordinator import Coordinator
 from app.service.errors import ServiceError
 from app.settings import Settings
 
 log = get_logger("bprr.api")
-
-
-class RequestIdMiddleware:
-    """Give every request an id (X-Request-ID, echoed back) bound into structlog's context."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = None
-        for name, value in scope.get("headers", []):
-            if name == b"x-request-id":
-                request_id = value.decode("latin-1")[:64]
-        request_id = request_id or uuid.uuid4().hex
-        structlog.contextvars.bind_contextvars(request_id=request_id)
-        started = time.perf_counter()
-        status = 500
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                headers = list(message.get("headers", []))
-                headers.append((b"x-request-id", request_id.encode("latin-1")))
-                message["headers"] = headers
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            # Paths only: query strings and headers (tokens) are never logged.
-            log.debug(
-                "request",
-                method=scope.get("method"),
-                path=scope.get("path"),
-                status=status,
-                ms=round((time.perf_counter() - started) * 1000, 2),
-            )
-            structlog.contextvars.unbind_contextvars("request_id")
 
 
 def create_app(
@@ -91,6 +49,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Synchronous routes (database work) share this many threads; the rest wait.
+        to_thread.current_default_thread_limiter().total_tokens = settings.thread_pool_size
         coordinator.start(background=background)
         # Everything built at start (modules, the app, OR-Tools/numpy internals) lives for the
         # whole process: keep it out of the collector's full scans, whose pauses showed up
@@ -109,6 +69,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.coordinator = coordinator
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
 
     registry = CollectorRegistry()
@@ -118,7 +79,15 @@ def create_app(
     )
 
     @app.exception_handler(ServiceError)
-    async def _service_error(_: Request, error: ServiceError) -> JSONResponse:
+    async def _service_error(request: Request, error: ServiceError) -> JSONResponse:
+        if error.status_code in (401, 403):
+            audit(
+                "auth_failed",
+                method=request.method,
+                route=request.url.path,
+                status=error.status_code,
+                reason=error.message,
+            )
         return JSONResponse(
             {"detail": error.message}, status_code=error.status_code, headers=error.headers
         )

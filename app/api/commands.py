@@ -77,6 +77,8 @@ def register(cli: typer.Typer) -> None:
             ) from None
         finally:
             engine.dispose()
+        from app.api.server import uvicorn_options
+
         uvicorn.run(
             "app.api.app:create_app",
             factory=True,
@@ -85,6 +87,7 @@ def register(cli: typer.Typer) -> None:
             workers=workers,
             log_level="warning",
             access_log=False,
+            **uvicorn_options(settings),
         )
 
 

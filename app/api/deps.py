@@ -12,6 +12,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.service.coordinator import Coordinator
+from app.service.core import WouldBlock
+from app.service.errors import Unauthorized
 from app.service.schemas import ErrorOut, ValidationErrorOut
 
 _T = TypeVar("_T")
@@ -39,13 +41,24 @@ async def require_admin(coordinator: CoordinatorDep, token: Token) -> None:
     coordinator.check_admin(token)
 
 
-def require_measurer(coordinator: CoordinatorDep, token: Token) -> None:
-    """Measurements: the admin token or a registered server's token (one database read)."""
-    coordinator.check_measurer(token)
+def require_measurer(coordinator: CoordinatorDep, token: Token) -> str | None:
+    """Measurements: the admin token (None) or a registered server's token (its id; one
+    database read)."""
+    return coordinator.check_measurer(token)
+
+
+async def require_token_unless_open(coordinator: CoordinatorDep, token: Token) -> None:
+    """Registration: a bearer token (the join token or the server's own) unless the
+    coordinator runs in dev mode without a join token; which token may do what is decided by
+    the service, which knows whether the id exists and its lease is live."""
+    settings = coordinator.settings
+    if token is None and not (settings.dev_mode and settings.join_token is None):
+        raise Unauthorized("missing bearer token (the join token or the server's own token)")
 
 
 AdminOnly = Depends(require_admin)
-MeasurerOnly = Depends(require_measurer)
+Measurer = Annotated[str | None, Depends(require_measurer)]
+RegistrationAuth = Depends(require_token_unless_open)
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -60,7 +73,13 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 async def run_write(coordinator: Coordinator, call: Callable[..., _T], *args: Any) -> _T:
     """Bookings and releases on the embedded SQLite are short library calls serialised by the
     coordinator's writer lock: run them on the event loop, where handing them to the thread
-    pool cost more than the write. A networked database gets the thread pool."""
+    pool cost more than the write, unless a lock is taken (another writer, another process):
+    then nothing began and the call runs in the thread pool, where waiting is harmless. A
+    networked database always gets the thread pool."""
     if coordinator.embedded_database:
-        return call(*args)
+        try:
+            with coordinator.core.without_waiting():
+                return call(*args)
+        except WouldBlock:
+            pass
     return await run_in_threadpool(call, *args)

@@ -83,6 +83,10 @@ def demo_settings(base: Settings, database_url: str, admin_token: str) -> Settin
         "admin_token": SecretStr(admin_token),
         "auto_migrate": True,
     }
+    if base.join_token is None:
+        # The demo's own agents register without a token: an open (development) swarm,
+        # which the coordinator announces with a warning.
+        update["dev_mode"] = True
     for name, value in DEMO_DEFAULTS.items():
         if name not in base.model_fields_set:
             update[name] = value
@@ -155,6 +159,7 @@ class Demo:
 
     def _start_coordinator(self) -> None:
         from app.api.app import create_app
+        from app.api.server import uvicorn_options
 
         app = create_app(self.settings)
         config = uvicorn.Config(
@@ -164,6 +169,7 @@ class Demo:
             log_level="warning",
             access_log=False,
             lifespan="on",
+            **uvicorn_options(self.settings),
         )
         server = uvicorn.Server(config)
         self.server = server

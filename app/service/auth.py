@@ -38,9 +38,15 @@ def check_admin(settings: Settings, token: str | None) -> None:
 
 
 def check_join(settings: Settings, token: str | None) -> None:
+    """Registration of a new server id: the join token, or anyone in dev mode."""
     expected = settings.join_token
     if expected is None:
-        return
+        if settings.dev_mode:
+            return
+        raise Forbidden(
+            "registration is closed: set BPRR_JOIN_TOKEN on the coordinator "
+            "(or BPRR_DEV_MODE=true for an open development swarm)"
+        )
     if token is None:
         raise Unauthorized("missing bearer token (the join token is required)")
     if not same_secret(token, expected):

@@ -63,7 +63,7 @@ class Coordinator:
     ) -> None:
         self.core = Core(settings, clock, engine, view_refresh_s)
         self.settings = settings
-        self.clock = clock
+        self.clock = self.core.now  # the database's clock (see Core.now)
         self.engine = self.core.engine
         self.servers = ServerService(self.core)
         self.sessions = SessionService(self.core)
@@ -77,10 +77,16 @@ class Coordinator:
         from app.store import db as store_db
 
         store_db.ensure_schema(self.engine, self.settings.auto_migrate)
+        self.core.sync_clock()
         with self.core.tx() as db:
             repo.PlannerState(db).ensure(self.clock())
-        if self.settings.join_token is None:
-            log.warning("registration is open: set BPRR_JOIN_TOKEN to require a join token")
+        if self.settings.join_token is None and self.settings.dev_mode:
+            log.warning(
+                "dev mode: registration is open to anyone; set BPRR_JOIN_TOKEN (and drop "
+                "BPRR_DEV_MODE) for a real swarm"
+            )
+        elif self.settings.join_token is None:
+            log.warning("registration is closed: set BPRR_JOIN_TOKEN so that servers can join")
         if background and self.settings.planner_interval_s > 0:
             self._threads.append(threading.Thread(target=self.placements.loop, daemon=True))
         if background:
@@ -164,8 +170,8 @@ class Coordinator:
     def is_admin(self, token: str | None) -> bool:
         return auth.is_admin(self.settings, token)
 
-    def check_measurer(self, token: str | None) -> None:
-        self.servers.check_measurer(token)
+    def check_measurer(self, token: str | None) -> str | None:
+        return self.servers.check_measurer(token)
 
     # --- model and scenario (app.service.scenario_io) ------------------------------------------
 
@@ -203,8 +209,8 @@ class Coordinator:
     def get_server(self, server_id: str) -> ServerOut:
         return self.servers.get(server_id)
 
-    def put_rtts(self, entries: list[RttEntry]) -> int:
-        return self.servers.put_rtts(entries)
+    def put_rtts(self, entries: list[RttEntry], writer: str | None = None) -> int:
+        return self.servers.put_rtts(entries, writer)
 
     # --- placements and the planner (app.service.placements) -----------------------------------
 

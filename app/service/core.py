@@ -22,11 +22,13 @@ background thread while the stale one keeps answering.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from sqlalchemy import Engine, text
@@ -48,16 +50,30 @@ Clock = Callable[[], float]
 # Quiet heartbeats' lease renewals are written behind in one batch at most this long after
 # they arrive (leases last 15 s); other processes see them that much later.
 LEASE_FLUSH_S = 0.1
+# How often the offset to the database's clock is measured again.
+CLOCK_SYNC_S = 5.0
+
+
+class WouldBlock(Exception):
+    """A write on the event loop (``Core.without_waiting``) found SQLite's write lock (or this
+    process's writer lock) taken: nothing began; run the call again in a worker thread."""
+
+
+# Set while a call runs on the event loop: its write transactions must not wait for a lock.
+_no_wait: ContextVar[bool] = ContextVar("bprr_no_wait", default=False)
 
 
 @contextmanager
 def database_errors() -> Iterator[None]:
     """A database that cannot be reached, or that aborted the work (a deadlock, a lost
-    connection), is the service being unavailable for a moment: 503 with Retry-After, never
-    a 500. The transaction has been rolled back; nothing was written."""
+    connection, a statement past db_timeout_s), is the service being unavailable for a
+    moment: 503 with Retry-After, never a 500. The transaction has been rolled back; nothing
+    was written."""
     try:
         yield
     except OperationalError as error:
+        if _no_wait.get() and "locked" in str(error.orig or error):
+            raise WouldBlock() from None
         log.warning("database unavailable", error=type(error.orig or error).__name__)
         raise Unavailable("the database is unreachable or busy; retry", retry_after_s=1.0) from None
 
@@ -81,9 +97,13 @@ class Core:
         view_refresh_s: float = 1.0,
     ) -> None:
         self.settings = settings
-        self.clock = clock
-        self.engine = engine or store_db.make_engine(settings.database_url)
+        self._local_clock = clock
+        self._clock_offset = 0.0  # the database's clock minus this replica's (see now())
+        self._clock_synced_at = -math.inf
+        self.clock: Clock = self.now
+        self.engine = engine or store_db.make_engine(settings.database_url, settings.db_timeout_s)
         self._write_sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._no_wait_sessions = sessionmaker(store_db.no_wait(self.engine), expire_on_commit=False)
         self._read_sessions = sessionmaker(store_db.read_only(self.engine), expire_on_commit=False)
         self._statement_sessions = sessionmaker(
             store_db.autocommit(self.engine), expire_on_commit=False
@@ -104,6 +124,10 @@ class Core:
         self._rebuild_lock = threading.Lock()
         self._renewals: dict[str, repo.LeaseRenewal] = {}
         self._renewals_lock = threading.Lock()
+        # Lease expiries known to be committed, per server (see durable_lease); and whether
+        # the last write-behind flush failed (then quiet heartbeats take the database path).
+        self._durable: dict[str, float] = {}
+        self.flush_failing = False
         self._local = threading.local()
 
     # --- transactions ---------------------------------------------------------------------------
@@ -113,13 +137,34 @@ class Core:
         """One write transaction (committed on exit, rolled back on an exception)."""
         with database_errors():
             self.flush_renewals()
-            with (
-                self._nested(),
-                self._write_lock or nullcontext(),
-                self._write_sessions() as db,
-                db.begin(),
-            ):
+            sessions = self._no_wait_sessions if _no_wait.get() else self._write_sessions
+            with self._nested(), self._writer(), sessions() as db, db.begin():
                 yield db
+
+    @contextmanager
+    def _writer(self) -> Iterator[None]:
+        """This process's SQLite writer lock; on the event loop only if it is free at once."""
+        if self._write_lock is None:
+            yield
+            return
+        if not self._write_lock.acquire(blocking=not _no_wait.get()):
+            raise WouldBlock()
+        try:
+            yield
+        finally:
+            self._write_lock.release()
+
+    @contextmanager
+    def without_waiting(self) -> Iterator[None]:
+        """Run SQLite writes on the event loop: a transaction that would wait for a lock
+        raises WouldBlock before it begins (the caller then runs it in a worker thread), so
+        that a writer holding the lock (another process, a long transaction) never stalls
+        the loop, /livez included."""
+        reset = _no_wait.set(True)
+        try:
+            yield
+        finally:
+            _no_wait.reset(reset)
 
     @contextmanager
     def read_tx(self) -> Iterator[Session]:
@@ -153,6 +198,43 @@ class Core:
 
     # --- write-behind lease renewals --------------------------------------------------------------
 
+    # --- the clock ------------------------------------------------------------------------------
+
+    def now(self) -> float:
+        """Seconds since the Unix epoch on the DATABASE's clock: every replica computes leases,
+        expiries and the leader lease on the same clock, whatever its own says. On SQLite (one
+        process, the file on this machine) that is this process's clock."""
+        return self._local_clock() + self._clock_offset
+
+    def sync_clock(self) -> None:
+        """Measure the offset of the database's clock (PostgreSQL, ``database_clock`` on):
+        the database's time against the midpoint of the round trip."""
+        if self.embedded_database or not self.settings.database_clock:
+            return
+        with database_errors(), self.engine.connect() as connection:
+            before = self._local_clock()
+            value = connection.execute(
+                text("SELECT EXTRACT(EPOCH FROM clock_timestamp())")
+            ).scalar_one()
+            after = self._local_clock()
+        offset = float(value) - (before + after) / 2
+        if abs(offset - self._clock_offset) > 0.5:
+            log.warning("replica clock differs from the database's", offset_s=round(offset, 3))
+        self._clock_offset = offset
+        self._clock_synced_at = after
+
+    # --- write-behind lease renewals --------------------------------------------------------------
+
+    def lease_written(self, server_id: str, expires_at: float) -> None:
+        """Record a lease expiry that a committed transaction wrote."""
+        with self._renewals_lock:
+            self._durable[server_id] = expires_at
+
+    def durable_lease(self, server_id: str) -> float | None:
+        """The latest lease expiry of the server known to be committed by this process."""
+        with self._renewals_lock:
+            return self._durable.get(server_id)
+
     def queue_renewal(self, renewal: repo.LeaseRenewal) -> None:
         with self._renewals_lock:
             self._renewals[renewal.server_id] = renewal
@@ -176,15 +258,33 @@ class Core:
                 return
             pending = list(self._renewals.values())
             self._renewals.clear()
-        with self._write_lock or nullcontext(), self._write_sessions() as db, db.begin():
-            repo.Servers(db).renew_leases(pending)
+        sessions = self._no_wait_sessions if _no_wait.get() else self._write_sessions
+        try:
+            with self._writer(), sessions() as db, db.begin():
+                repo.Servers(db).renew_leases(pending)
+        except Exception as error:
+            with self._renewals_lock:
+                self.flush_failing = not isinstance(error, WouldBlock)
+                for renewal in pending:  # retried with the next flush unless superseded
+                    self._renewals.setdefault(renewal.server_id, renewal)
+            raise
+        with self._renewals_lock:
+            self.flush_failing = False
+            for renewal in pending:
+                known = self._durable.get(renewal.server_id, -math.inf)
+                self._durable[renewal.server_id] = max(known, renewal.expires_at)
 
     def flush_loop(self) -> None:
         while not self.stop.wait(LEASE_FLUSH_S):
             try:
                 self.flush_renewals()
-            except Exception:  # the renewals are retried with the next heartbeats
-                log.exception("lease renewal flush failed")
+            except Exception as error:  # the renewals are retried with the next flush
+                log.warning("lease renewal flush failed", error=type(error).__name__)
+            if self._local_clock() - self._clock_synced_at >= CLOCK_SYNC_S:
+                try:
+                    self.sync_clock()
+                except Exception as error:  # the last offset stays in use
+                    log.warning("database clock unreadable", error=type(error).__name__)
 
     # --- the in-memory route view --------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from app.allocation.instance import Instance, Span
 from app.allocation.solve import Solution
 from app.logging import get_logger
 from app.service import planner
+from app.service.audit import audit
 from app.service.core import Core
 from app.service.errors import Conflict, Invalid, NotFound, ServiceError, Unavailable
 from app.service.routeview import model_cache_gb
@@ -163,6 +164,12 @@ class PlacementService:
             raise Conflict("another coordinator kept publishing placements; retry")
         self.core.counters.placements_published += 1
         self.core.invalidate()
+        audit(
+            "placement_published",
+            generation=out.generation,
+            algorithm=out.algorithm,
+            reason=reason[:200],
+        )
         log.info(
             "placement published",
             generation=out.generation,

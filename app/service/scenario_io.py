@@ -16,6 +16,7 @@ from typing import Any
 
 from app.allocation.scenario import ScenarioError, parse_scenario
 from app.service import auth
+from app.service.audit import audit
 from app.service.core import Core
 from app.service.errors import Conflict, Invalid, NotFound
 from app.service.placements import PlacementService
@@ -59,6 +60,7 @@ class ScenarioService:
             db.flush()
             out = model_out(row)
         self.core.invalidate()
+        audit("model_changed", name=out.name, num_blocks=out.num_blocks)
         return out
 
     # --- scenario snapshot -----------------------------------------------------------------------
@@ -173,6 +175,7 @@ class ScenarioService:
                     server.cache_slots = slots_for(model_row, server)
                 repo.PlannerState(db).clear(now)
             self.core.invalidate()
+        audit("scenario_loaded", servers=len(tokens), online=online, generation=generation)
         return ScenarioLoadOut(servers=tokens, generation=generation)
 
 

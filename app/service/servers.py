@@ -16,6 +16,7 @@ Writes that change what routes depend on ``invalidate()`` the route view after t
 
 from __future__ import annotations
 
+import hmac
 import json
 import secrets
 import uuid
@@ -26,6 +27,7 @@ from sqlalchemy.orm import Session
 from app.allocation.instance import Span
 from app.logging import get_logger
 from app.service import auth
+from app.service.audit import audit
 from app.service.core import Core
 from app.service.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from app.service.routeview import RouteView, cache_slots, model_cache_gb, multiaddrs_of
@@ -44,6 +46,9 @@ from app.store import repositories as repo
 from app.store.models import ModelRow, ServerRow
 
 log = get_logger("bprr.coordinator")
+# Boot epochs may run this far ahead of the coordinator's clock in milliseconds (agents use
+# milliseconds since the Unix epoch; small counters are always below the bound).
+EPOCH_AHEAD_MS = 3_600_000
 
 
 def slots_for(model: ModelRow | None, server: ServerRow) -> int:
@@ -61,44 +66,90 @@ class ServerService:
 
     # --- registration -----------------------------------------------------------------------
 
-    def register(self, body: ServerRegistration, join_token: str | None) -> RegistrationOut:
-        auth.check_join(self.settings, join_token)
+    def register(self, body: ServerRegistration, token: str | None) -> RegistrationOut:
+        """Register a server, or re-register an id that exists.
+
+        Who may: a new id with the join token (any caller in dev mode); an id whose lease is
+        live only with that server's own token (a takeover otherwise: 403); an id whose lease
+        expired with its own token or the join token. Boot epochs are bounded (at most
+        EPOCH_AHEAD_MS past the coordinator's clock in milliseconds) and, with the join token,
+        must grow; the server's own token re-registers with any bounded epoch, so nobody can
+        lock the owner out with a huge epoch.
+        """
         server_id = body.id or f"srv-{uuid.uuid4().hex[:12]}"
-        token = secrets.token_urlsafe(32)
         now = self.core.clock()
+        limit = max(0, int(now * 1000)) + EPOCH_AHEAD_MS
+        if body.boot_epoch > limit:
+            raise Invalid(
+                f"boot_epoch: {body.boot_epoch} is more than one hour ahead of the coordinator's "
+                f"clock ({limit - EPOCH_AHEAD_MS} ms since the Unix epoch)"
+            )
+        new_token = secrets.token_urlsafe(32)
         ttl = self.settings.lease_ttl_s
+        takeover = False
         try:
             with self.core.tx() as db:
-                repo.Sites(db).ensure(body.site)
                 servers = repo.Servers(db)
                 row = servers.get(server_id)
+                if row is None:
+                    auth.check_join(self.settings, token)
+                else:
+                    takeover = not self._may_reregister(row, token, body.boot_epoch, now)
+                repo.Sites(db).ensure(body.site)
                 if row is not None:
-                    if body.boot_epoch <= row.boot_epoch:
-                        raise Conflict(
-                            f"id: server {server_id!r} is already registered with boot epoch "
-                            f"{row.boot_epoch}; re-register with a larger boot_epoch"
-                        )
                     # The reservations first, then the row (a release's order), and the count
                     # lowered by what was dropped rather than set to 0: a booking committed in
                     # between keeps its reservation counted.
                     dropped = repo.Reservations(db).drop_for_server(server_id)
-                    _apply_registration(row, body, auth.hash_token(token), now, ttl)
+                    _apply_registration(row, body, auth.hash_token(new_token), now, ttl)
                     servers.unreserve(server_id, dropped)
                 else:
                     row = ServerRow(id=server_id, registered_at=now, reserved_slots=0)
                     servers.add(row)
-                    _apply_registration(row, body, auth.hash_token(token), now, ttl)
+                    _apply_registration(row, body, auth.hash_token(new_token), now, ttl)
                 repo.PlannerState(db).request(f"server {server_id} joined", now)
         except IntegrityError:
             raise Conflict(f"id: server {server_id!r} registered concurrently; retry") from None
+        self.core.lease_written(server_id, now + ttl)
         self.core.invalidate()
         log.info("server registered", server=server_id, site=body.site)
+        audit(
+            "server_registered",
+            server=server_id,
+            site=body.site,
+            boot_epoch=body.boot_epoch,
+            replaced_expired=takeover,
+        )
         return RegistrationOut(
             id=server_id,
-            token=token,
+            token=new_token,
             lease_ttl_s=self.settings.lease_ttl_s,
             heartbeat_interval_s=self.settings.heartbeat_interval_s,
         )
+
+    def _may_reregister(self, row: ServerRow, token: str | None, epoch: int, now: float) -> bool:
+        """True when the caller is the server itself (its own token); False when it may take
+        over an expired id (the join token, a larger epoch); raises otherwise."""
+        if token is not None and hmac.compare_digest(auth.hash_token(token), row.token_hash):
+            return True
+        if row.lease_expires_at > now:
+            audit("takeover_refused", server=row.id, reason="live lease")
+            if token is None:
+                raise Unauthorized(
+                    f"missing bearer token: server {row.id!r} holds a live lease and only its "
+                    "own token may re-register it"
+                )
+            raise Forbidden(
+                f"id: server {row.id!r} holds a live lease; only its own token may re-register it"
+            )
+        auth.check_join(self.settings, token)
+        if epoch <= row.boot_epoch:
+            audit("takeover_refused", server=row.id, reason="boot epoch not newer")
+            raise Conflict(
+                f"boot_epoch: server {row.id!r} was registered with boot epoch "
+                f"{row.boot_epoch}; re-register with a larger one (or with its own token)"
+            )
+        return False
 
     # --- heartbeats -------------------------------------------------------------------------
 
@@ -111,6 +162,7 @@ class ServerService:
         _check_loaded_span(view, body)
         with self.core.tx() as db:
             changed = self._heartbeat_update(db, server_id, token, body, view.model, now)
+        self.core.lease_written(server_id, now + self.settings.lease_ttl_s)
         if changed:
             self.core.invalidate()
         else:
@@ -119,7 +171,7 @@ class ServerService:
             # full swarm read per heartbeat (~20 ms at 200 servers).
             with self.core.view_lock:
                 view.renew(server_id, now + self.settings.lease_ttl_s)
-        return self._heartbeat_out(view, server_id)
+        return self._heartbeat_out(view, server_id, self.settings.lease_ttl_s)
 
     def quiet_heartbeat(
         self, server_id: str, token: str | None, body: Heartbeat
@@ -146,6 +198,9 @@ class ServerService:
         token_hash = auth.hash_token(token)
         if view.heartbeat_keys.get(server_id) != (token_hash, body.boot_epoch, body.state, *loaded):
             return None
+        durable = self.core.durable_lease(server_id)
+        if durable is None or self.core.flush_failing:
+            return None  # write this one now (and learn whether the database takes writes)
         now = self.core.clock()
         expires_at = now + self.settings.lease_ttl_s
         self.core.queue_renewal(
@@ -162,9 +217,11 @@ class ServerService:
         )
         with self.core.view_lock:
             view.renew(server_id, expires_at)
-        return self._heartbeat_out(view, server_id)
+        # Acknowledged before its renewal is durable (written behind within LEASE_FLUSH_S):
+        # the reply promises only the lease already committed.
+        return self._heartbeat_out(view, server_id, max(0.0, durable - now))
 
-    def _heartbeat_out(self, view: RouteView, server_id: str) -> HeartbeatOut:
+    def _heartbeat_out(self, view: RouteView, server_id: str, lease_s: float) -> HeartbeatOut:
         assigned = view.spans.get(server_id)
         return HeartbeatOut(
             server_id=server_id,
@@ -172,7 +229,7 @@ class ServerService:
             assigned_span=None
             if assigned is None
             else SpanModel(start=assigned.start, end=assigned.end),
-            lease_expires_in_s=self.settings.lease_ttl_s,
+            lease_expires_in_s=lease_s,
             heartbeat_interval_s=self.settings.heartbeat_interval_s,
         )
 
@@ -245,12 +302,14 @@ class ServerService:
             row = servers.get(server_id)
             if row is None:
                 raise NotFound(f"server {server_id!r} is not registered")
-            if not auth.is_admin(self.settings, token):
+            by_admin = auth.is_admin(self.settings, token)
+            if not by_admin:
                 auth.check_server_token(row, token)
             servers.remove(row)
             repo.PlannerState(db).request(f"server {server_id} left", now)
         self.core.invalidate()
         log.info("server left", server=server_id)
+        audit("server_left", server=server_id, by="admin" if by_admin else "itself")
 
     def list_all(self) -> list[ServerOut]:
         now = self.core.clock()
@@ -270,18 +329,30 @@ class ServerService:
 
     # --- measurements -----------------------------------------------------------------------
 
-    def check_measurer(self, token: str | None) -> None:
-        """Measurements come from the operator (admin token) or from any registered server."""
+    def check_measurer(self, token: str | None) -> str | None:
+        """Measurements come from the operator (admin token: returns None) or from a
+        registered server (its token: returns its id; it may write only its own RTTs)."""
         if auth.is_admin(self.settings, token):
-            return
+            return None
         if token is None:
             raise Unauthorized("missing bearer token (admin or a server's token is required)")
         with self.core.read_tx() as db:
-            found = repo.Servers(db).exists_with_token_hash(auth.hash_token(token))
-        if not found:
+            server_id = repo.Servers(db).id_with_token_hash(auth.hash_token(token))
+        if server_id is None:
             raise Forbidden("the bearer token is neither the admin token nor a server's token")
+        return server_id
 
-    def put_rtts(self, entries: list[RttEntry]) -> int:
+    def put_rtts(self, entries: list[RttEntry], writer: str | None = None) -> int:
+        """Fold RTT samples in (one transaction, all or nothing). ``writer``: the server whose
+        token wrote them (None: the operator); a server writes only pairs that involve it."""
+        if writer is not None:
+            for i, entry in enumerate(entries):
+                if writer not in (entry.a, entry.b):
+                    audit("rtt_write_refused", server=writer, a=entry.a, b=entry.b)
+                    raise Forbidden(
+                        f"entries[{i}]: server {writer!r} may only write RTTs that involve "
+                        f"itself, not {entry.a!r}-{entry.b!r}"
+                    )
         now = self.core.clock()
         alpha = self.settings.rtt_ewma_alpha
         with self.core.tx() as db:
@@ -302,6 +373,7 @@ class ServerService:
                 b = client_sites.get(entry.b, entry.b) if entry.b not in sites else entry.b
                 rtts.smooth(a, b, entry.rtt_ms, alpha, now)
         self.core.invalidate()
+        audit("rtts_changed", by=writer or "admin", entries=len(entries))
         return len(entries)
 
 

@@ -8,6 +8,7 @@ books and releases sessions in one autocommitted statement each (``autocommit``)
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,27 +32,50 @@ MIGRATIONS_DIR = _migrations_dir()
 # Any constant works; it only has to be the same for every coordinator process.
 MIGRATION_LOCK_ID = 0x62707272
 READ_ONLY_OPTION = "bprr_read_only"
+# A transaction marked so (``no_wait(engine)``) does not wait for SQLite's write lock: its
+# BEGIN fails at once with "database is locked" when another connection holds it.
+NO_WAIT_OPTION = "bprr_no_wait"
 
 
 class SchemaBehindError(RuntimeError):
     """The database schema is older than the code and auto-migration is off."""
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, timeout_s: float = 30.0) -> Engine:
+    """An engine whose every wait on the database is bounded by ``timeout_s``: SQLite's busy
+    timeout (the write lock); PostgreSQL's statement_timeout and lock_timeout, the connect
+    timeout and the wait for a pooled connection. What times out raises OperationalError
+    (the service turns it into a 503)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         engine = create_engine(
             url,
-            connect_args={"check_same_thread": False, "timeout": 30},
+            connect_args={"check_same_thread": False, "timeout": timeout_s},
             pool_size=20,
             max_overflow=20,
+            pool_timeout=timeout_s,
         )
-        _sqlite_setup(engine)
+        _sqlite_setup(engine, int(timeout_s * 1000))
         return engine
-    return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+    connect_args: dict[str, Any] = {}
+    if parsed.get_backend_name() == "postgresql":
+        milliseconds = max(1, int(timeout_s * 1000))
+        connect_args = {
+            "connect_timeout": max(1, math.ceil(timeout_s)),
+            "options": f"-c statement_timeout={milliseconds} -c lock_timeout={milliseconds} "
+            f"-c idle_in_transaction_session_timeout={max(milliseconds * 4, 60_000)}",
+        }
+    return create_engine(
+        url,
+        pool_size=20,
+        max_overflow=20,
+        pool_pre_ping=True,
+        pool_timeout=timeout_s,
+        connect_args=connect_args,
+    )
 
 
-def _sqlite_setup(engine: Engine) -> None:
+def _sqlite_setup(engine: Engine, busy_ms: int = 30_000) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event emit BEGIN itself (pysqlite's own is deferred).
@@ -60,14 +84,21 @@ def _sqlite_setup(engine: Engine) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
         # Read-only work (``read_only(engine)``) may share the database with a writer.
-        if connection.get_execution_options().get(READ_ONLY_OPTION):
+        options = connection.get_execution_options()
+        if options.get(READ_ONLY_OPTION):
             connection.exec_driver_sql("BEGIN")
+        elif options.get(NO_WAIT_OPTION):
+            connection.exec_driver_sql("PRAGMA busy_timeout=0")
+            try:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            finally:
+                connection.exec_driver_sql(f"PRAGMA busy_timeout={int(busy_ms)}")
         else:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
@@ -75,6 +106,12 @@ def _sqlite_setup(engine: Engine) -> None:
 def read_only(engine: Engine) -> Engine:
     """The same engine (and pool), marked for read-only transactions."""
     return engine.execution_options(**{READ_ONLY_OPTION: True})
+
+
+def no_wait(engine: Engine) -> Engine:
+    """The same engine (and pool), for SQLite write transactions that must not wait for the
+    write lock (those run on the event loop)."""
+    return engine.execution_options(**{NO_WAIT_OPTION: True})
 
 
 def autocommit(engine: Engine) -> Engine:

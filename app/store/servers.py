@@ -71,10 +71,13 @@ class Servers:
         return list(self.db.scalars(select(ServerRow.id)))
 
     def exists_with_token_hash(self, token_hash: str) -> bool:
-        found = self.db.scalar(
+        return self.id_with_token_hash(token_hash) is not None
+
+    def id_with_token_hash(self, token_hash: str) -> str | None:
+        found: str | None = self.db.scalar(
             select(ServerRow.id).where(ServerRow.token_hash == token_hash).limit(1)
         )
-        return found is not None
+        return found
 
     def add(self, row: ServerRow) -> None:
         self.db.add(row)

@@ -57,7 +57,8 @@ def _worker() -> str:
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
     """A PostgreSQL database for this xdist worker, created here and dropped at the end."""
-    name = f"bprr_test_{_worker()}"
+    # The process id too: several test runs may share one PostgreSQL server at once.
+    name = f"bprr_test_{_worker()}_{os.getpid()}"
     with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as connection:
         connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         connection.execute(f'CREATE DATABASE "{name}"')
@@ -110,6 +111,8 @@ def make_settings(url: str, **overrides: Any) -> Settings:
         "admin_token": SecretStr(ADMIN),
         "join_token": SecretStr(JOIN),
         "planner_interval_s": 0,
+        # Leases follow the injected clock (tests advance it), not the database's.
+        "database_clock": False,
     }
     values.update(overrides)
     return Settings(**values)

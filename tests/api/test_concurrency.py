@@ -294,7 +294,7 @@ def test_reregistration_keeps_a_booking_committed_meanwhile_counted(
     row: that reservation must stay counted (before, the count was reset to 0 and the release
     of that session later let the server be over-admitted)."""
     client = make_client(pg_url)  # PostgreSQL: SQLite has no second writer to interleave
-    small_swarm(client, count=3, memory_gb=6.0)
+    tokens = small_swarm(client, count=3, memory_gb=6.0)
     coordinator = client.app.state.coordinator  # type: ignore[attr-defined]
     drop = repo.Reservations.drop_for_server
 
@@ -311,7 +311,9 @@ def test_reregistration_keeps_a_booking_committed_meanwhile_counted(
     book_elsewhere("before", "s0")  # dropped by the re-registration
 
     monkeypatch.setattr(repo.Reservations, "drop_for_server", drop_then_book_elsewhere)
-    again = client.post("/v1/servers", json=server_body(0, boot_epoch=2), headers=bearer(JOIN))
+    again = client.post(
+        "/v1/servers", json=server_body(0, boot_epoch=2), headers=bearer(tokens["s0"])
+    )
     assert again.status_code == 201, again.text
     engine = create_engine(pg_url)
     try:

@@ -13,7 +13,7 @@ from sqlalchemy import inspect
 
 from app.cli import main
 from app.store import db as store_db
-from tests.api.conftest import PG_ADMIN_DSN, AppFactory, FakeClock, admin
+from tests.api.conftest import PG_ADMIN_DSN, AppFactory, FakeClock, admin, bearer
 from tests.api.helpers import heartbeat, register, route_params, server_body, small_swarm
 
 
@@ -28,7 +28,8 @@ def test_state_survives_a_restart(make_client: AppFactory, sqlite_url: str) -> N
     assert second.get("/v1/placements/current").json()["generation"] == generation
     # The old tokens still authenticate, and the booked session is still there to release.
     assert heartbeat(second, "s0", tokens["s0"], None).status_code == 200
-    assert second.delete(f"/v1/sessions/{session['id']}").status_code == 204
+    release = second.delete(f"/v1/sessions/{session['id']}", headers=bearer(session["token"]))
+    assert release.status_code == 204
 
 
 def test_migrations_upgrade_downgrade_and_match_the_models(database_url: str) -> None:
@@ -198,7 +199,9 @@ def test_an_unreachable_database_is_a_503_and_the_service_recovers(
         refused = [
             client.get("/v1/servers"),
             client.post("/v1/sessions", json=route_params()),
-            client.delete(f"/v1/sessions/{booked.json()['id']}"),
+            client.delete(
+                f"/v1/sessions/{booked.json()['id']}", headers=bearer(booked.json()["token"])
+            ),
             client.put(
                 "/v1/rtts",
                 json={"entries": [{"a": "east", "b": "s0", "rtt_ms": 5.0}]},
@@ -219,4 +222,7 @@ def test_an_unreachable_database_is_a_503_and_the_service_recovers(
     # Nothing was lost: the booked session is still there to release.
     assert client.get("/v1/servers").status_code == 200
     assert heartbeat(client, "s0", tokens["s0"], None).status_code == 200
-    assert client.delete(f"/v1/sessions/{booked.json()['id']}").status_code == 204
+    release = client.delete(
+        f"/v1/sessions/{booked.json()['id']}", headers=bearer(booked.json()["token"])
+    )
+    assert release.status_code == 204

@@ -87,12 +87,11 @@ def test_older_boot_epoch_is_refused(client: TestClient) -> None:
     token = register(client, server_body(0, boot_epoch=5))
     response = heartbeat(client, "s0", token, None, boot_epoch=4)
     assert response.status_code == 409 and "boot_epoch" in response.json()["detail"]
-    # Re-registering the same id needs a newer epoch; the old token stops working.
-    again = client.post(
-        "/v1/servers", json=server_body(0, boot_epoch=5), headers=bearer("join-secret")
-    )
-    assert again.status_code == 409
-    fresh = register(client, server_body(0, boot_epoch=6))
+    # A live id re-registers with its own token (whatever its epoch); the old token stops
+    # working.
+    again = client.post("/v1/servers", json=server_body(0, boot_epoch=6), headers=bearer(token))
+    assert again.status_code == 201, again.text
+    fresh = again.json()["token"]
     assert heartbeat(client, "s0", token, None, boot_epoch=6).status_code == 403
     assert heartbeat(client, "s0", fresh, None, boot_epoch=6).status_code == 200
 

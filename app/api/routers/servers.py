@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
-from app.api.deps import CoordinatorDep, IdPath, MeasurerOnly, Token, errors
+from app.api.deps import CoordinatorDep, IdPath, Measurer, RegistrationAuth, Token, errors
 from app.service.schemas import (
     Heartbeat,
     HeartbeatOut,
@@ -26,6 +26,7 @@ router = APIRouter()
     status_code=201,
     response_model=RegistrationOut,
     responses=errors(401, 403, 409),
+    dependencies=[RegistrationAuth],
 )
 def register_server(
     coordinator: CoordinatorDep, body: ServerRegistration, token: Token
@@ -80,7 +81,6 @@ async def heartbeat(
     tags=["measurements"],
     response_model=RttsOut,
     responses=errors(401, 403),
-    dependencies=[MeasurerOnly],
 )
-def put_rtts(coordinator: CoordinatorDep, body: RttsIn) -> RttsOut:
-    return RttsOut(updated=coordinator.put_rtts(body.entries))
+def put_rtts(coordinator: CoordinatorDep, writer: Measurer, body: RttsIn) -> RttsOut:
+    return RttsOut(updated=coordinator.put_rtts(body.entries, writer))

@@ -1,0 +1,122 @@
+"""Who may do what (issue 12): server-id takeover, boot epochs, RTT writes, closed
+registration outside dev mode, authentication before the body, and the audit lines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.api.conftest import ADMIN, JOIN, AppFactory, FakeClock, admin, bearer
+from tests.api.helpers import SMALL_MODEL, register, server_body, small_swarm
+
+
+def _servers(client: TestClient) -> dict[str, dict[str, Any]]:
+    return {s["id"]: s for s in client.get("/v1/servers").json()}
+
+
+def test_a_live_server_id_is_not_taken_over_with_the_join_token(client: TestClient) -> None:
+    token = register(client, server_body(0))
+    hijack = server_body(0, address="6.6.6.6:31337", boot_epoch=2)
+    for headers, status in ((bearer(JOIN), 403), ({}, 401), (bearer("guess"), 403)):
+        reply = client.post("/v1/servers", json=hijack, headers=headers)
+        assert reply.status_code == status, reply.text
+    assert _servers(client)["s0"]["address"] == "10.0.0.0:31337"
+    # The server itself re-registers with its own token, even with an older epoch.
+    again = client.post("/v1/servers", json=server_body(0, boot_epoch=0), headers=bearer(token))
+    assert again.status_code == 201, again.text
+
+
+def test_an_expired_id_is_taken_with_the_join_token_and_a_newer_epoch(
+    client: TestClient, clock: FakeClock
+) -> None:
+    register(client, server_body(0, boot_epoch=5))
+    clock.advance(60)  # the lease (15 s) expired
+    same = client.post("/v1/servers", json=server_body(0, boot_epoch=5), headers=bearer(JOIN))
+    assert same.status_code == 409 and "boot_epoch" in same.json()["detail"]
+    newer = client.post("/v1/servers", json=server_body(0, boot_epoch=6), headers=bearer(JOIN))
+    assert newer.status_code == 201, newer.text
+
+
+def test_boot_epochs_are_bounded_so_nobody_locks_the_owner_out(
+    client: TestClient, clock: FakeClock
+) -> None:
+    huge = client.post("/v1/servers", json=server_body(0, boot_epoch=2**62), headers=bearer(JOIN))
+    assert huge.status_code == 422 and "boot_epoch" in huge.json()["detail"]
+    ahead = int(clock.now * 1000) + 2 * 3_600_000
+    reply = client.post("/v1/servers", json=server_body(0, boot_epoch=ahead), headers=bearer(JOIN))
+    assert reply.status_code == 422
+    token = register(client, server_body(0, boot_epoch=int(clock.now * 1000)))
+    clock.advance(60)
+    # Even after its lease expired, the owner's token re-registers with any bounded epoch.
+    again = client.post("/v1/servers", json=server_body(0, boot_epoch=1), headers=bearer(token))
+    assert again.status_code == 201, again.text
+
+
+def test_a_server_token_writes_only_rtts_that_involve_itself(client: TestClient) -> None:
+    tokens = small_swarm(client, count=2)
+    foreign = {"entries": [{"a": "s1", "b": "east", "rtt_ms": 1e9}]}
+    reply = client.put("/v1/rtts", json=foreign, headers=bearer(tokens["s0"]))
+    assert reply.status_code == 403 and "entries[0]" in reply.json()["detail"]
+    mixed = {
+        "entries": [{"a": "s0", "b": "east", "rtt_ms": 3}, {"a": "east", "b": "s1", "rtt_ms": 3}]
+    }
+    assert client.put("/v1/rtts", json=mixed, headers=bearer(tokens["s0"])).status_code == 403
+    own = {"entries": [{"a": "east", "b": "s0", "rtt_ms": 3.0}]}
+    assert client.put("/v1/rtts", json=own, headers=bearer(tokens["s0"])).status_code == 200
+    assert client.put("/v1/rtts", json=foreign, headers=admin()).status_code == 200
+
+
+def test_registration_is_closed_without_a_join_token_outside_dev_mode(
+    make_client: AppFactory, sqlite_url: str
+) -> None:
+    closed = make_client(sqlite_url, join_token=None)
+    assert closed.post("/v1/servers", json=server_body(0)).status_code == 401
+    reply = closed.post("/v1/servers", json=server_body(0), headers=bearer("anything"))
+    assert reply.status_code == 403 and "BPRR_JOIN_TOKEN" in reply.json()["detail"]
+
+
+def test_dev_mode_opens_registration(make_client: AppFactory, tmp_path: Any) -> None:
+    dev = make_client(f"sqlite:///{tmp_path / 'dev.db'}", join_token=None, dev_mode=True)
+    assert dev.post("/v1/servers", json=server_body(0)).status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("PUT", "/v1/model"),
+        ("POST", "/v1/placements"),
+        ("POST", "/v1/scenario"),
+        ("PUT", "/v1/rtts"),
+        ("POST", "/v1/servers"),
+    ],
+)
+def test_authentication_comes_before_the_body(client: TestClient, method: str, path: str) -> None:
+    reply = client.request(method, path, json={"not": "valid", "num_blocks": True})
+    assert reply.status_code == 401, reply.text
+
+
+def test_security_events_leave_one_audit_line_each(
+    capfd: pytest.CaptureFixture[str], make_client: AppFactory, database_url: str
+) -> None:
+    client = make_client(database_url)  # after capfd: its log lines go to the capture
+    assert client.put("/v1/model", json=SMALL_MODEL, headers=bearer("wrong")).status_code == 403
+    token = register(client, server_body(0))
+    hijack = server_body(0, boot_epoch=2)
+    assert client.post("/v1/servers", json=hijack, headers=bearer(JOIN)).status_code == 403
+    assert client.put("/v1/model", json=SMALL_MODEL, headers=admin()).status_code == 200
+    assert client.delete("/v1/servers/s0", headers=bearer(token)).status_code == 204
+    lines = [line for line in capfd.readouterr().err.splitlines() if " audit " in f" {line} "]
+    text = "\n".join(lines)
+    for action in (
+        "auth_failed",
+        "server_registered",
+        "takeover_refused",
+        "model_changed",
+        "server_left",
+    ):
+        assert f"action={action}" in text, text
+    failed = next(line for line in lines if "action=auth_failed" in line and "/v1/model" in line)
+    assert "client=testclient" in failed and "status=403" in failed
+    assert ADMIN not in text and JOIN not in text and token not in text
