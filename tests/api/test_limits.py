@@ -23,9 +23,7 @@ def test_a_20_mb_body_is_a_413(client: TestClient) -> None:
     assert reply.status_code == 413 and "body" in reply.json()["detail"]
 
 
-def test_a_streamed_body_past_the_limit_is_a_413(
-    make_client: AppFactory, sqlite_url: str
-) -> None:
+def test_a_streamed_body_past_the_limit_is_a_413(make_client: AppFactory, sqlite_url: str) -> None:
     client = make_client(sqlite_url, max_body_bytes=4096)
 
     def chunks() -> Any:
