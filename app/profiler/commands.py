@@ -115,6 +115,13 @@ def _print_report(report: dict[str, Any], from_cache: bool) -> None:
             f"{row['ms_per_request_per_block']:.4f}",
         )
     console.print(table)
+    fields = report.get("model_fields")
+    if fields:  # reports cached before these fields existed lack them
+        console.print(
+            f"model fields: block_memory_gb {fields['block_memory_gb']:.4g}, "
+            f"kv_bytes_per_token_per_block {fields['kv_bytes_per_token_per_block']} "
+            f"({report['dtype']} cache)"
+        )
     for note in report["notes"]:
         console.print(f"note: {note}")
     console.print(

@@ -247,6 +247,19 @@ class Stack:
         setattr(self.model, self.attribute, self.depths[n])
         self.model.config.num_hidden_layers = n  # type: ignore[union-attr]
 
+    def block_bytes(self) -> int:
+        """Memory of one block as built (quantised weights at their packed size, plus
+        bitsandbytes' scales): the scenario's ``block_memory_gb`` x 1e9."""
+        layer = self.layers[0]
+        tensors = [*layer.parameters(), *layer.buffers()]
+        total = sum(t.numel() * t.element_size() for t in tensors)
+        for module in layer.modules():  # NF4 keeps its absmax scales beside the weight
+            state = getattr(getattr(module, "weight", None), "quant_state", None)
+            absmax = getattr(state, "absmax", None)
+            if isinstance(absmax, torch.Tensor):
+                total += absmax.numel() * absmax.element_size()
+        return total
+
 
 def build_stack(
     blocks: HfBlocks, counts: list[int], device: torch.device, dtype: torch.dtype, seed: int = 0
@@ -270,8 +283,9 @@ def measure_hf(
     dtype: torch.dtype,
     progress: Callable[[str], None] | None = None,
     seed: int = 0,
-) -> list[Timing]:
-    """Time decode steps and prefills of transformers' blocks for every point of ``plan``.
+) -> tuple[list[Timing], int]:
+    """Time decode steps and prefills of transformers' blocks for every point of ``plan``;
+    also return the bytes of one block as built (:meth:`Stack.block_bytes`).
 
     A decode point keeps its own cache, filled once by a prefill of ``context`` tokens; each
     timed step appends one token and the cache is cropped back after it. A prefill point
@@ -312,4 +326,4 @@ def measure_hf(
 
         return decode
 
-    return time_points(points, runner, plan, device, progress, seed)
+    return time_points(points, runner, plan, device, progress, seed), stack.block_bytes()

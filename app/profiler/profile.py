@@ -31,6 +31,8 @@ class Architecture(Protocol):
     @property
     def params(self) -> int: ...
 
+    def kv_bytes_per_token(self, bytes_per_value: int) -> int: ...
+
     def as_dict(self) -> dict[str, object]: ...
 
 
@@ -160,8 +162,10 @@ def run_profile(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
+    value_bytes = torch_dtype.itemsize  # the KV cache stays in the compute dtype
     if isinstance(arch, BlockArch):
         timings = measure.measure(arch, steps, torch_device, torch_dtype, progress=progress)
+        block_bytes = arch.params * value_bytes
     else:  # a Hugging Face config: transformers' own blocks
         from app.profiler import hf
 
@@ -171,7 +175,14 @@ def run_profile(
         environment["transformers"] = _version("transformers")
         if arch.quant != "none":
             environment["bitsandbytes"] = _version("bitsandbytes")
-        timings = hf.measure_hf(arch, steps, torch_device, torch_dtype, progress=progress)
+        timings, block_bytes = hf.measure_hf(
+            arch, steps, torch_device, torch_dtype, progress=progress
+        )
+    # The scenario's model fields for blocks like these (PUT /v1/model).
+    environment["model_fields"] = {
+        "block_memory_gb": _r(block_bytes / 1e9),
+        "kv_bytes_per_token_per_block": arch.kv_bytes_per_token(value_bytes),
+    }
     return build_report(arch, steps.as_dict(), environment, timings, fit_profile(timings))
 
 

@@ -107,13 +107,20 @@ def test_quantised_blocks_run_on_this_machine(quant: hf.Quant, tmp_path: Path) -
     with torch.inference_mode():
         out = stack.model(inputs_embeds=torch.randn(1, 3, 64), use_cache=False)
     assert torch.isfinite(out.last_hidden_state).all()
-    timings = hf.measure_hf(blocks, PLAN, CPU, torch.float32)
+    timings, block_bytes = hf.measure_hf(blocks, PLAN, CPU, torch.float32)
     assert len(timings) == 2 * 2 * 2 + 2 * 2 and all(t.ms > 0 for t in timings)
+    # Quantised weights take 1 byte (int8) or half a byte (NF4) instead of 4, plus scales.
+    linear_weights = sum(m.in_features * m.out_features for m in linears)
+    others = (blocks.params - linear_weights) * 4
+    per_weight = 1.0 if quant == "int8" else 0.5
+    assert others + linear_weights * per_weight <= block_bytes
+    assert block_bytes < others + linear_weights * (per_weight + 0.25)
 
 
 def test_measure_covers_every_point(tmp_path: Path) -> None:
     blocks = hf.load_config(tiny("falcon-40b", tmp_path))
-    timings = hf.measure_hf(blocks, PLAN, CPU, torch.float32)
+    timings, block_bytes = hf.measure_hf(blocks, PLAN, CPU, torch.float32)
+    assert block_bytes == blocks.params * 4  # fp32, unquantised
     points = {(t.kind, t.blocks, t.batch, t.context) for t in timings}
     assert points == {("decode", n, b, c) for n in (1, 2) for b in (1, 2) for c in (4, 12)} | {
         ("prefill", n, 1, c) for n in (1, 2) for c in (4, 12)
@@ -168,6 +175,10 @@ def test_profile_cli_with_a_config(capsys: pytest.CaptureFixture[str], tmp_path:
     assert report["quantization"] == "int8" and report["bitsandbytes"] == "0.50.2"
     assert report["transformers"] and report["decode_ms_per_block"] > 0
     assert {t["kind"] for t in report["timings"]} == {"decode", "prefill"}
+    # Model fields for the scenario: int8 weights, the KV cache in the compute dtype (fp32).
+    fields = report["model_fields"]
+    assert fields["kv_bytes_per_token_per_block"] == 2 * 2 * 16 * 4  # 2 kv heads x 16 dims
+    assert 0 < fields["block_memory_gb"] * 1e9 < report["architecture"]["params_per_block"] * 2
     code, out, err = run([*argv, *plan], capsys)
     assert code == 0, err
     text = " ".join(out.split())  # rich wraps at the terminal width

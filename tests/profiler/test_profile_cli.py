@@ -38,9 +38,13 @@ def test_profile_json_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
     assert prefill["fixed"] + prefill["per_token"] * 8 > 0
     assert report["device_type"] == "cpu" and report["dtype"] == "fp32"
     assert report["threads"] == 1
-    assert (
-        report["architecture"]["params_per_block"] == custom_arch(None, hidden=64, heads=2).params
-    )
+    arch = custom_arch(None, hidden=64, heads=2)
+    assert report["architecture"]["params_per_block"] == arch.params
+    # The scenario's model fields for these blocks (fp32: 4 bytes a value).
+    assert report["model_fields"] == {
+        "block_memory_gb": round(arch.params * 4 / 1e9, 6),
+        "kv_bytes_per_token_per_block": arch.kv_bytes_per_token(4),
+    }
     timings = report["timings"]
     # decode: 2 block counts x 2 contexts x 2 batches; prefill: 2 x 2
     assert len(timings) == 8 + 4
