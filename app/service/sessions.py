@@ -52,9 +52,12 @@ from app.store.bookings import Bookings, Released
 from app.store.models import SessionRow
 from app.store.reservations import Held
 from app.store.session_tables import SessionRecordRow
+from app.store.sessions import Sessions
 
 log = get_logger("bprr.sessions")
 BOOK_ATTEMPTS = 4
+# How often ended sessions' records past their retention are deleted (by the sweep).
+RECORD_PRUNE_S = 60.0
 INTERNAL = ClientIdentity("internal", 0, 0.0, 1)  # the coordinator's own callers (tests)
 
 
@@ -88,6 +91,7 @@ class SessionService:
         self.clients = ClientDirectory(self.config)
         self.limiter = RateLimiter()
         self.window = WorkloadWindow()
+        self._records_pruned_at = -math.inf
         self.queue = CentralQueue(
             core.tx,
             core.clock,
@@ -213,7 +217,7 @@ class SessionService:
             view = self.core.view()
             now = self.core.clock()
             if view.earliest_expiry() <= now:
-                self.sweep()
+                self._sweep(now, lost=False)
             plan = self._plan(view, site, inputs, outputs, now)
             if plan is None or not math.isfinite(plan.wait_ms):
                 self._refused(site, "refused", None, "no chain with enough cache")
@@ -238,6 +242,7 @@ class SessionService:
             if booked == "booked":
                 return self._booked(now, reply_out(reply, token, now))
             if booked == "queued":  # tickets wait: they come first
+                self.queue.last_depth = max(1, self.queue.last_depth)
                 self.queue.kick()
                 break
             if booked == "quota":
@@ -484,8 +489,15 @@ class SessionService:
             released = Bookings(db).release(session_id, token_hash, now, reason)
         self._forget(released.held)
         if released.held:
-            self.queue.kick()
+            self._units_freed()
         return released
+
+    def _units_freed(self) -> None:
+        """Wake the queue's admission when someone may be waiting (a ticket seen here, or a
+        direct booking refused because of one); other processes' tickets are also found by
+        their own holders' polling."""
+        if self.queue.last_depth > 0 or self.queue.local_waiting() > 0:
+            self.queue.kick()
 
     def _forget(self, released: list[Held]) -> None:
         """Mirror released reservations in the route view until its next rebuild (JFFC's
@@ -525,35 +537,37 @@ class SessionService:
     def sweep(self) -> int:
         """End every session past its expiry, and every session through a server that is
         gone (lease expired, left, re-registered): their clients learn it from
-        GET /v1/sessions/{id} ("expired", "server_lost")."""
-        now = self.core.clock()
-        with self.core.read_tx() as db:
-            from app.store.sessions import Sessions
+        GET /v1/sessions/{id} ("expired", "server_lost"). Run by every replica's planner
+        tick; a booking that finds an expired reservation sweeps the expired ones only."""
+        return self._sweep(self.core.clock(), lost=True)
 
+    def _sweep(self, now: float, lost: bool) -> int:
+        with self.core.read_tx() as db:
             expired = Sessions(db).expired_ids(now)
-            lost = [s for s in Bookings(db).lost_ids(now) if s not in set(expired)]
-        if not expired and not lost:
+            gone = set(expired)
+            through_lost = [s for s in Bookings(db).lost_ids(now) if s not in gone] if lost else []
+        if not expired and not through_lost:
             return 0
         released: list[Held] = []
         # On PostgreSQL every release commits by itself (booking_tx): one transaction holding
         # many sessions' server rows would lock them out of id order and could deadlock.
         with self.core.booking_tx() as db:
             bookings = Bookings(db)
-            for ids, reason in ((expired, "expired"), (lost, "server_lost")):
+            for ids, reason in ((expired, "expired"), (through_lost, "server_lost")):
                 for session_id in ids:
                     released.extend(bookings.release(session_id, None, now, reason).held)
         self._forget(released)
         if released:
-            self.queue.kick()
-        if lost:
-            audit("sessions_ended", reason="server_lost", count=len(lost))
-        with self.core.booking_tx() as db:
-            Bookings(db).forget_ended(now - self.config.record_retention_s)
-        return len(expired) + len(lost)
+            self._units_freed()
+        if through_lost:
+            audit("sessions_ended", reason="server_lost", count=len(through_lost))
+        if lost and now - self._records_pruned_at >= RECORD_PRUNE_S:
+            self._records_pruned_at = now
+            with self.core.booking_tx() as db:
+                Bookings(db).forget_ended(now - self.config.record_retention_s)
+        return len(expired) + len(through_lost)
 
     def active(self) -> int:
-        from app.store.sessions import Sessions
-
         with self.core.read_tx() as db:
             return Sessions(db).count()
 

@@ -254,14 +254,17 @@ class Bookings:
             first = rows[0]
             held = [Held(r.server_id, r.slots, r.expires_at) for r in rows if r.server_id]
             return Released(bool(first.ended), bool(first.deleted), held)
-        record = self.db.get(SessionRecordRow, session_id)
-        live = record is not None and record.ended_at is None
-        if not trusted and (not live or record is None or record.token_hash != token_hash):
+        ended_now = update(_RECORDS).where(
+            _RECORDS.c.id == session_id, _RECORDS.c.ended_at.is_(None)
+        )
+        if not trusted:
+            ended_now = ended_now.where(_RECORDS.c.token_hash == token_hash)
+        result: Any = self.db.execute(ended_now.values(ended_at=now, end_reason=reason))
+        ended = result.rowcount == 1
+        if not ended and not trusted:
             return Released(False, False, [])
-        if record is not None and live:
-            record.ended_at, record.end_reason = now, reason
         released = Sessions(self.db).release(session_id)
-        return Released(live, released is not None, released or [])
+        return Released(ended, released is not None, released or [])
 
     # --- records ---------------------------------------------------------------------------
 
