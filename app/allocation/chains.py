@@ -115,9 +115,11 @@ class JobCosts:
             sum(self.tau_c[h.server] + self.tau_p[h.server] * h.blocks for h in hops)
         )
 
-    def client_ms(self, hops: Sequence[Hop]) -> tuple[float, ...]:
+    def client_ms(self, hops: Sequence[Hop], service_ms: float | None = None) -> tuple[float, ...]:
         if self.tau_c_clients is None:
             return ()
+        if len(self.tau_c_clients) == 1 and service_ms is not None:
+            return (service_ms,)  # one client: its costs are the mean
         compute = sum(float(self.tau_p[h.server]) * h.blocks for h in hops)
         servers = [h.server for h in hops]
         per_client = self.tau_c_clients[:, servers].sum(axis=1)
@@ -346,7 +348,7 @@ def gca(
         service = costs.per_request_ms + sum(
             tau_c[h.server] + tau_p[h.server] * h.blocks for h in hops
         )
-        chains.append(Chain(tuple(hops), capacity, service, costs.client_ms(hops)))
+        chains.append(Chain(tuple(hops), capacity, service, costs.client_ms(hops, service)))
         if stop is not None and len(chains) & (len(chains) - 1) == 0 and stop(chains, sum(left)):
             break
         first_end = L
