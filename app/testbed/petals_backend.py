@@ -209,6 +209,17 @@ class PetalsTestbed:
                 180,
             )
 
+    def _registered(self) -> None:
+        """Wait until every scenario server's agent registered (a live lease)."""
+        wanted = {spec.id for spec in self.scenario.servers}
+        with self._http() as client:
+
+            def live() -> bool:
+                servers = client.get("/v1/servers").json()
+                return wanted <= {s["id"] for s in servers if s["lease"] == "live"}
+
+            _wait("every agent's registration", live, 300)
+
     def _place(self, policy: str) -> dict[str, Any]:
         body: dict[str, Any] = {"algorithm": policy}
         if policy == "cg":
@@ -299,6 +310,7 @@ class PetalsTestbed:
             self._coordinator()
             for spec in self.scenario.servers:
                 self._agent(spec)
+            self._registered()
             result.timings_s["start"] = time.monotonic() - began
             count = len(self.scenario.servers)
             self.say(f"{count} PETALS servers up in {result.timings_s['start']:.0f} s")

@@ -172,14 +172,17 @@ def test_survives_a_coordinator_restart(
         app.__enter__()
 
 
-def test_another_registration_under_the_same_id_is_fatal(app: TestClient, forward: Forward) -> None:
+def test_another_process_cannot_take_a_live_server_id(app: TestClient, forward: Forward) -> None:
+    """A second process under a live server's id (the join token, not the server's own
+    token) is refused for good; the first keeps its registration."""
     agent = make_agent(forward, 0)
     agent.tick()
     newer = make_agent(forward, 0)  # same id; epochs from the same source: larger
     newer.boot_epoch = agent.boot_epoch
-    newer.tick()
-    with pytest.raises(AgentError, match="another process"):
-        agent.tick()
+    with pytest.raises(AgentError, match="live lease"):
+        newer.tick()
+    agent.tick()
+    assert agent.registrations == 1 and agent.error is None
 
 
 def test_a_wrong_join_token_is_fatal(forward: Forward) -> None:

@@ -122,10 +122,16 @@ def test_route_book_release_and_servers(
     assert sum(held.values()) > 0
     code, out, _ = run(capsys, forward, "servers")
     assert code == 0 and {s["id"] for s in json.loads(out)} == {"s0", "s1", "s2"}
-    code, out, _ = run(capsys, forward, "release", session["id"])
+    if session.get("token"):  # the session's token (returned once) authorises its release
+        code, _, err = run(capsys, forward, "release", session["id"])
+        assert code == 1 and "token" in err
+        release = ("release", session["id"], "--token", session["token"])
+    else:
+        release = ("release", session["id"])
+    code, out, _ = run(capsys, forward, *release)
     assert code == 0 and json.loads(out) == {"released": session["id"]}
     assert all(s["reserved_slots"] == 0 for s in app.get("/v1/servers").json())
-    code, _, err = run(capsys, forward, "release", session["id"])
+    code, _, err = run(capsys, forward, *release)
     assert code == 1 and "does not exist" in err
 
 

@@ -50,6 +50,7 @@ def test_registration_and_heartbeats_carry_the_profiled_speeds(
         ]
     )
     agent = _agent(args, [], forward)
+    agent._epoch_source = lambda: 1_000  # the coordinator runs on a fake clock (1970)
     agent.tick()
     server = app.get("/v1/servers/p1", headers=admin()).json()
     assert server["decode_ms_per_block"] == 3.25

@@ -12,3 +12,7 @@ def namespaces() -> None:
     reason = netns.unavailable_reason()
     if reason is not None:
         pytest.skip(f"network namespaces unavailable here: {reason}")
+
+
+# the PETALS environment (built when missing), for `bprr testbed --backend petals`
+from tests.petals.conftest import petals_python  # noqa: E402, F401

@@ -227,7 +227,7 @@ class ServerAgent:
             return self.register()
         if response.status_code != 201:
             detail = error_detail(response)
-            if response.status_code in (401, 403):
+            if response.status_code == 401 or ("token" in detail and "join" in detail):
                 raise AgentError(f"registration refused (join token?): {detail}")
             raise AgentError(f"registration refused ({response.status_code}): {detail}")
         registration = Registration.parse(response.json())

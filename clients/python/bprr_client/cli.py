@@ -7,7 +7,7 @@
     bprr-agent run ... --speeds-file PROFILE.json   (``bprr profile --json`` output)
     bprr-agent route --client-site S --input-tokens N --output-tokens N
     bprr-agent book  --client-site S --input-tokens N --output-tokens N
-    bprr-agent release SESSION_ID
+    bprr-agent release SESSION_ID [--token SESSION_TOKEN]
     bprr-agent servers
 
 Replies are printed as JSON. Bad arguments or a request the coordinator rejects as invalid:
@@ -165,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--output-tokens", type=output_count, required=True)
     release = commands.add_parser("release", help="release a session")
     release.add_argument("session_id")
+    release.add_argument(
+        "--token",
+        default=os.environ.get("BPRR_SESSION_TOKEN"),
+        help="the session's token, from the booking's reply (BPRR_SESSION_TOKEN)",
+    )
     commands.add_parser("servers", help="list the registered servers")
     return parser
 
@@ -369,7 +374,7 @@ def _execute(
         elif args.command == "book":
             _print(client.book(args.input_tokens, args.output_tokens, args.client_site))
         elif args.command == "release":
-            if not client.release(args.session_id):
+            if not client.release(args.session_id, token=args.token):
                 print(f"error: session {args.session_id!r} does not exist", file=sys.stderr)
                 return 1
             print(json.dumps({"released": args.session_id}))
