@@ -10,6 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select
@@ -18,8 +19,9 @@ from app.service import telemetry
 from app.service.queue import TooManyRequests
 from app.service.session_schemas import BookingIn
 from app.store.session_tables import QueueRow
-from tests.api.conftest import AppFactory, admin, bearer
+from tests.api.conftest import ADMIN, AppFactory, admin, bearer, example_scenario
 from tests.api.helpers import route_params, small_swarm
+from tests.api.test_concurrency import two_instances  # noqa: F401  (the fixture)
 from tests.api.test_session_security import units_by_server
 
 
@@ -200,3 +202,62 @@ def test_a_client_that_gives_up_leaves_the_queue_and_its_admitted_session_is_rel
     assert sum(r for r, _ in units_by_server(database_url).values()) == reserved
     status = client.get(f"/v1/sessions/{admitted_then_gone.session_id}", headers=admin())
     assert status.json()["state"] == "ended" and status.json()["end_reason"] == "abandoned"
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_two_processes_share_one_queue_never_over_admitted_in_order(
+    two_instances: tuple[list[str], list[Any]],  # noqa: F811
+    pg_url: str,
+) -> None:
+    """Two `uvicorn` coordinator processes on one PostgreSQL: the swarm filled, 8 waiting
+    bookings on each, released one at a time on alternating processes: each release admits
+    exactly one waiter, the oldest, whichever process holds it."""
+    bases, _ = two_instances
+    loaded = httpx.post(
+        f"{bases[0]}/v1/scenario",
+        params={"lease_s": 3600},
+        json=example_scenario(),
+        headers={"Authorization": f"Bearer {ADMIN}"},
+        timeout=60,
+    )
+    assert loaded.status_code == 201, loaded.text
+    body = {"client_site": "cluster0", "input_tokens": 20, "output_tokens": 128}
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{bases[1]}/v1/routes", params=body, timeout=5).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    booked = []
+    with httpx.Client(base_url=bases[0], timeout=30) as http:
+        while (reply := http.post("/v1/sessions", json=body)).status_code == 201:
+            booked.append(reply.json())
+        assert reply.status_code == 503 and len(booked) >= 16
+    done: list[str] = []
+    lock = threading.Lock()
+
+    def wait(i: int) -> int:
+        with httpx.Client(base_url=bases[i % 2], timeout=120) as http:
+            reply = http.post("/v1/sessions", json={**body, "wait_s": 100})
+        if reply.status_code == 201:
+            with lock:
+                done.append(reply.json()["id"])
+        return reply.status_code
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        futures = [pool.submit(wait, i) for i in range(16)]
+        wait_until(lambda: len(queue_rows(pg_url)) == 16, "not every booking queued", 60)
+        order = [row.session_id for row in queue_rows(pg_url)]
+        for n in range(16):
+            session = booked[n]
+            released = httpx.delete(
+                f"{bases[n % 2]}/v1/sessions/{session['id']}",
+                headers=bearer(session["token"]),
+                timeout=30,
+            )
+            assert released.status_code == 204
+            wait_until(lambda n=n: len(done) >= n + 1, f"release {n + 1} admitted nobody", 60)
+            time.sleep(0.3)  # a second admission, if any, would show here
+            assert len(done) == n + 1, "one release admitted more than one booking"
+        assert [future.result(timeout=60) for future in futures] == [201] * 16
+    assert done == order, "admitted out of arrival order"
+    assert_within_capacity(pg_url)

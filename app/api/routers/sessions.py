@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 
 from app.api.deps import CoordinatorDep, IdPath, Token, errors, run_write
+from app.service.errors import Unauthorized
 from app.service.schemas import RouteOut
 from app.service.session_schemas import BookingIn, BookingOut, SessionStatusOut
 from app.service.sessions import Booked, Pending, SessionService
@@ -31,6 +32,27 @@ IdempotencyKey = Annotated[
         description="A retry with the same key (and client) returns the same session",
     ),
 ]
+
+
+# Optional on bookings (anonymous clients, when allowed), so a plain header rather than a
+# security scheme, which OpenAPI would declare as required.
+ClientAuthorization = Annotated[
+    str | None,
+    Header(
+        alias="Authorization",
+        max_length=1000,
+        description="Bearer <client token>: the client's identity (optional in anonymous mode)",
+    ),
+]
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if authorization is None:
+        return None
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        raise Unauthorized("Authorization: expected 'Bearer <client token>'")
+    return credentials.strip()
 
 
 def _sessions(coordinator: CoordinatorDep) -> SessionService:
@@ -64,12 +86,12 @@ async def book(
     body: BookingIn,
     request: Request,
     response: Response,
-    token: Token,
+    authorization: ClientAuthorization = None,
     idempotency_key: IdempotencyKey = None,
 ) -> BookingOut:
     sessions = _sessions(coordinator)
     address = request.client.host if request.client is not None else None
-    client = sessions.identify(token, address)
+    client = sessions.identify(_bearer(authorization), address)
     started = await run_write(coordinator, sessions.start, body, client, idempotency_key)
     if isinstance(started, Booked):
         if not started.created:
