@@ -60,7 +60,8 @@ PY
 "${PIP[@]}" install -r "$REQ" "$WORK"/dist/hivemind-1.1.10.post2-*.whl \
   2> >(grep -v "^WARNING: Location" >&2)
 "${PIP[@]}" install --no-deps -e "$ROOT/clients/python"
-"$VENV/bin/python" -c "import petals, bprr_client"
+"$VENV/bin/pip" check
+"$VENV/bin/python" -P -c "import petals, bprr_client.swarm"
 rm -f "$VENV"/.built-*
 touch "$STAMP"
 echo "PETALS environment ready in $(( $(date +%s) - started )) s"
