@@ -55,11 +55,12 @@ echo "   BPRR_ADMIN_TOKEN=$ADMIN BPRR_JOIN_TOKEN=$JOIN BPRR_LEASE_TTL_S=3600 \\"
 echo "   BPRR_PLANNER_INTERVAL_S=0 bprr serve --port $PORT --database-url sqlite:///$WORKDIR/walkthrough.db"
 BPRR_ADMIN_TOKEN=$ADMIN BPRR_JOIN_TOKEN=$JOIN BPRR_DEV_MODE=false \
   BPRR_LEASE_TTL_S=3600 BPRR_HEARTBEAT_INTERVAL_S=60 BPRR_PLANNER_INTERVAL_S=0 \
-  BPRR_LOG_JSON=false \
   "$BPRR_BIN" serve --host 127.0.0.1 --port "$PORT" \
   --database-url "sqlite:///$WORKDIR/walkthrough.db" >"$WORKDIR/serve.log" 2>&1 &
 SERVER_PID=$!
-for _ in $(seq 1 300); do
+# A first start (imports, migrations) can take half a minute on a busy machine.
+deadline=$((SECONDS + ${STARTUP_TIMEOUT_S:-180}))
+while [ "$SECONDS" -lt "$deadline" ]; do
   if curl -fsS -o /dev/null "$URL/readyz" 2>/dev/null; then break; fi
   if ! kill -0 "$SERVER_PID" 2>/dev/null; then
     echo "error: bprr serve exited:" >&2
@@ -121,7 +122,8 @@ call PUT /v1/rtts -H "Authorization: Bearer $ADMIN" "${JSON[@]}" -d '{"entries":
 expect 200
 
 echo
-echo "## 4. publish a placement (cg, milp or petals); it is generation 1"
+echo "## 4. publish a placement; it is generation 1"
+echo "   (algorithm auto by default, or chains, cg, milp, petals; here CG-BPRR for |R| = 8)"
 call POST /v1/placements -H "Authorization: Bearer $ADMIN" "${JSON[@]}" \
   -d '{"algorithm": "cg", "concurrency": 8}'
 expect 201

@@ -278,3 +278,14 @@ def test_sigterm_stops_the_coordinator_and_removes_the_directory(tmp_path: Path)
     assert temp_dirs(tmp_path) == []
     assert port_closed(int(listening[2]))
     assert process_gone(int(listening[3]))
+
+
+def test_without_bprr_it_says_so_in_one_line(tmp_path: Path) -> None:
+    env = script_env(tmp_path, BPRR_BIN=str(tmp_path / "no-such-bprr"))
+    done = subprocess.run(
+        ["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1
+    assert "BPRR_BIN" in done.stderr
+    assert temp_dirs(tmp_path) == []
