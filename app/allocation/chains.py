@@ -613,16 +613,32 @@ def plan_key(plan: ChainPlan) -> tuple[float, float, int]:
     return (round(plan.bounds.lower_s, 9), -round(plan.bounds.total_rate_per_s, 9), plan.c)
 
 
+def _fastest_chain_bound(
+    tau_c: FloatArray, tau_p: FloatArray, m: FloatArray, num_blocks: int
+) -> float:
+    """f(L) of the knapsack relaxation in _cheap_bound (ms, without the per-request cost)."""
+    ks = np.arange(1, num_blocks + 1, dtype=float)
+    hop = tau_c[:, None] + tau_p[:, None] * ks[None, :]
+    hop = np.where(m[:, None] >= ks[None, :], hop, np.inf)
+    best_hop = hop.min(axis=0)  # g(k), k = 1..L
+    f = np.full(num_blocks + 1, np.inf)
+    f[0] = 0.0
+    for b in range(1, num_blocks + 1):
+        f[b] = float((f[b - 1 :: -1][:b] + best_hop[:b]).min())
+    return float(f[num_blocks])
+
+
 def _cheap_bound(
     instance: Instance, costs: JobCosts, counts: Sequence[int], tokens: int, lam: float
 ) -> float:
     """A value never above Theorem 4's lower bound for GBP-CR at these block counts.
 
-    GBP-CR places a subset of the servers with m_j > 0, each hosting m_j blocks; GCA's chains
-    on it are no faster than L blocks at the smallest amortised time (tau_c_j + tau_p_j m_j) /
-    m_j, nor than ceil(L / max m_j) hops at the smallest tau_c plus L blocks at the smallest
-    tau_p, and hold at most sum_j residual_j / L job slots (a job holds L slot-blocks). Giving
-    every one of that many slots that rate only raises the death rates of the lower birth-death
+    GBP-CR places a subset of the servers with m_j > 0, each hosting m_j blocks. A chain is a
+    sequence of hops whose block counts k <= m_j add up to L, so it is no faster than the
+    cheapest such multiset of hops, servers reusable (g(k) = min over servers with m_j >= k of
+    tau_c_j + tau_p_j k; f(b) = min_k f(b - k) + g(k); f(L) bounds every chain). GCA's chains
+    hold at most sum_j residual_j / L job slots (a job holds L slot-blocks). Giving every one
+    of that many slots the rate 1 / f(L) only raises the death rates of the lower birth-death
     chain, so its mean is a lower bound; taking all usable servers only loosens it.
     """
     m = np.asarray(counts, dtype=float)
@@ -630,13 +646,7 @@ def _cheap_bound(
     if not used.any():
         return math.inf
     L = instance.num_blocks
-    amortised = (costs.tau_c[used] + costs.tau_p[used] * m[used]) / m[used]
-    # A chain runs L blocks and needs at least ceil(L / max m_j) hops.
-    hops = math.ceil(L / float(m[used].max()))
-    fastest = max(
-        L * float(amortised.min()),
-        hops * float(costs.tau_c[used].min()) + L * float(costs.tau_p[used].min()),
-    )
+    fastest = _fastest_chain_bound(costs.tau_c[used], costs.tau_p[used], m[used], L)
     mu = 1000.0 / (costs.per_request_ms + fastest)
     free_bytes = (instance.memory_gb[used] - instance.block_gb * m[used]) * GB
     units = np.floor(np.maximum(free_bytes, 0.0) / instance.kv_bytes + MEMORY_EPSILON)
