@@ -181,6 +181,25 @@ expect 422
 call PUT /v1/model "${JSON[@]}" -d '{"num_blocks": "many"}'
 expect 401
 
+echo
+echo "## 9. what-if: the live swarm and the load it measured, replayed offline"
+echo "   (the export carries the measured workload once it has seen 10 bookings in 5 minutes)"
+booked=""
+for i in $(seq 1 12); do
+  status=$(curl -sS -o /dev/null -w '%{http_code}' -X POST "$URL/v1/sessions" "${JSON[@]}" \
+    -d "{\"client_site\": \"us\", \"input_tokens\": $((2 + 7 * i % 19)), \"output_tokens\": $((8 * (1 + 5 * i % 16)))}")
+  booked="$booked $status"
+done
+echo "   12 more bookings from site us, varied lengths:$booked"
+call GET /v1/scenario
+expect 200
+echo "$REPLY_BODY" >"$WORKDIR/live.json"
+echo "   workload: $(field 'r.get("workload")')"
+echo "\$ bprr solve live.json"
+"$BPRR_BIN" solve "$WORKDIR/live.json"
+echo "\$ bprr simulate live.json"
+"$BPRR_BIN" simulate "$WORKDIR/live.json"
+
 if [ -n "${KEEP_RUNNING:-}" ]; then
   echo
   echo "the coordinator stays up at $URL (admin token $ADMIN); Ctrl-C ends it"

@@ -133,7 +133,7 @@ def test_the_script_runs_to_the_end(run: Run) -> None:
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "error" not in run.stderr
     assert run.stdout.rstrip().endswith("walk-through done")
-    assert sorted(run.steps) == list(range(9))
+    assert sorted(run.steps) == list(range(10))
 
 
 def test_every_call_answers_the_status_the_readme_shows(run: Run) -> None:
@@ -154,6 +154,7 @@ def test_every_call_answers_the_status_the_readme_shows(run: Run) -> None:
         ("POST", 409),  # 8. older boot epoch
         ("POST", 422),  #    bad field
         ("PUT", 401),  #    admin route, no token, bad body
+        ("GET", 200),  # 9. the scenario export
     ]
 
 
@@ -220,6 +221,30 @@ def test_bad_calls_say_why(run: Run) -> None:
     assert "boot_epoch" in epoch["detail"]
     assert field_error["detail"][0]["loc"] == ["body", "input_tokens"]
     assert "token" in no_token["detail"]
+
+
+def test_the_what_if_replays_the_measured_load(run: Run) -> None:
+    """Step 9: 12 more bookings, GET /v1/scenario, then bprr solve and bprr simulate on it."""
+    assert "12 more bookings from site us, varied lengths:" + " 201" * 12 in run.stdout
+    (scenario,) = replies(run, 9)
+    assert [s["id"] for s in scenario["servers"]] == ["a100-0", "a100-1"]
+    workload = scenario.get("workload")
+    assert workload is not None, "the export carries no measured workload"
+    # The 13 bookings the coordinator saw: step 6's and the 12 of step 9.
+    inputs = [20] + [2 + 7 * i % 19 for i in range(1, 13)]
+    outputs = [64] + [8 * (1 + 5 * i % 16) for i in range(1, 13)]
+    assert workload["arrival"] == "poisson" and workload["rate_per_s"] > 0
+    assert workload["input_tokens"]["mean"] == pytest.approx(sum(inputs) / 13, abs=1e-5)
+    assert workload["output_tokens"]["mean"] == pytest.approx(sum(outputs) / 13, abs=1e-5)
+    assert workload["input_tokens"]["max"] == 20 and workload["output_tokens"]["max"] == 128
+    what_if = "\n".join(run.steps[9].lines)
+    solve = what_if[what_if.index("$ bprr solve live.json") : what_if.index("$ bprr simulate")]
+    assert "live: auto placement" in solve and "auto chose:" in solve
+    assert re.search(r"a100-0 .* \[\d+, 70\)|a100-1 .* \[\d+, 70\)", solve)
+    simulate = what_if[what_if.index("$ bprr simulate live.json") :]
+    requests = re.search(r"requests\s*│\s*(\d+)", simulate)
+    assert requests is not None and int(requests[1]) == workload["num_requests"]
+    assert "mean_e2e_ms" in simulate
 
 
 def test_reply_times_are_rounded_to_a_tenth_of_a_millisecond(run: Run) -> None:
