@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -284,7 +285,13 @@ class PetalsTestbed:
         out = self.work / "replay.json"
         client = self._start(
             "client",
-            [str(self.python), "-P", "-m", "app.testbed.petals_replay", str(plan_path), str(out)],
+            [
+                str(self.python),
+                "-P",
+                str(Path(__file__).with_name("petals_replay.py")),
+                str(plan_path),
+                str(out),
+            ],
         )
         if client.wait(timeout=1800) != 0:
             raise PetalsTestbedError(
@@ -297,6 +304,9 @@ class PetalsTestbed:
 
     def run(self) -> PetalsResult:
         result = PetalsResult(self.scenario)
+        previous = signal.getsignal(signal.SIGTERM)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _interrupt)  # tear down as on Ctrl-C
         try:
             began = time.monotonic()
             maker = [str(self.python), str(ROOT / "petals/make_tiny_model.py")]
@@ -327,8 +337,12 @@ class PetalsTestbed:
                 )
         except (OSError, subprocess.CalledProcessError, httpx.HTTPError) as error:
             raise PetalsTestbedError(f"{type(error).__name__}: {error}") from None
+        except KeyboardInterrupt:
+            raise PetalsTestbedError("interrupted; every process stopped") from None
         finally:
             self.stop()
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, previous)
         return result
 
     def stop(self) -> None:
@@ -350,6 +364,10 @@ class PetalsTestbed:
         import shutil
 
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _text(path: Path) -> str:

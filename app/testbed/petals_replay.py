@@ -1,7 +1,7 @@
 """The client side of ``bprr testbed --backend petals``; runs under the PETALS interpreter
 (``.venv-petals``), never imported by the coordinator's code.
 
-    PYTHON -m app.testbed.petals_replay PLAN.json OUT.json
+    PYTHON -P app/testbed/petals_replay.py PLAN.json OUT.json   (PETALS' env has no app)
 
 PLAN: {"model", "coordinator", "initial_peers", "dht_prefix", "servers": {id: [peer, start,
 end]}, "requests": [{"index", "client", "input_tokens", "output_tokens"}], "seed"}.
@@ -14,6 +14,7 @@ per-token times. Writes OUT: {"servers": {id: speeds}, "requests": [...]}.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import itertools
 import json
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 REPEATS = 5
+_SLICES: dict[tuple[str, int, int], Any] = {}
 PROMPTS = (8, 32)
 
 
@@ -33,9 +35,12 @@ def _step_ms(manager: Any, peer: Any, start: int, end: int, tokens: int, hidden:
     import torch
     from petals.client.inference_session import InferenceSession
 
-    sub = manager[start:end]
-    sub.chain = [(peer, 0, end - start)]
-    sub.failed = set()
+    key = (str(peer), start, end)
+    sub = _SLICES.get(key)
+    if sub is None:  # one sub-manager per span, kept: each has its own update thread
+        sub = _SLICES[key] = manager[start:end]
+        sub.chain = [(peer, 0, end - start)]
+        sub.failed = set()
     samples = []
     for _ in range(REPEATS + 1):
         with InferenceSession(sub, max_length=64) as session:
@@ -47,6 +52,9 @@ def _step_ms(manager: Any, peer: Any, start: int, end: int, tokens: int, hidden:
                 began = time.perf_counter()
                 session.step(torch.randn(1, tokens, hidden))
             samples.append((time.perf_counter() - began) * 1000.0)
+        # finalizers on this thread: a PETALS session collected on hivemind's event-loop
+        # thread closes itself through that same loop and deadlocks it
+        gc.collect()
     return statistics.median(samples[1:])  # the first one warms up
 
 
@@ -134,7 +142,8 @@ def main() -> int:
     )
     with RouteClient(plan["coordinator"]) as routes:
         swarm = BookedSwarm(model, routes, request_timeout=30.0)
-        speeds = calibrate(swarm.manager, plan["servers"], model.config.hidden_size)
+        with torch.inference_mode():
+            speeds = calibrate(swarm.manager, plan["servers"], model.config.hidden_size)
         rows = []
         for request in plan["requests"]:
             swarm.client_site = request["client_site"]

@@ -23,6 +23,7 @@ Runs inside the PETALS process (pydantic 1.10, torch, hivemind): imports PETALS 
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -259,6 +260,9 @@ class BookedSwarm:
                     attempt.tokens = len(recorder.tokens)
             if not failed:
                 break
+            # the broken sessions' finalizers here, not on hivemind's event-loop thread
+            # (where closing a session through that same loop deadlocks it)
+            gc.collect()
             attempt.failed_peers = sorted(failed)
             avoid |= failed
             failed_at = time.monotonic()
