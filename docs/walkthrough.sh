@@ -170,19 +170,7 @@ call GET "/v1/sessions/$SESSION" -H "Authorization: Bearer $SESSION_TOKEN"
 expect 200
 
 echo
-echo "## 8. bad calls are refused and change nothing"
-echo "   an older boot epoch: 409; a bad field: 422 naming it; an admin route without a token:"
-echo "   401, checked before the body is read"
-call POST /v1/servers/a100-0/heartbeat -H "Authorization: Bearer $T0" "${JSON[@]}" \
-  -d '{"boot_epoch": 0, "state": "online"}'
-expect 409
-call POST /v1/sessions "${JSON[@]}" -d '{"client_site": "eu", "input_tokens": -1, "output_tokens": 64}'
-expect 422
-call PUT /v1/model "${JSON[@]}" -d '{"num_blocks": "many"}'
-expect 401
-
-echo
-echo "## 9. what-if: the live swarm and the load it measured, replayed offline"
+echo "## 8. what-if: the live swarm and the load it measured, replayed offline"
 echo "   (the export carries the measured workload once it has seen 10 bookings in 5 minutes)"
 booked=""
 for i in $(seq 1 12); do
@@ -199,6 +187,23 @@ echo "\$ bprr solve live.json"
 "$BPRR_BIN" solve "$WORKDIR/live.json"
 echo "\$ bprr simulate live.json"
 "$BPRR_BIN" simulate "$WORKDIR/live.json"
+
+echo
+echo "## 9. bad calls are refused and change nothing"
+echo "   an older boot epoch: 409; a bad field: 422 naming it; an admin route without a token:"
+echo "   401, checked before the body is read"
+call POST /v1/servers/a100-0/heartbeat -H "Authorization: Bearer $T0" "${JSON[@]}" \
+  -d '{"boot_epoch": 0, "state": "online"}'
+expect 409
+call POST /v1/sessions "${JSON[@]}" -d '{"client_site": "eu", "input_tokens": -1, "output_tokens": 64}'
+expect 422
+call PUT /v1/model "${JSON[@]}" -d '{"num_blocks": "many"}'
+expect 401
+echo "   (the model and the server are as they were:)"
+call GET /v1/model
+expect 200
+call GET /v1/servers/a100-0
+expect 200
 
 if [ -n "${KEEP_RUNNING:-}" ]; then
   echo

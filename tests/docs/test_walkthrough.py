@@ -151,10 +151,12 @@ def test_every_call_answers_the_status_the_readme_shows(run: Run) -> None:
         ("DELETE", 401),  # 7. release without the session's token
         ("DELETE", 204),  #    with it
         ("GET", 200),  #    the ended session
-        ("POST", 409),  # 8. older boot epoch
+        ("GET", 200),  # 8. the scenario export
+        ("POST", 409),  # 9. older boot epoch
         ("POST", 422),  #    bad field
         ("PUT", 401),  #    admin route, no token, bad body
-        ("GET", 200),  # 9. the scenario export
+        ("GET", 200),  #    the model, unchanged
+        ("GET", 200),  #    the server, unchanged
     ]
 
 
@@ -217,27 +219,31 @@ def test_release_needs_the_session_token(run: Run) -> None:
 
 
 def test_bad_calls_say_why(run: Run) -> None:
-    epoch, field_error, no_token = replies(run, 8)
+    epoch, field_error, no_token, model, server = replies(run, 9)
     assert "boot_epoch" in epoch["detail"]
     assert field_error["detail"][0]["loc"] == ["body", "input_tokens"]
     assert "token" in no_token["detail"]
+    # Nothing was written: the model is step 1's, the server keeps its epoch, state and span.
+    assert model == replies(run, 1)[0]
+    assert (server["boot_epoch"], server["state"], server["lease"]) == (1, "online", "live")
+    assert server["loaded_span"] == {"start": 0, "end": 61}
 
 
 def test_the_what_if_replays_the_measured_load(run: Run) -> None:
-    """Step 9: 12 more bookings, GET /v1/scenario, then bprr solve and bprr simulate on it."""
+    """Step 8: 12 more bookings, GET /v1/scenario, then bprr solve and bprr simulate on it."""
     assert "12 more bookings from site us, varied lengths:" + " 201" * 12 in run.stdout
-    (scenario,) = replies(run, 9)
+    (scenario,) = replies(run, 8)
     assert [s["id"] for s in scenario["servers"]] == ["a100-0", "a100-1"]
     workload = scenario.get("workload")
     assert workload is not None, "the export carries no measured workload"
-    # The 13 bookings the coordinator saw: step 6's and the 12 of step 9.
+    # The 13 bookings the coordinator saw: step 6's and the 12 of step 8.
     inputs = [20] + [2 + 7 * i % 19 for i in range(1, 13)]
     outputs = [64] + [8 * (1 + 5 * i % 16) for i in range(1, 13)]
     assert workload["arrival"] == "poisson" and workload["rate_per_s"] > 0
     assert workload["input_tokens"]["mean"] == pytest.approx(sum(inputs) / 13, abs=1e-5)
     assert workload["output_tokens"]["mean"] == pytest.approx(sum(outputs) / 13, abs=1e-5)
     assert workload["input_tokens"]["max"] == 20 and workload["output_tokens"]["max"] == 128
-    what_if = "\n".join(run.steps[9].lines)
+    what_if = "\n".join(run.steps[8].lines)
     solve = what_if[what_if.index("$ bprr solve live.json") : what_if.index("$ bprr simulate")]
     assert "live: auto placement" in solve and "auto chose:" in solve
     assert re.search(r"a100-0 .* \[\d+, 70\)|a100-1 .* \[\d+, 70\)", solve)
