@@ -35,7 +35,9 @@ class Settings(BaseSettings):
 
     # Planner: how often the leader looks for a reason to re-plan (0 disables the thread).
     planner_interval_s: Annotated[float, Field(ge=0)] = 2.0
-    planner_algorithm: str = "cg"
+    # "auto" (the best-scored candidate plan for the measured load), "chains", "cg", "milp"
+    # or "petals".
+    planner_algorithm: str = "auto"
     planner_time_limit_s: Annotated[float, Field(gt=0)] = 30.0
     # Hysteresis: a re-plan replaces the current placement only when it improves the
     # predicted per-token time by at least this fraction (unless coverage is lost).

@@ -134,6 +134,8 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, str):  # lone surrogates cannot be encoded as UTF-8: escape them
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
     if isinstance(value, str | int | float | bool) or value is None:
         return value
     return str(value)

@@ -67,8 +67,12 @@ class Coordinator:
         self.engine = self.core.engine
         self.servers = ServerService(self.core)
         self.sessions = SessionService(self.core)
-        self.placements = PlacementService(self.core, sweep=self.sessions.sweep)
-        self.scenario = ScenarioService(self.core, self.placements)
+        self.placements = PlacementService(
+            self.core, sweep=self.sessions.sweep, workload=self.sessions.profile_workload
+        )
+        self.scenario = ScenarioService(
+            self.core, self.placements, workload=self.sessions.profile_workload
+        )
         self._threads: list[threading.Thread] = []
 
     # --- life cycle --------------------------------------------------------------------------

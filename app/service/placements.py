@@ -1,10 +1,13 @@
 """Placements: solving on demand (POST /v1/placements), publishing generations, the planner
-loop and its leader lease.
+loop and its leader lease. The re-plan decisions (which servers to plan on, whether to
+re-plan, what to publish) are app.allocation.replan's pure functions; this module feeds them
+the live state and writes what they decide.
 
 Transaction boundaries:
 - ``compute``: one read transaction for the planning input; the solver runs outside any
   transaction (a worker process); ``publish`` is one write transaction (retried when another
-  process took the generation number first).
+  process took the generation number first). ``insert`` adds a plan's row inside a caller's
+  transaction (the scenario load swaps the swarm and its placement in one).
 - ``tick`` (one planner round): the session sweep (app.service.sessions), one write
   transaction to take or renew the leader lease, one to read the re-plan request and the live
   state, then (on a re-plan) one to clear the request and one to publish.
@@ -16,14 +19,17 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.allocation import cg
-from app.allocation.instance import Instance, Span
+from app.allocation import cg, replan
+from app.allocation.instance import Instance, Placement, Span
+from app.allocation.scenario import Scenario
 from app.allocation.solve import Solution
+from app.allocation.workload import WorkloadProfile
 from app.logging import get_logger
 from app.service import planner
 from app.service.audit import audit
@@ -33,23 +39,48 @@ from app.service.routeview import model_cache_gb
 from app.service.schemas import PlacedSpan, PlacementOut, PlacementRequest
 from app.service.state import LiveState, build_scenario, load_state
 from app.store import repositories as repo
-from app.store.models import PlacementRow, ServerRow
+from app.store.models import ModelRow, PlacementRow, ServerRow
 
 log = get_logger("bprr.coordinator")
+Workload = Callable[[], dict[str, object] | None]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A solved placement ready to publish."""
+
+    solution: Solution
+    spans: dict[str, Span]
+    objective: float
+    inputs: dict[str, Any]
+    reason: str
+    status: str
+    chains: list[dict[str, Any]] | None  # JSON shape of PlacementRow.chains
+    dispatcher: str
+
+
+def no_workload() -> dict[str, object] | None:
+    return None
 
 
 class PlacementService:
-    def __init__(self, core: Core, sweep: Callable[[], int]) -> None:
+    def __init__(
+        self, core: Core, sweep: Callable[[], int], workload: Workload = no_workload
+    ) -> None:
         self.core = core
         self.settings = core.settings
         self._sweep = sweep  # the sessions' sweep, run at the start of every planner round
+        # The measured load (sessions' profile as a scenario workload), planned for.
+        self._workload = workload
         # The solver worker is killed this long after its time limit (tests shorten it).
         self.solver_grace_s = planner.SOLVER_GRACE_S
         self._plan_lock = threading.Lock()
 
     # --- on demand ------------------------------------------------------------------------------
 
-    def _planning_input(self, db: Session, now: float) -> tuple[LiveState, list[ServerRow]]:
+    def _planning_input(
+        self, db: Session, now: float
+    ) -> tuple[LiveState, list[ServerRow], Scenario]:
         state = load_state(db)
         if state.model is None:
             raise Conflict("no model is set yet (PUT /v1/model)")
@@ -59,59 +90,76 @@ class PlacementService:
                 "no server with a live lease (and memory for one block and one cache) "
                 "to place blocks on"
             )
-        return state, live
+        scenario = build_scenario(
+            state, live, self.settings.default_site_rtt_ms, workload=self._workload()
+        )
+        return state, live, scenario
 
-    def _concurrency(
-        self, state: LiveState, instance: Instance, scenario_rate: float | None
+    def concurrency(
+        self, model_concurrency: int | None, instance: Instance, rate: float | None
     ) -> int:
-        model = state.model
-        assert model is not None
-        best = cg.max_feasible_concurrency(instance)
-        if best < 1:
+        """|R| to solve for (replan.planner_concurrency); Conflict when not one request fits."""
+        try:
+            return replan.planner_concurrency(
+                cg.max_feasible_concurrency(instance),
+                model_concurrency,
+                None if rate is None else (lambda: cg.design_concurrency(instance, rate)),
+                self.settings.default_concurrency,
+                instance.num_clients,
+            )
+        except ValueError:
             raise Conflict(
                 "the live servers cannot hold the model even for one request "
                 f"({instance.num_blocks} blocks)"
-            )
-        if model.concurrency is not None:
-            wanted = model.concurrency
-        elif scenario_rate is not None:
-            wanted = cg.design_concurrency(instance, scenario_rate)
-        elif self.settings.default_concurrency > 0:
-            wanted = self.settings.default_concurrency
-        else:
-            wanted = max(1, instance.num_clients)
-        return max(1, min(wanted, best))
+            ) from None
 
     def compute(self, request: PlacementRequest) -> PlacementOut:
         """POST /v1/placements: solve now (worker process) and publish as a new generation."""
         now = self.core.clock()
         with self.core.read_tx() as db:
-            state, live = self._planning_input(db, now)
-            scenario = build_scenario(state, live, self.settings.default_site_rtt_ms)
-        instance = Instance.from_scenario(scenario)
+            state, _, scenario = self._planning_input(db, now)
         model = state.model
         assert model is not None
-        if request.concurrency is not None:
-            concurrency = request.concurrency
-        else:
-            concurrency = self._concurrency(state, instance, model.rate_per_s)
-        limit = request.time_limit_s or self.settings.planner_time_limit_s
-        solution = self._solve(scenario, request.algorithm, concurrency, limit)
-        objective = planner.evaluate(
+        plan = self.plan(
+            scenario,
+            request.algorithm,
+            request.concurrency,
+            model,
+            request.time_limit_s or self.settings.planner_time_limit_s,
+            "requested by the operator",
+        )
+        return self.publish(plan)
+
+    def plan(
+        self,
+        scenario: Scenario,
+        algorithm: str,
+        concurrency: int | None,
+        model: ModelRow | None,
+        limit: float,
+        reason: str,
+    ) -> Plan:
+        """Solve ``scenario`` (no database access)."""
+        instance = Instance.from_scenario(scenario)
+        if concurrency is None:
+            rate = model.rate_per_s if model is not None else None
+            rate = rate or getattr(scenario.workload, "rate_per_s", None)
+            concurrency = self.concurrency(
+                None if model is None else model.concurrency, instance, rate
+            )
+        solution = self._solve(scenario, algorithm, concurrency, limit)
+        objective = replan.evaluate(
             instance, solution.placement, scenario.client_request_counts(concurrency)
         )
-        spans = {
-            instance.server_ids[j]: span
-            for j, span in enumerate(solution.placement)
-            if span is not None
-        }
-        return self.publish(
-            solution,
-            spans,
-            objective if objective is not None else solution.objective_ms_per_token,
-            scenario.model_dump(mode="json", exclude_none=True),
-            "requested by the operator",
-            solution.status,
+        return Plan(
+            solution=solution,
+            spans=replan.spans_by_id(instance.server_ids, solution.placement),
+            objective=objective if objective is not None else solution.objective_ms_per_token,
+            inputs=scenario.model_dump(mode="json", exclude_none=True),
+            reason=reason,
+            status=solution.status,
+            chains=chains_json(solution, instance.server_ids),
+            dispatcher=solution.dispatcher,
         )
 
     def _solve(self, scenario: Any, algorithm: str, concurrency: int, limit: float) -> Solution:
@@ -128,54 +176,57 @@ class PlacementService:
         self.core.counters.solver_seconds.append(solution.solve_seconds)
         return solution
 
-    def publish(
-        self,
-        solution: Solution,
-        spans: dict[str, Span],
-        objective: float,
-        inputs: dict[str, Any],
-        reason: str,
-        status: str,
-    ) -> PlacementOut:
-        now = self.core.clock()
-        for _ in range(3):
-            try:
-                with self.core.tx() as db:
-                    placements = repo.Placements(db)
-                    row = PlacementRow(
-                        generation=placements.latest_generation() + 1,
-                        algorithm=solution.algorithm,
-                        concurrency=solution.concurrency,
-                        objective_ms_per_token=float(objective),
-                        bound_ms_per_token=solution.bound_ms_per_token,
-                        status=status,
-                        solve_seconds=solution.solve_seconds,
-                        reason=reason[:500],
-                        created_at=now,
-                        inputs=json.dumps(inputs),
-                        spans=json.dumps({k: [v.start, v.end] for k, v in spans.items()}),
-                    )
-                    placements.add(row)
-                    out = placement_out(row)
-                break
-            except IntegrityError:  # another process published the same generation first
-                continue
-        else:
-            raise Conflict("another coordinator kept publishing placements; retry")
+    def insert(self, db: Session, plan: Plan, now: float) -> PlacementRow:
+        """Add the plan as the next generation in the caller's transaction."""
+        placements = repo.Placements(db)
+        solution = plan.solution
+        row = PlacementRow(
+            generation=placements.latest_generation() + 1,
+            algorithm=solution.algorithm,
+            concurrency=solution.concurrency,
+            objective_ms_per_token=float(plan.objective),
+            bound_ms_per_token=solution.bound_ms_per_token,
+            status=plan.status,
+            solve_seconds=solution.solve_seconds,
+            reason=plan.reason[:500],
+            created_at=now,
+            inputs=json.dumps(plan.inputs),
+            spans=json.dumps({k: [v.start, v.end] for k, v in plan.spans.items()}),
+            chains=None if plan.chains is None else json.dumps(plan.chains),
+            dispatcher=plan.dispatcher,
+        )
+        placements.add(row)
+        return row
+
+    def published(self, out: PlacementOut) -> None:
+        """After the commit of a new generation: counters, the view, the logs."""
         self.core.counters.placements_published += 1
         self.core.invalidate()
         audit(
             "placement_published",
             generation=out.generation,
             algorithm=out.algorithm,
-            reason=reason[:200],
+            reason=out.reason[:200],
         )
         log.info(
             "placement published",
             generation=out.generation,
-            reason=reason,
-            objective_ms_per_token=round(objective, 3),
+            reason=out.reason,
+            objective_ms_per_token=round(out.objective_ms_per_token, 3),
         )
+
+    def publish(self, plan: Plan) -> PlacementOut:
+        now = self.core.clock()
+        for _ in range(3):
+            try:
+                with self.core.tx() as db:
+                    out = placement_out(self.insert(db, plan, now))
+                break
+            except IntegrityError:  # another process published the same generation first
+                continue
+        else:
+            raise Conflict("another coordinator kept publishing placements; retry")
+        self.published(out)
         return out
 
     def get(self, generation: int | None) -> PlacementOut:
@@ -227,101 +278,153 @@ class PlacementService:
             with self.core.tx() as db:
                 requested = repo.PlannerState(db).requested()
                 state = load_state(db)
-            if state.model is None:
+            model = state.model
+            if model is None:
                 return "no model"
             live = plannable(state, now)
             if not live:
                 return "no live servers"
             current = state.assigned_spans()
-            lost = coverage_lost(state, live, current)
-            reason = requested or ("coverage lost" if lost else None)
-            scenario = build_scenario(state, live, self.settings.default_site_rtt_ms)
+            lost = replan.coverage_lost(model.num_blocks, map(_server_state, live), current)
+            scenario = build_scenario(
+                state, live, self.settings.default_site_rtt_ms, workload=self._workload()
+            )
             instance = Instance.from_scenario(scenario)
-            if reason is None and state.placement is not None:
-                stored = state.placement.objective_ms_per_token
-                counts = scenario.client_request_counts(state.placement.concurrency)
-                aligned = planner.aligned_current(instance.server_ids, current)
-                now_obj = planner.evaluate(instance, aligned, counts)
-                if now_obj is None:
-                    reason = "coverage lost"
-                elif stored > 0 and abs(now_obj - stored) / stored > self.settings.replan_drift:
-                    reason = f"measurements drifted ({stored:.1f} -> {now_obj:.1f} ms/token)"
+            aligned = planner.aligned_current(instance.server_ids, current)
+            placement = state.placement
+
+            def current_objective() -> float | None:
+                assert placement is not None
+                counts = scenario.client_request_counts(placement.concurrency)
+                return replan.evaluate(instance, aligned, counts)
+
+            reason = replan.replan_reason(
+                requested,
+                lost,
+                None if placement is None else placement.objective_ms_per_token,
+                current_objective,
+                self.settings.replan_drift,
+            )
+            if reason is None and placement is not None and _unplaced(aligned, instance):
+                reason = "servers without a span"
             if reason is None:
                 return "steady"
-            return self._replan(state, scenario, instance, current, reason, now)
+            return self._replan(model, scenario, instance, aligned, reason, now)
 
     def _replan(
         self,
-        state: LiveState,
-        scenario: Any,
+        model: ModelRow,
+        scenario: Scenario,
         instance: Instance,
-        current: dict[str, Span],
+        current: Placement,
         reason: str,
         now: float,
     ) -> str:
-        model = state.model
-        assert model is not None
         try:
-            concurrency = self._concurrency(state, instance, model.rate_per_s)
+            plan = self.plan(
+                scenario,
+                self.settings.planner_algorithm,
+                None,
+                model,
+                self.settings.planner_time_limit_s,
+                reason,
+            )
         except Conflict as error:
             with self.core.tx() as db:
                 repo.PlannerState(db).clear(now)
             return f"cannot plan: {error.message}"
-        algorithm = self.settings.planner_algorithm
-        solution = self._solve(scenario, algorithm, concurrency, self.settings.planner_time_limit_s)
-        counts = scenario.client_request_counts(concurrency)
-        aligned = planner.aligned_current(instance.server_ids, current)
-        decision = planner.plan_update(
-            instance, solution, aligned, counts, self.settings.replan_min_gain
+        solution = plan.solution
+        profile = WorkloadProfile.from_scenario(scenario)
+        counts = scenario.client_request_counts(solution.concurrency)
+        decision = replan.plan_update(
+            instance, solution, current, counts, self.settings.replan_min_gain, profile
         )
         with self.core.tx() as db:
             repo.PlannerState(db).clear(now)
+        chosen = decision.placement
+        why = decision.reason
         if not decision.publish:
-            log.info("re-plan kept the current placement", reason=reason, why=decision.reason)
-            return f"kept ({decision.reason})"
-        spans = {
-            instance.server_ids[j]: span
-            for j, span in enumerate(decision.placement)
-            if span is not None
-        }
-        status = solution.status if decision.kept == 0 else "sticky"
-        objective = decision.objective_ms_per_token or solution.objective_ms_per_token
+            # Servers that joined or came back get the fresh plan's span even when the rest
+            # of the placement is kept: adding a server only adds routes.
+            added = _with_new_servers(current, solution.placement)
+            if added is None:
+                log.info("re-plan kept the current placement", reason=reason, why=why)
+                return f"kept ({why})"
+            chosen, why = added, f"{why}; spans for servers without one"
+        chains = plan.chains
+        objective = decision.objective_ms_per_token or plan.objective
+        if chosen != solution.placement and solution.chains:
+            from app.allocation.chains import chains_for_placement
+
+            fresh_chains, _ = chains_for_placement(instance, profile, chosen)
+            chains = chains_json_of(fresh_chains, instance.server_ids)
+        if chosen != solution.placement and not solution.chains:
+            evaluated = replan.evaluate(instance, chosen, counts)
+            objective = evaluated if evaluated is not None else objective
+        status = solution.status if chosen == solution.placement else "sticky"
         out = self.publish(
-            solution,
-            spans,
-            objective,
-            scenario.model_dump(mode="json", exclude_none=True),
-            f"{reason}; {decision.reason}, {decision.moved} spans moved, {decision.kept} kept",
-            status,
+            Plan(
+                solution=solution,
+                spans=replan.spans_by_id(instance.server_ids, chosen),
+                objective=objective,
+                inputs=plan.inputs,
+                reason=f"{reason}; {why}, {decision.moved} spans moved, {decision.kept} kept",
+                status=status,
+                chains=chains,
+                dispatcher=plan.dispatcher,
+            )
         )
         return f"published {out.generation}"
 
 
+def _server_state(row: ServerRow) -> replan.ServerState:
+    return replan.ServerState(row.id, row.memory_gb, row.lease_expires_at, row.state)
+
+
 def plannable(state: LiveState, now: float) -> list[ServerRow]:
-    """Servers the planner may use: live lease, not draining, room for one block + one cache."""
+    """The live servers the planner may use (replan.plannable), as rows."""
     model = state.model
     if model is None:
         return []
-    one_block = model.block_memory_gb + model_cache_gb(model)
+    keep = {
+        s.id
+        for s in replan.plannable(
+            map(_server_state, state.servers), now, model.block_memory_gb, model_cache_gb(model)
+        )
+    }
+    return [row for row in state.servers if row.id in keep]
+
+
+def _unplaced(current: Placement, instance: Instance) -> bool:
+    """Some plannable server holds no span of the published placement."""
+    return any(span is None for span in current[: len(instance.server_ids)])
+
+
+def _with_new_servers(current: Placement, fresh: Placement) -> Placement | None:
+    """``current`` plus the fresh spans of servers that hold none; None when none gains one."""
+    if not any(s is not None for s in current):
+        return None
+    added = [old if old is not None else new for old, new in zip(current, fresh, strict=True)]
+    result: Placement = tuple(added)
+    return None if result == current else result
+
+
+def chains_json_of(chains: Any, server_ids: tuple[str, ...]) -> list[dict[str, Any]] | None:
+    if not chains:
+        return None
     return [
-        s
-        for s in state.servers
-        if s.lease_expires_at > now and s.state != "draining" and s.memory_gb >= one_block
+        {
+            "hops": [[server_ids[h.server], h.start, h.end] for h in chain.hops],
+            "capacity": int(chain.capacity),
+            "service_ms": float(chain.service_ms),
+        }
+        for chain in chains
     ]
 
 
-def coverage_lost(state: LiveState, live: list[ServerRow], current: dict[str, Span]) -> bool:
-    model = state.model
-    if model is None or not current:
-        return True
-    covered = [False] * model.num_blocks
-    for server in live:
-        span = current.get(server.id)
-        if span is None:
-            continue
-        for block in range(span.start, min(span.end, model.num_blocks)):
-            covered[block] = True
-    return not all(covered)
+def chains_json(solution: Solution, server_ids: tuple[str, ...]) -> list[dict[str, Any]] | None:
+    """A chain plan's chains with server ids (PlacementRow.chains); None for other plans."""
+    return chains_json_of(solution.chains, server_ids)
 
 
 def placement_out(row: PlacementRow) -> PlacementOut:

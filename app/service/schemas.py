@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
 
 
 def _integral(value: Any) -> Any:
@@ -26,8 +33,19 @@ _Int4 = Annotated[int, Field(ge=1, le=1_000_000), BeforeValidator(_integral)]
 _Int5 = Annotated[int, Field(ge=0, le=100_000), BeforeValidator(_integral)]
 _Int6 = Annotated[int, Field(ge=0, le=2**31 - 1), BeforeValidator(_integral)]
 Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:@-]+$")]
-NonNegative = Annotated[float, Field(ge=0, le=1e12, allow_inf_nan=False)]
-Positive = Annotated[float, Field(gt=0, le=1e12, allow_inf_nan=False)]
+SMALLEST = 1e-9  # below this (subnormals included) a measurement is noise that overflows sums
+
+
+def _zero_or_normal(value: float) -> float:
+    if 0 < value < SMALLEST:
+        raise ValueError(f"must be 0 or at least {SMALLEST:g}")
+    return value
+
+
+NonNegative = Annotated[
+    float, Field(ge=0, le=1e12, allow_inf_nan=False), AfterValidator(_zero_or_normal)
+]
+Positive = Annotated[float, Field(ge=SMALLEST, le=1e12, allow_inf_nan=False)]
 Epoch = _Int0
 # A libp2p peer id (base58, as PETALS prints it) and its multiaddrs ("/ip4/.../tcp/.../p2p/...").
 PeerId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[1-9A-HJ-NP-Za-km-z]+$")]
@@ -36,8 +54,43 @@ Multiaddrs = Annotated[list[Multiaddr], Field(max_length=16)]
 Tokens = _Int1
 
 
+def text_problem(value: Any, path: str = "") -> str | None:
+    """The first string (key or value) in ``value`` that no database stores faithfully: a
+    lone surrogate (not UTF-8) or a NUL character (PostgreSQL text refuses it), named by its
+    path; None when there is none."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return f"{path or 'body'}: contains a NUL character"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{path or 'body'}: contains a lone surrogate (not valid Unicode text)"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            problem = text_problem(key, where) if isinstance(key, str) else None
+            problem = problem or text_problem(item, where)
+            if problem:
+                return problem
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            problem = text_problem(item, f"{path}[{i}]")
+            if problem:
+                return problem
+    return None
+
+
 class Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _clean_text(cls, data: Any) -> Any:
+        problem = text_problem(data)
+        if problem:
+            raise ValueError(problem)
+        return data
 
 
 class ErrorOut(BaseModel):
@@ -61,14 +114,14 @@ class ModelIn(Body):
     name: Name
     num_blocks: _Int2
     block_memory_gb: Positive
-    kv_bytes_per_token_per_block: Positive
+    kv_bytes_per_token_per_block: Annotated[float, Field(ge=1, le=1e12, allow_inf_nan=False)]
     max_input_tokens: Tokens
     max_output_tokens: _Int3
     hidden_size: _Int3 | None = None
     petals_cache_tokens: _Int3 | None = None
     overheads: Overheads = Overheads()
     concurrency: _Int4 | None = None
-    rate_per_s: Positive | None = None
+    rate_per_s: Annotated[float, Field(ge=SMALLEST, le=1e6, allow_inf_nan=False)] | None = None
 
 
 class ModelOut(ModelIn):
@@ -168,7 +221,7 @@ class RttsOut(BaseModel):
 
 
 class PlacementRequest(Body):
-    algorithm: Literal["cg", "milp", "petals"] = "cg"
+    algorithm: Literal["auto", "chains", "cg", "milp", "petals"] = "auto"
     concurrency: _Int2 | None = None
     time_limit_s: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)] | None = None
 

@@ -82,9 +82,14 @@ def client_list(state: LiveState) -> list[tuple[str, str, float]]:
 
 
 def scenario_dict(
-    state: LiveState, servers: list[ServerRow], default_rtt_ms: float, name: str = "live"
+    state: LiveState,
+    servers: list[ServerRow],
+    default_rtt_ms: float,
+    name: str = "live",
+    workload: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The scenario (../shared/SCENARIO.md) of ``servers`` under the current model and RTTs."""
+    """The scenario (../shared/SCENARIO.md) of ``servers`` under the current model and RTTs,
+    with ``workload`` (the measured load, docs/SCENARIO.md) when there is one."""
     model = state.model
     if model is None:
         raise ValueError("no model is set")
@@ -131,6 +136,8 @@ def scenario_dict(
     }
     if overrides:
         data["rtt_ms"] = overrides
+    if workload is not None:
+        data["workload"] = workload
     return data
 
 
@@ -155,6 +162,10 @@ def server_dict(server: ServerRow) -> dict[str, Any]:
 
 
 def build_scenario(
-    state: LiveState, servers: list[ServerRow], default_rtt_ms: float, name: str = "live"
+    state: LiveState,
+    servers: list[ServerRow],
+    default_rtt_ms: float,
+    name: str = "live",
+    workload: dict[str, Any] | None = None,
 ) -> Scenario:
-    return parse_scenario(scenario_dict(state, servers, default_rtt_ms, name))
+    return parse_scenario(scenario_dict(state, servers, default_rtt_ms, name, workload))

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from app.allocation import replan
 from app.allocation.instance import Instance, Span
 from app.allocation.scenario import parse_scenario
 from app.service import planner
@@ -40,7 +41,7 @@ def _check_valid(placement: dict[str, Any]) -> float:
         if span is not None:  # the weights and at least one attention cache fit
             assert instance.cache_slots(j, span.length) >= 1, (instance.server_ids[j], span)
     counts = scenario.client_request_counts(placement["concurrency"])
-    objective = planner.evaluate(instance, aligned, counts)
+    objective = replan.evaluate(instance, aligned, counts)
     assert objective is not None
     return objective
 
