@@ -6,15 +6,15 @@ The page itself (app/api/static/) polls only public GET routes: /v1/overview, /v
 /v1/model, /v1/placements/current, /v1/routes/recent and /v1/history; it draws its charts
 with uPlot, served from package data like the page (no CDN).
 
-The history is a ring buffer per process, sampled every ``HISTORY_INTERVAL_S`` by a task
+The history is a ring buffer per process, sampled every ``HISTORY_INTERVAL_S`` by a thread
 that runs inside the app's lifespan (started and stopped with the app).
 """
 
 from __future__ import annotations
 
-import asyncio
+import threading
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -92,30 +92,38 @@ def get_history(
     return history.out(limit, generation_times())
 
 
-async def _sample_forever(coordinator: Coordinator, history: History) -> None:
+def _sample_until(stop: threading.Event, coordinator: Coordinator, history: History) -> None:
     while True:
         try:
-            await run_in_threadpool(record_history, coordinator, history)
+            record_history(coordinator, history)
         except Exception as error:  # an outage: skip this sample, keep sampling
             log.warning("history sample skipped", error=str(error) or type(error).__name__)
-        await asyncio.sleep(history.interval_s)
+        if stop.wait(history.interval_s):
+            return
 
 
 def _with_sampler(app: FastAPI, history: History) -> None:
     """Run the history sampler inside the app's lifespan (after the coordinator starts,
-    cancelled before it closes)."""
+    stopped before it closes), on a thread of its own: a sample may read the database, and
+    the event loop and the request thread pool are left to requests."""
     inner = app.router.lifespan_context
 
     @asynccontextmanager
     async def lifespan(target: Any) -> AsyncIterator[Any]:
         async with inner(target) as state:
-            task = asyncio.create_task(_sample_forever(app.state.coordinator, history))
+            stop = threading.Event()
+            thread = threading.Thread(
+                target=_sample_until,
+                args=(stop, app.state.coordinator, history),
+                name="bprr-history",
+                daemon=True,
+            )
+            thread.start()
             try:
                 yield state
             finally:
-                task.cancel()
-                with suppress(asyncio.CancelledError):
-                    await task
+                stop.set()
+                await run_in_threadpool(thread.join, 30)
 
     app.router.lifespan_context = lifespan
 

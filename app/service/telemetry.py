@@ -17,7 +17,8 @@ sets, generations are pruned to the last :data:`KEPT_GENERATIONS`):
 - ``bprr_generation_per_token_ms{generation, kind}``: kind="predicted" (the placement's
   model objective) or "measured" (reported by clients), one pair per recent generation
 - ``bprr_server_cache_units{server, kind}`` (kind "used" | "total"), ``bprr_server_state{server,
-  state}`` (1 for the server's state): from :class:`ServerCollector`
+  state}`` (1 for the server's state; "idle": no span in the placement): from
+  :class:`ServerCollector`
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 OUTCOMES = frozenset({"booked", "refused", "queue_timeout", "queue_full", "rate_limited"})
 # The outcomes whose wait is a time spent in (or skipping) the central queue.
 _WAITED = frozenset({"booked", "queue_timeout"})
-SERVER_STATES = ("routable", "expired", "loading", "joining", "draining")
+SERVER_STATES = ("routable", "expired", "idle", "loading", "joining", "draining")
 KEPT_GENERATIONS = 8
 WAIT_BUCKETS_S = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -224,8 +225,9 @@ class ServerSample:
 
 def route_view_samples(view: RouteView, now: float) -> list[ServerSample]:
     """Every registered server of the view: the ones serving their assigned span with their
-    cache units; the others with their registration state ("loading": online but its loaded
-    span is not the assigned one yet)."""
+    cache units; the others with their registration state ("idle": online with no span in
+    the published placement; "loading": online but its loaded span is not the assigned one
+    yet)."""
     samples = []
     for position, entry in enumerate(view.entries):
         state = "routable" if view.lease[position] > now else "expired"
@@ -238,7 +240,10 @@ def route_view_samples(view: RouteView, now: float) -> list[ServerSample]:
         if server_id in view.position:
             continue
         row_state = key[2]
-        state = "loading" if row_state == "online" else row_state
+        if row_state == "online":
+            state = "loading" if server_id in view.spans else "idle"
+        else:
+            state = row_state
         samples.append(ServerSample(server_id, state, None, None))
     return samples
 
@@ -263,7 +268,8 @@ class ServerCollector(Collector):
         )
         state = GaugeMetricFamily(
             "bprr_server_state",
-            "1 for the server's current state (routable, expired, loading, joining, draining)",
+            "1 for the server's current state (routable, expired, idle, loading, joining, "
+            "draining)",
             labels=["server", "state"],
         )
         for sample in samples:

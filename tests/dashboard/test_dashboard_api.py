@@ -72,7 +72,8 @@ def test_overview_follows_the_swarm(client: TestClient, clock: FakeClock) -> Non
     assert body["generation"] == loaded.json()["generation"] == 1
     assert body["num_blocks"] == 70 and len(body["block_servers"]) == 70
     assert min(body["block_servers"]) >= 1 and body["coverage"] == 1.0
-    assert body["live_servers"] == body["routable_servers"] == 9
+    placed = [s for s in client.get("/v1/servers").json() if s["assigned_span"] is not None]
+    assert body["live_servers"] == 9 and body["routable_servers"] == len(placed) >= 1
     sites = {s["name"]: s for s in body["sites"]}
     assert set(sites) == {"cluster0", "cluster1", "cluster2"}
     assert sites["cluster1"]["servers"] == ["a100-0", "a100-1"]

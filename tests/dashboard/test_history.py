@@ -91,7 +91,8 @@ def test_history_route_samples_the_live_swarm(client: TestClient, clock: FakeClo
     first, second = body["points"][start:]
     assert second["at"] - first["at"] == 2.0
     assert (first["generation"], second["generation"]) == (generation, generation)
-    assert second["routable_servers"] == 9 and second["coverage"] == 1.0
+    routable = client.get("/v1/overview").json()["routable_servers"]
+    assert second["routable_servers"] == routable >= 1 and second["coverage"] == 1.0
     assert (first["active_sessions"], second["active_sessions"]) == (0, 1)
     assert second["booked"] >= 1 and second["refused"] >= 1
     assert second["mean_wait_s"] is not None

@@ -33,13 +33,24 @@ def value(
 def test_per_server_cache_units_and_state(client: TestClient, clock: FakeClock) -> None:
     assert client.post("/v1/scenario", json=example_scenario(), headers=admin()).status_code == 201
     before = samples(client)
-    servers = {s["id"] for s in client.get("/v1/servers").json()}
-    assert len(servers) == 9
+    listed = client.get("/v1/servers").json()
+    servers = {s["id"] for s in listed}
+    placed = {s["id"] for s in listed if s["assigned_span"] is not None}
+    assert len(servers) == 9 and placed
     for server in servers:
-        assert value(before, "bprr_server_state", server=server, state="routable") == 1.0
-        assert value(before, "bprr_server_state", server=server, state="expired") == 0.0
-        assert value(before, "bprr_server_cache_units", server=server, kind="used") == 0.0
-        assert value(before, "bprr_server_cache_units", server=server, kind="total") > 0
+        # Servers the placement leaves out are idle: registered, online, no span, no cache.
+        state = "routable" if server in placed else "idle"
+        assert value(before, "bprr_server_state", server=server, state=state) == 1.0, server
+        states = [
+            value(before, "bprr_server_state", server=server, state=other)
+            for other in telemetry.SERVER_STATES
+        ]
+        assert sum(states) == 1.0
+        total = ("bprr_server_cache_units", (("kind", "total"), ("server", server)))
+        assert (total in before) == (server in placed)
+        if server in placed:
+            assert value(before, "bprr_server_cache_units", server=server, kind="used") == 0.0
+            assert before[total] > 0
     session = client.post("/v1/sessions", json=BOOKING)
     assert session.status_code == 201, session.text
     after = samples(client)
@@ -62,7 +73,7 @@ def test_per_server_cache_units_and_state(client: TestClient, clock: FakeClock) 
     assert value(expired, "bprr_bottleneck_live_copies") == 0
     assert value(expired, "bprr_bottleneck_blocks") == 70
     assert ("bprr_bottleneck_cache_used", ()) not in expired
-    for server in servers:
+    for server in placed:
         assert value(expired, "bprr_server_state", server=server, state="expired") == 1.0
         assert value(expired, "bprr_server_state", server=server, state="routable") == 0.0
 
