@@ -43,6 +43,7 @@ class BottleneckOut(BaseModel):
     blocks: list[tuple[int, int]]  # [start, end) ranges
     servers: list[str]  # live servers hosting any of those blocks
     cache_used: float | None  # fraction of those servers' cache units in use
+    idle: list[str]  # live, online servers the placement gives no span
     text: str
 
 
@@ -101,9 +102,11 @@ def view_bottleneck(view: RouteView, now: float) -> BottleneckOut | None:
     return bottleneck(view, live_copies(view, num_blocks, now), now)
 
 
-def bottleneck(view: RouteView, block_servers: list[int], now: float) -> BottleneckOut | None:
+def bottleneck(
+    view: RouteView, block_servers: list[int], now: float, idle: list[str] | None = None
+) -> BottleneckOut | None:
     """Name the blocks with the fewest live copies, their servers and how full their cache
-    is (None before a model is set)."""
+    is, and the ``idle`` servers (None before a model is set)."""
     if not block_servers:
         return None
     fewest = min(block_servers)
@@ -111,13 +114,20 @@ def bottleneck(view: RouteView, block_servers: list[int], now: float) -> Bottlen
     ranges = _ranges(blocks)
     where, plural = _span_text(ranges)
     have = "have" if plural else "has"
+    idle = idle or []
+    spare = (
+        f"; {len(idle)} server{'s' if len(idle) > 1 else ''} idle (no span in the placement)"
+        if idle
+        else ""
+    )
     if fewest == 0:
         return BottleneckOut(
             live_copies=0,
             blocks=ranges,
             servers=[],
             cache_used=None,
-            text=f"{where} {have} no live copy: no route until a server hosts them",
+            idle=idle,
+            text=f"{where} {have} no live copy: no route until a server hosts them{spare}",
         )
     hosts, used, total = [], 0, 0
     wanted = set(blocks)
@@ -136,7 +146,8 @@ def bottleneck(view: RouteView, block_servers: list[int], now: float) -> Bottlen
         blocks=ranges,
         servers=hosts,
         cache_used=share,
-        text=f"{where} {have} only {copies} (on {', '.join(hosts)}){full}",
+        idle=idle,
+        text=f"{where} {have} only {copies} (on {', '.join(hosts)}){full}{spare}",
     )
 
 
@@ -149,6 +160,12 @@ def overview(coordinator: Coordinator) -> OverviewOut:
     num_blocks = None if state.model is None else state.model.num_blocks
     block_servers = live_copies(view, num_blocks or 0, now)
     routable = view.live_count(now)
+    assigned = state.assigned_spans()
+    idle = sorted(
+        s.id
+        for s in state.servers
+        if s.lease_expires_at > now and s.state == "online" and s.id not in assigned
+    )
     shares: dict[str, float] = {}
     for _, site, share in client_list(state) if state.sites else []:
         shares[site] = shares.get(site, 0.0) + share
@@ -191,7 +208,7 @@ def overview(coordinator: Coordinator) -> OverviewOut:
         default_site_rtt_ms=default_rtt,
         sites=sites,
         site_rtts=rtts,
-        bottleneck=bottleneck(view, block_servers, now),
+        bottleneck=bottleneck(view, block_servers, now, idle),
     )
 
 

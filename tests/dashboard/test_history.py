@@ -128,6 +128,14 @@ def test_the_bottleneck_names_the_blocks_with_fewest_copies(
     }
     assert set(neck["servers"]) == hosting
     assert neck["cache_used"] == 0.0 and "0% of their cache in use" in neck["text"]
+    # Servers the placement leaves without a span are named as idle.
+    idle = sorted(i for i, s in servers.items() if s["assigned_span"] is None)
+    assert neck["idle"] == idle
+    if idle:
+        plural = "s" if len(idle) > 1 else ""
+        assert neck["text"].endswith(
+            f"; {len(idle)} server{plural} idle (no span in the placement)"
+        )
     assert f"only {fewest} live cop" in neck["text"]
     # A session through the bottleneck uses its cache.
     session = client.post("/v1/sessions", json=BOOKING)
@@ -137,6 +145,7 @@ def test_the_bottleneck_names_the_blocks_with_fewest_copies(
     clock.advance(20)
     lost = client.get("/v1/overview").json()["bottleneck"]
     assert lost["live_copies"] == 0 and lost["servers"] == [] and lost["cache_used"] is None
+    assert lost["idle"] == []  # their leases ran out too
     assert lost["blocks"] == [[0, len(copies)]]
     assert (
         lost["text"]
