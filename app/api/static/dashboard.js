@@ -394,3 +394,8 @@ async function refresh() {
 
 refresh();
 setInterval(refresh, POLL_MS);
+window.addEventListener("resize", () => {
+  for (const [id, entry] of charts) {
+    entry.plot.setSize({ width: Math.max(240, $(id).clientWidth), height: 190 });
+  }
+});
