@@ -287,11 +287,10 @@ def gca(
     pair_server, pair_entry, pair_end = pair_server[order], pair_entry[order], pair_end[order]
     bounds = np.searchsorted(pair_end, np.arange(L + 2))
     left_array = np.array(left, dtype=np.int64)
-    views: list[FloatArray] = [costs.tau_c]
     entries: list[IntArray] = []
     servers: list[IntArray] = []
     blocks: list[IntArray] = []
-    cost: list[list[FloatArray]] = [[] for _ in views]
+    cost: list[FloatArray] = []
     for e in range(L + 1):
         srv = pair_server[bounds[e] : bounds[e + 1]]
         ent = pair_entry[bounds[e] : bounds[e + 1]]
@@ -300,40 +299,27 @@ def gca(
         entries.append(ent)
         blocks.append(k)
         usable = left_array[srv] >= k  # an edge needs m_ij free slots at its target
-        for v, tau_c in enumerate(views):
-            cost[v].append(np.where(usable, tau_c[srv] + costs.tau_p[srv] * k, np.inf))
-    dists = [np.full(L + 1, np.inf) for _ in views]
-    for dist in dists:
-        dist[0] = 0.0
-    choices = [np.full(L + 1, -1, dtype=np.int64) for _ in views]
+        cost.append(np.where(usable, costs.tau_c[srv] + costs.tau_p[srv] * k, np.inf))
+    dist = np.full(L + 1, np.inf)
+    dist[0] = 0.0
+    choice = np.full(L + 1, -1, dtype=np.int64)
     nonempty = [e for e in range(1, L + 1) if servers[e].size]
 
     # Boundaries no pair leads to keep dist = inf for good; only the others are relaxed.
     def relax(first_end: int) -> None:
-        tail = nonempty[bisect.bisect_left(nonempty, first_end) :]
-        for dist, choice, view_cost in zip(dists, choices, cost, strict=True):
-            for e in tail:
-                candidates = dist[entries[e]] + view_cost[e]
-                best = int(candidates.argmin())
-                dist[e] = candidates[best]
-                choice[e] = best
+        for e in nonempty[bisect.bisect_left(nonempty, first_end) :]:
+            candidates = dist[entries[e]] + cost[e]
+            best = int(candidates.argmin())
+            dist[e] = candidates[best]
+            choice[e] = best
 
-    # Each server's pairs: positions in its end's slice and their block counts (as lists).
-    own: dict[int, list[tuple[int, int]]] = {}
-    for e in nonempty:
-        for position, (j, k) in enumerate(
-            zip(servers[e].tolist(), blocks[e].tolist(), strict=True)
-        ):
-            own.setdefault(j, []).append((position, k))
+    # A server's live pairs (positions in its end's slice, block counts), found when first hit.
+    own: dict[int, tuple[IntArray, IntArray]] = {}
     tau_c = costs.tau_c.tolist()
     tau_p = costs.tau_p.tolist()
     relax(1)
     chains: list[Chain] = []
-    while True:
-        view = min(range(len(views)), key=lambda v: float(dists[v][L]))
-        if not np.isfinite(dists[view][L]):
-            break
-        choice = choices[view]
+    while np.isfinite(dist[L]):
         hops: list[Hop] = []
         b = L
         while b > 0:
@@ -357,12 +343,14 @@ def gca(
             left[j] -= capacity * h.blocks
             e = h.end
             # Every edge into this server ends at its span end; drop those now too wide.
-            pairs = own[j]
-            dead = [position for position, k in pairs if k > left[j]]
-            if dead:
-                for view_cost in cost:
-                    view_cost[e][dead] = np.inf
-                own[j] = [(position, k) for position, k in pairs if k <= left[j]]
+            if j not in own:
+                positions = np.flatnonzero(servers[e] == j)
+                own[j] = (positions, blocks[e][positions])
+            positions, ks = own[j]
+            dead = ks > left[j]
+            if dead.any():
+                cost[e][positions[dead]] = np.inf
+                own[j] = (positions[~dead], ks[~dead])
                 first_end = min(first_end, e)
         relax(first_end)
     return tuple(chains)
