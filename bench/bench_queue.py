@@ -119,8 +119,8 @@ def start(tree: Path, database: Path, extra_env: dict[str, str]) -> tuple[Any, s
         BPRR_SESSION_GRACE_S="0",
         BPRR_PLANNER_INTERVAL_S="1",
         BPRR_CLIENT_TOKENS=json.dumps({"bench": CLIENT}),
-        **extra_env,
     )
+    env.update(extra_env)
     command = [sys.executable, "-m", "uvicorn", "app.api.app:create_app", "--factory"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     process = subprocess.Popen(
@@ -255,17 +255,26 @@ async def offered_load(
 
 def predicted(
     scenario: dict[str, Any],
-    placement: dict[str, Any],
+    database: Path,
     rate: float,
     seconds: float,
     inputs: int,
     outputs: int,
     seed: int,
 ) -> dict[str, Any]:
-    """The simulator on the same swarm and load, under the policy matching the published
-    placement (chains: JFFC with the central queue; otherwise WS-RR)."""
+    """The simulator on the same swarm, the same load and the coordinator's OWN published
+    plan (its spans, and its chains when it dispatches with JFFC; else WS-RR on its spans),
+    read from the coordinator's database."""
+    import sqlite3
+
+    from app.allocation.chains import Chain
+    from app.allocation.instance import Instance, Span
+    from app.allocation.perf import Hop
     from app.allocation.scenario import parse_scenario
-    from app.simulation.run import simulate
+    from app.simulation.engine import Simulator
+    from app.simulation.policies import ChainsPolicy, WsrrPolicy
+    from app.simulation.service import make_service_model
+    from app.simulation.workload import scenario_workload
 
     data = dict(scenario)
     lengths = {
@@ -279,11 +288,36 @@ def predicted(
         "seed": seed,
         **lengths,
     }
-    algorithm = placement.get("algorithm", "cg")
-    policy = {"chains": "chains", "auto": "auto", "petals": "petals-rr"}.get(algorithm, "cg-wsrr")
-    result = simulate(parse_scenario(data), policy, seed)
+    parsed = parse_scenario(data)
+    instance = Instance.from_scenario(parsed)
+    with sqlite3.connect(database) as connection:
+        spans_json, chains_json, dispatcher = connection.execute(
+            "SELECT spans, chains, dispatcher FROM placements ORDER BY generation DESC LIMIT 1"
+        ).fetchone()
+    index = {server_id: j for j, server_id in enumerate(instance.server_ids)}
+    spans: list[Span | None] = [None] * instance.num_servers
+    for server_id, (start, end) in json.loads(spans_json).items():
+        spans[index[server_id]] = Span(start, end)
+    capacity = [
+        0 if span is None else instance.cache_tokens(j, span.length) for j, span in enumerate(spans)
+    ]
+    policy: Any
+    if dispatcher == "jffc" and chains_json:
+        chains = [
+            Chain(
+                tuple(Hop(index[s], a, b) for s, a, b in chain["hops"]),
+                int(chain["capacity"]),
+                float(chain["service_ms"]),
+            )
+            for chain in json.loads(chains_json)
+        ]
+        policy = ChainsPolicy("coordinator-jffc", spans, capacity, chains)
+    else:
+        policy = WsrrPolicy("coordinator-wsrr", instance, spans, capacity)
+    workload = scenario_workload(parsed, seed)
+    result = Simulator(instance, workload, policy, make_service_model("paper", instance)).run()
     wait_s = (result.start_ms - result.arrival_ms) / 1000.0
-    return {"policy": policy, "waits_s": wait_s.tolist()}
+    return {"policy": policy.name, "waits_s": wait_s.tolist()}
 
 
 def part_saturation(
@@ -291,16 +325,19 @@ def part_saturation(
 ) -> dict[str, Any]:
     scenario = small_swarm(servers)
     database = Path(tempfile.mkdtemp(prefix="bprr-db-")) / "bench.db"
-    process, base = start(ROOT, database, {"BPRR_QUEUE_MAX_DEPTH": "100000"})
+    # No re-plan during the run: the prediction simulates the plan published at load.
+    process, base = start(
+        ROOT, database, {"BPRR_QUEUE_MAX_DEPTH": "100000", "BPRR_PLANNER_INTERVAL_S": "0"}
+    )
     try:
         load(base, scenario)
         placement = httpx.get(f"{base}/v1/placements/current", timeout=30).json()
         measured = asyncio.run(offered_load(base, rate, seconds, wait_s, inputs, outputs, seed))
+        model = predicted(scenario, database, rate, seconds, inputs, outputs, seed)
     finally:
         process.terminate()
         process.wait(timeout=30)
         shutil.rmtree(database.parent, ignore_errors=True)
-    model = predicted(scenario, placement, rate, seconds, inputs, outputs, seed)
 
     def quantiles(values: list[float]) -> tuple[float, float]:
         if not values:
