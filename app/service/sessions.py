@@ -293,7 +293,7 @@ class SessionService:
         out = reply_out(reply, pending.token, now)
         telemetry.record_booking(pending.client_site, "booked", max(0.0, now - pending.enqueued_at))
         self.core.counters.sessions_booked += 1
-        self.core.activity.booked(now, out.route, "")
+        self.core.activity.booked(now, out.route)
         return out
 
     def timed_out(self, pending: Pending) -> Unavailable:
@@ -314,7 +314,7 @@ class SessionService:
     def _booked(self, now: float, out: BookingOut) -> Booked:
         self.core.counters.sessions_booked += 1
         # Public GETs never show session ids (GET /v1/routes/recent): none is logged.
-        self.core.activity.booked(now, out.route, "")
+        self.core.activity.booked(now, out.route)
         telemetry.record_booking(out.route.client_site, "booked", 0.0)
         return Booked(out, True)
 
