@@ -144,6 +144,9 @@ def main() -> int:
         swarm = BookedSwarm(model, routes, request_timeout=30.0)
         with torch.inference_mode():
             speeds = calibrate(swarm.manager, plan["servers"], model.config.hidden_size)
+        if plan["requests"]:  # untimed: the first session's connections and caches
+            swarm.client_site = plan["requests"][0]["client_site"]
+            replay(swarm, plan["requests"][:1], model.config.vocab_size, plan["seed"] + 1)
         rows = []
         for request in plan["requests"]:
             swarm.client_site = request["client_site"]
