@@ -45,9 +45,10 @@ chromium:
 petals:
 	bash petals/build-env.sh
 
-# The real-PETALS tests only (tests/petals, marked `petals`), building the environment first.
+# The real-PETALS tests only (marked `petals`: tests/petals and the PETALS testbed), building
+# the environment first.
 test-petals: $(STAMP) petals
-	$(BIN)/pytest -q -m petals tests/petals
+	$(BIN)/pytest -q -m petals tests
 
 test: lint typecheck chromium petals
 	$(BIN)/pytest -q -n 2
