@@ -515,7 +515,9 @@ def plan_chains(
             f"infeasible: the servers cannot hold all {instance.num_blocks} blocks even with "
             "room for a single job's cache"
         )
-    candidates.sort(key=lambda item: (item[0], item[1]))
+    # Ties: larger c first. It places fewer servers, so its GCA is quick, and its bound, found
+    # early, lets the pruner cut the rest short (ties still go to the smaller c in plan_key).
+    candidates.sort(key=lambda item: (item[0], -item[1]))
     best: ChainPlan | None = None
     evaluated = 0
     for cheap, c in candidates:
