@@ -515,16 +515,20 @@ def plan_chains(
             f"infeasible: the servers cannot hold all {instance.num_blocks} blocks even with "
             "room for a single job's cache"
         )
-    # Ties: larger c first. It places fewer servers, so its GCA is quick, and its bound, found
-    # early, lets the pruner cut the rest short (ties still go to the smaller c in plan_key).
-    candidates.sort(key=lambda item: (item[0], -item[1]))
+    candidates.sort(key=lambda item: (item[0], item[1]))
+    # First the largest c among the best cheap bounds: it places the fewest servers, so its GCA
+    # is quick, and its finite bound lets the pruner cut the others short (an unstable plan
+    # would otherwise need a full GCA to show it). Ties still go to the smaller c (plan_key).
+    lowest = candidates[0][0]
+    first = max(i for i, item in enumerate(candidates) if item[0] == lowest)
+    candidates.insert(0, candidates.pop(first))
     best: ChainPlan | None = None
     evaluated = 0
     for cheap, c in candidates:
         best_lower = math.inf if best is None else plan_key(best)[0]
         if best is not None and math.isfinite(best_lower):
             if cheap > best_lower:
-                break  # sorted by the cheap bound: no later candidate can do better
+                continue  # its plan cannot do better (sorted by the cheap bound after the first)
             if cheap == best_lower and c > best.c:
                 continue  # at best a tie, and ties go to the smaller c
         evaluated += 1
