@@ -22,6 +22,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from app.allocation.scenario import parse_scenario
 from app.allocation.workload import LengthStats, WorkloadProfile
 from app.api.app import create_app
 from app.service.workload_window import DEFAULT_WINDOW_S
+from app.settings import Settings
 from app.store import repositories as repo
 from tests.api.conftest import ROOT, FakeClock, admin, make_settings
 
@@ -101,8 +103,8 @@ class Live:
 def current(client: TestClient) -> Generation:
     reply = client.get("/v1/placements/current")
     assert reply.status_code == 200, reply.text
-    coordinator = client.app.state.coordinator  # type: ignore[attr-defined]
-    with coordinator.core.read_tx() as db:
+    service = client.app.state.coordinator  # type: ignore[attr-defined]
+    with service.core.read_tx() as db:
         row = repo.Placements(db).current()
         assert row is not None
         chains = json.loads(row.chains) if row.chains else None
@@ -116,11 +118,13 @@ def export(client: TestClient) -> dict[str, Any]:
     return data
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    folder = tmp_path_factory.mktemp("replay")
+@contextmanager
+def coordinator(folder: Path) -> Iterator[tuple[TestClient, FakeClock]]:
+    """A coordinator on SQLite in ``folder`` with the example loaded (servers online)."""
     clock = FakeClock()
-    settings = make_settings(f"sqlite:///{folder / 'bprr.db'}")
+    # The product's default planner algorithm (tests/api's settings pin cg for older tests).
+    default_algorithm = Settings.model_fields["planner_algorithm"].default
+    settings = make_settings(f"sqlite:///{folder / 'bprr.db'}", planner_algorithm=default_algorithm)
     app = create_app(settings, clock=clock, background=False)
     with TestClient(app) as client:
         scenario = json.loads(EXAMPLE.read_text())
@@ -129,6 +133,13 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             "/v1/scenario", json=scenario, params={"lease_s": 3600}, headers=admin()
         )
         assert loaded.status_code == 201, loaded.text
+        yield client, clock
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    folder = tmp_path_factory.mktemp("replay")
+    with coordinator(folder) as (client, clock):
         declared, declared_export = current(client), export(client)
         for inputs, outputs in zip(INPUTS, OUTPUTS, strict=True):
             body = {"client_site": "cluster0", "input_tokens": inputs, "output_tokens": outputs}
@@ -141,7 +152,12 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         placed = client.post("/v1/placements", headers=admin())
         assert placed.status_code == 201, placed.text
         yield Live(
-            folder, declared, declared_export, cg_generation, current(client), export(client)
+            folder,
+            declared,
+            declared_export,
+            cg_generation,
+            current(client),
+            export(client),
         )
 
 
@@ -224,6 +240,23 @@ def test_before_any_booking_the_export_carries_the_load_planned_for(live: Live) 
     assert solved["concurrency"] == live.declared.out["concurrency"]
     spans = {p["server"]: (p["start"], p["end"]) for p in solved["placement"]}
     assert spans == live.declared.spans
+
+
+def test_with_nothing_measured_a_replan_keeps_the_declared_load(tmp_path: Path) -> None:
+    """The coordinator itself: a re-plan before any booking plans for the same declared
+    0.5 req/s as the scenario load did (not for the caps at 1 req/s), so it finds the same
+    placement."""
+    with coordinator(tmp_path) as (client, _):
+        declared = current(client)
+        placed = client.post("/v1/placements", headers=admin())
+        assert placed.status_code == 201, placed.text
+        replan = current(client)
+    assert replan.out["generation"] == declared.out["generation"] + 1
+    assert replan.out["algorithm"] == declared.out["algorithm"]
+    assert replan.out["concurrency"] == declared.out["concurrency"]
+    assert replan.spans == declared.spans
+    planned = parse_scenario(replan.out["inputs"])
+    assert WorkloadProfile.from_scenario(planned).rate_per_s == pytest.approx(DECLARED_RATE)
 
 
 def test_simulate_runs_the_exported_workload(live: Live) -> None:
