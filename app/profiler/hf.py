@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,7 +66,7 @@ class HfBlocks:
         config.use_cache = True
         return config
 
-    @property
+    @cached_property
     def shape(self) -> dict[str, int]:
         """Hidden size, heads, key/value heads, head size and MLP width of one block."""
         config = self.transformers_config(1)
@@ -90,7 +91,7 @@ class HfBlocks:
             "intermediate": int(inter or 4 * hidden),
         }
 
-    @property
+    @cached_property
     def params(self) -> int:
         """Parameters of one block, counted on a block built on the meta device (free)."""
         with torch.device("meta"):

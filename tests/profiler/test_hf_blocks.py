@@ -79,7 +79,7 @@ def test_transformers_blocks_with_a_cache(name: str, tmp_path: Path) -> None:
     assert [type(layer).__name__ for layer in stack.layers] == [FAMILIES[name]] * 2
     from transformers import DynamicCache
 
-    x = torch.randn(2, 6, 64)
+    x = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         stack.use(2)
         full = stack.model(inputs_embeds=x, use_cache=False).last_hidden_state
@@ -173,7 +173,9 @@ def test_profile_cli_with_a_config(capsys: pytest.CaptureFixture[str], tmp_path:
     assert report["architecture"]["model_type"] == "mistral"
     assert report["architecture"]["source"] == "huggingface-config"
     assert report["quantization"] == "int8" and report["bitsandbytes"] == "0.50.2"
-    assert report["transformers"] and report["decode_ms_per_block"] > 0
+    # A fitted slope on a busy machine may come out at any sign: only its presence is checked.
+    assert report["transformers"] and isinstance(report["decode_ms_per_block"], float)
+    assert all(t["ms"] > 0 for t in report["timings"])
     assert {t["kind"] for t in report["timings"]} == {"decode", "prefill"}
     # Model fields for the scenario: int8 weights, the KV cache in the compute dtype (fp32).
     fields = report["model_fields"]
