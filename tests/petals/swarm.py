@@ -258,9 +258,9 @@ class Swarm:
         self.http.close()
         return took
 
-    def leftovers(self) -> dict[str, list[str]]:
-        """Processes still carrying this run's marker, and hivemind sockets left behind."""
-        alive = []
+    def marked(self) -> dict[int, str]:
+        """Processes carrying this run's marker (zombies have no environment: not listed)."""
+        found = {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit() or int(entry.name) == os.getpid():
                 continue
@@ -270,9 +270,29 @@ class Swarm:
             except OSError:
                 continue
             if f"BPRR_PETALS_RUN={self.run_id}".encode() in environ:
-                alive.append(f"{entry.name}: {cmdline[:120]}")
+                found[int(entry.name)] = cmdline[:120]
+        return found
+
+    def leftovers(self, grace_s: float = 20.0) -> dict[str, list[str]]:
+        """After the stop: processes of this run still alive after ``grace_s`` (helpers such
+        as torch_shm_manager or a multiprocessing forkserver exit on their own once their
+        parent is gone) are listed under ``lingered`` and killed; ``processes`` is what is
+        left after that, and ``sockets`` the hivemind socket files this run left in /tmp."""
+        deadline = time.monotonic() + grace_s
+        while self.marked() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        lingered = self.marked()
+        for pid in lingered:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+        alive = [f"{pid}: {cmd}" for pid, cmd in self.marked().items()]
         sockets = sorted(set(glob.glob(HIVEMIND_SOCKETS)) - self.sockets_before)
-        return {"processes": alive, "sockets": sockets}
+        return {
+            "processes": alive,
+            "sockets": sockets,
+            "lingered": [f"{pid}: {cmd}" for pid, cmd in lingered.items()],
+        }
 
 
 def scenario(work: Path) -> dict[str, Any]:

@@ -4,6 +4,7 @@ of tests/petals/swarm.py, whose facts each test checks."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,11 @@ FAILOVER_LIMIT_S = 60.0
 @pytest.fixture(scope="module")
 def facts(petals_python: Path, namespaces: None, tmp_path_factory: Any) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("petals") / "facts.json"
-    return in_namespace("tests.petals.swarm", out, timeout_s=1500)
+    facts = in_namespace("tests.petals.swarm", out, timeout_s=1500)
+    keep = os.environ.get("BPRR_PETALS_FACTS")  # where to keep them (figures for the docs)
+    if keep:
+        Path(keep).write_text(out.read_text())
+    return facts
 
 
 def test_tokens_equal_plain_transformers_through_exactly_the_booked_chain(
@@ -77,4 +82,9 @@ def test_a_killed_server_is_replaced_mid_generation_with_identical_output(
 
 
 def test_every_process_and_socket_is_gone_afterwards(facts: dict[str, Any]) -> None:
-    assert facts["leftovers"] == {"processes": [], "sockets": []}
+    left = facts["leftovers"]
+    assert left["processes"] == [] and left["sockets"] == []
+    # stopped agents take their PETALS servers down with them: only helpers that exit by
+    # themselves (torch's shm manager, the coordinator's forkserver) may outlive the stop
+    helpers = ("torch_shm_manager", "multiprocessing")
+    assert all(any(h in line for h in helpers) for line in left["lingered"]), left

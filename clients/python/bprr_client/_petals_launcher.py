@@ -85,9 +85,9 @@ def report(server: SteeredServer, status: Path, stop: threading.Event) -> None:
                 logger.warning(f"bprr: DHT lookup failed: {error!r}")
         value = {**identity, "span": None if span is None else list(span), "online": online}
         if value != last:
-            write_json(status, value)
-            if online:
+            if online:  # logged before the status says so: a reader of both never races
                 logger.info(f"bprr: blocks {span[0]}:{span[1]} announced online")  # type: ignore[index]
+            write_json(status, value)
             last = value
         stop.wait(POLL_S)
 
