@@ -3,7 +3,9 @@ or stale) and drivers run in a network namespace that has only ``lo``."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -28,11 +30,35 @@ def in_namespace(module: str, out: Path, timeout_s: float) -> dict[str, Any]:
     )
     if done.returncode != 0 or not out.exists():
         pytest.fail(f"{module} exited {done.returncode}: {done.stderr[-3000:]}")
+    return load_facts(module, out)
+
+
+def load_facts(module: str, out: Path) -> dict[str, Any]:
     facts: dict[str, Any] = json.loads(out.read_text())
     if "error" in facts:
         logs = "\n".join(f"--- {k}\n{v}" for k, v in facts.get("logs", {}).items())
         pytest.fail(f"{module}: {facts['error']}\n{logs}")
     return facts
+
+
+def once_per_session(
+    tmp_path_factory: pytest.TempPathFactory, name: str, module: str, timeout_s: float
+) -> dict[str, Any]:
+    """The facts of one run of ``module`` for the whole test session, also under
+    pytest-xdist: the first worker runs it (under a file lock in the directory the workers
+    share), the others read what it wrote."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared / f"{name}.json"
+    with (shared / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.exists():
+            try:
+                return in_namespace(module, out, timeout_s)
+            finally:
+                if not out.exists():  # failed without facts: say so to the other workers
+                    out.write_text(json.dumps({"error": f"{module} did not run"}))
+    return load_facts(module, out)
 
 
 @pytest.fixture(scope="session")

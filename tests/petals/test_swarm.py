@@ -4,27 +4,31 @@ of tests/petals/swarm.py, whose facts each test checks."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.petals.conftest import in_namespace
+from tests.petals.conftest import once_per_session
 
 pytestmark = [pytest.mark.petals, pytest.mark.slow]
-# Stated bound for the failover (a correctness bound, not a speed target): the client gives
-# up after its failover timeout (60 s); the measured figures are in docs/PETALS.md.
+# Stated bound for the failover, failure to first token on the new chain (a correctness
+# bound, not a speed target: the client gives up after its failover timeout, 60 s); the
+# measured figures are in docs/PETALS.md.
 FAILOVER_LIMIT_S = 60.0
 
 
 @pytest.fixture(scope="module")
-def facts(petals_python: Path, namespaces: None, tmp_path_factory: Any) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("petals") / "facts.json"
-    facts = in_namespace("tests.petals.swarm", out, timeout_s=1500)
+def facts(
+    petals_python: Path, namespaces: None, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    # one swarm for the whole session, even when pytest-xdist spreads these tests
+    facts = once_per_session(tmp_path_factory, "petals-swarm", "tests.petals.swarm", 1500)
     keep = os.environ.get("BPRR_PETALS_FACTS")  # where to keep them (figures for the docs)
     if keep:
-        Path(keep).write_text(out.read_text())
+        Path(keep).write_text(json.dumps(facts))
     return facts
 
 
@@ -76,7 +80,8 @@ def test_a_killed_server_is_replaced_mid_generation_with_identical_output(
     assert first["failed_peers"] == [victim_peer]
     assert rest and all(victim not in [h[0] for h in a["hops"]] for a in rest)
     assert sum(a["tokens"] for a in c["attempts"]) == 16
-    assert facts["timings_s"]["kill_to_client_done"] < FAILOVER_LIMIT_S
+    # from the failure to the first token on the new chain (re-booking, re-prefill)
+    assert len(c["failover_s"]) == 1 and c["failover_s"][0] < FAILOVER_LIMIT_S
     # the coordinator stopped routing to it: not online, and routes go around it
     assert all(victim not in route for route in facts["routes_after_kill"])
 
