@@ -113,6 +113,8 @@ def make_settings(url: str, **overrides: Any) -> Settings:
         "planner_interval_s": 0,
         # Leases follow the injected clock (tests advance it), not the database's.
         "database_clock": False,
+        # The planner tests exercise CG's hysteresis (test_chain_plans.py: the default auto).
+        "planner_algorithm": "cg",
     }
     values.update(overrides)
     return Settings(**values)

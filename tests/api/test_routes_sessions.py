@@ -37,7 +37,9 @@ def test_placements_are_generations_with_etag(client: TestClient) -> None:
 
 def test_infeasible_concurrency_is_a_clear_4xx(client: TestClient) -> None:
     small_swarm(client)
-    response = client.post("/v1/placements", json={"concurrency": 5000}, headers=admin())
+    response = client.post(
+        "/v1/placements", json={"algorithm": "cg", "concurrency": 5000}, headers=admin()
+    )
     assert response.status_code == 422
     assert "algorithm" in response.json()["detail"]
 
