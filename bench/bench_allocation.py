@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.allocation import cg, chains
+from app.allocation import cg, chain_search, chains
 from app.allocation.instance import Instance, Placement
 from app.allocation.routing import RouteIndex
 from app.allocation.scenario import parse_scenario
@@ -163,16 +163,16 @@ def timed(repeat: int, function: Callable[..., Any], *args: Any) -> tuple[float,
     return statistics.median(samples), result
 
 
-def exhaustive_c(instance: Instance, profile: WorkloadProfile) -> chains.ChainPlan:
+def exhaustive_c(instance: Instance, profile: WorkloadProfile) -> chain_search.ChainPlan:
     """The authors' optimiser: GBP-CR + GCA + the lower bound for every c from 1 to c_max."""
     s_c = instance.kv_bytes * profile.design_tokens() / 1e9
-    best: chains.ChainPlan | None = None
-    for c in range(1, chains.max_reservation(instance, s_c) + 1):
+    best: chain_search.ChainPlan | None = None
+    for c in range(1, chain_search.max_reservation(instance, s_c) + 1):
         try:
-            plan = chains.evaluate_c(instance, profile, c)
+            plan = chain_search.evaluate_c(instance, profile, c)
         except chains.ChainsInfeasible:
             break
-        if best is None or chains.plan_key(plan) < chains.plan_key(best):
+        if best is None or chain_search.plan_key(plan) < chain_search.plan_key(best):
             best = plan
     assert best is not None
     return best
@@ -184,15 +184,15 @@ def chain_plans() -> None:
         scenario = generators.mig_swarm(n, 2.57 * n / 9, 1000, 1, trace=False)
         instance = Instance.from_scenario(scenario)
         profile = WorkloadProfile.from_scenario(scenario)
-        fast_s, plan = timed(3, chains.plan_chains, instance, profile)
+        fast_s, plan = timed(3, chain_search.plan_chains, instance, profile)
         cpu_samples = []
         for _ in range(3):
             began = time.process_time()
-            chains.plan_chains(instance, profile)
+            chain_search.plan_chains(instance, profile)
             cpu_samples.append(time.process_time() - began)
         cpu_s = statistics.median(cpu_samples)
         s_c = instance.kv_bytes * profile.design_tokens() / 1e9
-        c_max = chains.max_reservation(instance, s_c)
+        c_max = chain_search.max_reservation(instance, s_c)
         line = (
             f"  {n:5d} servers: {fast_s * 1000:8.1f} ms wall, {cpu_s * 1000:7.1f} ms CPU, "
             f"c = {plan.c} "
@@ -200,7 +200,7 @@ def chain_plans() -> None:
         )
         if n <= 100:
             naive_s, naive = timed(1, exhaustive_c, instance, profile)
-            assert naive.c == plan.c and chains.plan_key(naive) == chains.plan_key(plan)
+            assert naive.c == plan.c and chain_search.plan_key(naive) == chain_search.plan_key(plan)
             line += f"; every c: {naive_s * 1000:8.1f} ms, same c, {naive_s / fast_s:6.1f}x"
         print(line)
 

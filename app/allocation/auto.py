@@ -27,17 +27,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from app.allocation import cg
+from app.allocation.chain_search import ChainPlan, plan_chains, pruner
 from app.allocation.chains import (
     Bounds,
     Chain,
-    ChainPlan,
     ChainsInfeasible,
     client_costs,
     client_lower_bound,
     gca,
     job_costs,
-    plan_chains,
-    pruner,
     residual_slots,
     response_bounds,
 )

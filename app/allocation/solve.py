@@ -126,7 +126,7 @@ def solve_chains(
     algorithm: str,
 ) -> Solution:
     from app.allocation.auto import plan_auto
-    from app.allocation.chains import plan_chains
+    from app.allocation.chain_search import plan_chains
 
     started = time.perf_counter()
     details: dict[str, object] = {"profile": profile.to_json()}

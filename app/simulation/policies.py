@@ -417,7 +417,7 @@ def _build_chain_policy(
     began: float,
 ) -> BuiltPolicy:
     from app.allocation.auto import plan_auto
-    from app.allocation.chains import plan_chains
+    from app.allocation.chain_search import plan_chains
 
     if profile is None:
         profile = WorkloadProfile.from_scenario(scenario, rate_per_s)

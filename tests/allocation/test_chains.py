@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from app.allocation import chains
+from app.allocation import chain_search, chains
 from app.allocation.instance import GB, Instance, Span, cache_token_capacity
 from app.allocation.perf import Hop, hops_for_path
 from app.allocation.workload import WorkloadProfile
@@ -85,7 +85,7 @@ def test_gca_hand_computed_and_lemma1_and_memory() -> None:
 @pytest.mark.parametrize("seed", range(8))
 def test_gca_chains_satisfy_lemma1_and_memory(seed: int) -> None:
     instance, profile, _ = random_case(seed)
-    plan = chains.plan_chains(instance, profile)
+    plan = chain_search.plan_chains(instance, profile)
     tokens = plan.design_tokens
     held = [0] * instance.num_servers
     for chain in plan.chains:
@@ -154,25 +154,25 @@ def test_search_over_c_matches_exhaustive_search(seed: int) -> None:
     instance, profile, _ = random_case(seed)
     s_c = instance.kv_bytes * profile.design_tokens() / GB
     try:
-        plan = chains.plan_chains(instance, profile)
+        plan = chain_search.plan_chains(instance, profile)
     except chains.ChainsInfeasible:
         with pytest.raises(chains.ChainsInfeasible):
-            chains.evaluate_c(instance, profile, 1)
+            chain_search.evaluate_c(instance, profile, 1)
         return
-    best: chains.ChainPlan | None = None
-    for c in range(1, chains.max_reservation(instance, s_c) + 1):
+    best: chain_search.ChainPlan | None = None
+    for c in range(1, chain_search.max_reservation(instance, s_c) + 1):
         try:
-            trial = chains.evaluate_c(instance, profile, c)
+            trial = chain_search.evaluate_c(instance, profile, c)
         except chains.ChainsInfeasible:
             continue
-        if best is None or chains.plan_key(trial) < chains.plan_key(best):
+        if best is None or chain_search.plan_key(trial) < chain_search.plan_key(best):
             best = trial
     assert best is not None
     assert plan.c == best.c
-    assert chains.plan_key(plan) == chains.plan_key(best)
+    assert chain_search.plan_key(plan) == chain_search.plan_key(best)
     assert plan.chains == best.chains
     assert plan.candidates_evaluated <= len(
-        chains.breakpoints(instance, s_c, chains.max_reservation(instance, s_c))
+        chain_search.breakpoints(instance, s_c, chain_search.max_reservation(instance, s_c))
     )
 
 
@@ -180,4 +180,4 @@ def test_no_room_for_one_job_is_infeasible() -> None:
     scenario = build(servers=[server("s0", "a", memory=1.05, decode=1.0)])
     instance = Instance.from_scenario(scenario)
     with pytest.raises(chains.ChainsInfeasible, match="infeasible"):
-        chains.plan_chains(instance, WorkloadProfile.at_caps(scenario, 1.0))
+        chain_search.plan_chains(instance, WorkloadProfile.at_caps(scenario, 1.0))
