@@ -117,7 +117,7 @@ def start(tree: Path, database: Path, extra_env: dict[str, str]) -> tuple[Any, s
         BPRR_DATABASE_URL=f"sqlite:///{database}",
         BPRR_ADMIN_TOKEN=ADMIN,
         BPRR_SESSION_GRACE_S="0",
-        BPRR_PLANNER_INTERVAL_S="1",
+        BPRR_PLANNER_INTERVAL_S=os.environ.get("BENCH_PLANNER_INTERVAL_S", "1"),
         BPRR_CLIENT_TOKENS=json.dumps({"bench": CLIENT}),
     )
     env.update(extra_env)

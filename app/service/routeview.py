@@ -142,7 +142,11 @@ class RouteView:
         self.reservations: list[list[tuple[float, int]]] = [
             sorted(state.reservations.get(r.id, [])) for r in rows
         ]
-        self.chains = _chains(state, self.position)
+        # The routable chains, and each one's index in the published plan (what session
+        # records keep: stable across rebuilds of one generation).
+        self.chain_ids, self.chains = _chains(state, self.position)
+        self.chain_position = {k: i for i, k in enumerate(self.chain_ids)}
+        self._orders: dict[int, list[int]] = {}
         # Jobs in service per chain (JFFC's slots): filled by the sessions service from the
         # live sessions of this generation, then kept up to date by its bookings/releases.
         self.chain_in_service: list[int] | None = None if self.chains else []
@@ -242,38 +246,34 @@ class RouteView:
     ) -> RoutePlan | None:
         in_service = self.chain_in_service or [0] * len(self.chains)
         free = self.capacity - self.reserved
-        # Fastest first for this request: its client's RTTs and its own lengths.
-        order = dispatch.request_order(instance, self.chains, client, input_tokens, output_tokens)
+        order = self._order(client)
         picked = dispatch.jffc_pick(self.chains, in_service, free, tokens, alive, order)
         if picked is not None:
             hops = self.chains[picked].hops
             timing = request_timing(instance, client, hops, input_tokens, output_tokens)
-            return RoutePlan(hops, timing, 0.0, client, picked)
-        # No free chain: the earliest instant one could take this request by memory (its
-        # job slots free with the same sessions' ends), for Retry-After.
-        best: tuple[float, int] | None = None
+            return RoutePlan(hops, timing, 0.0, client, self.chain_ids[picked])
+        # No free chain: the fastest one that could ever take this request (live hops, the
+        # capacity for its tokens), with the time its first session ends, for Retry-After.
         for k in order:
             chain = self.chains[k]
-            if not all(alive[s] for s, _, _ in chain.hops):
-                continue
-            at = dispatch.earliest_start(
-                chain.hops,
-                tokens,
-                self.capacity.tolist(),
-                self.reserved.tolist(),
-                self.reservations,
-                now,
-            )
-            if in_service[k] >= chain.capacity:
-                at = max(at, self._first_release(chain, now))
-            if math.isfinite(at) and (best is None or at < best[0]):
-                best = (at, k)
-        if best is None:
-            return None
-        hops = self.chains[best[1]].hops
-        timing = request_timing(instance, client, hops, input_tokens, output_tokens)
-        wait_ms = max((best[0] - now) * 1000.0, 1.0)  # must wait, however little
-        return RoutePlan(hops, timing, wait_ms, client, best[1])
+            needed = dispatch.units_needed(chain.hops, tokens)
+            if all(alive[s] and self.capacity[s] >= units for s, units in needed.items()):
+                timing = request_timing(instance, client, chain.hops, input_tokens, output_tokens)
+                wait_ms = (self._first_release(chain, now) - now) * 1000.0
+                # Must wait, however little; inf: no session to end (the plan's slots).
+                wait_ms = max(wait_ms, 1.0) if math.isfinite(wait_ms) else 1000.0
+                return RoutePlan(chain.hops, timing, wait_ms, client, self.chain_ids[k])
+        return None
+
+    def _order(self, client: int) -> list[int]:
+        """Chains fastest first for the client: by their per-client times when the plan
+        carries them (as the simulator orders them), else the plan's order (fastest on the
+        clients' mean). Computed once per client per view."""
+        order = self._orders.get(client)
+        if order is None:
+            order = dispatch.client_order(self.chains, client)
+            self._orders[client] = order
+        return order
 
     def _first_release(self, chain: Chain, now: float) -> float:
         releases = [items[0][0] for s, _, _ in chain.hops if (items := self.reservations[s])]
@@ -298,12 +298,15 @@ class RouteView:
             items.remove((expires_at, units))
 
     def chain_started(self, chain: int | None) -> None:
-        if chain is not None and self.chain_in_service is not None and chain < len(self.chains):
-            self.chain_in_service[chain] += 1
+        """A session booked on the plan's chain ``chain`` (its published index)."""
+        position = self.chain_position.get(chain) if chain is not None else None
+        if position is not None and self.chain_in_service is not None:
+            self.chain_in_service[position] += 1
 
     def chain_ended(self, chain: int | None) -> None:
-        if chain is not None and self.chain_in_service is not None and chain < len(self.chains):
-            self.chain_in_service[chain] = max(0, self.chain_in_service[chain] - 1)
+        position = self.chain_position.get(chain) if chain is not None else None
+        if position is not None and self.chain_in_service is not None:
+            self.chain_in_service[position] = max(0, self.chain_in_service[position] - 1)
 
     def renew(self, server_id: str, expires_at: float) -> None:
         position = self.position.get(server_id)
@@ -315,23 +318,28 @@ class RouteView:
         return min(firsts) if firsts else math.inf
 
 
-def _chains(state: LiveState, position: dict[str, int]) -> list[Chain]:
-    """The published plan's chains in view positions, when its dispatcher is JFFC. A chain
-    through a server the view cannot route (not online with its span loaded) is dropped:
-    JFFC then uses the rest, and none left means WS-RR until the next plan."""
+def _chains(state: LiveState, position: dict[str, int]) -> tuple[list[int], list[Chain]]:
+    """The published plan's chains (fastest first, as published) in view positions, with
+    their indices in the plan, when its dispatcher is JFFC. A chain through a server the view
+    cannot route (not online with its span loaded) is left out: JFFC uses the rest, and none
+    left means WS-RR until the next plan."""
     placement = state.placement
     if placement is None or getattr(placement, "dispatcher", None) != "jffc":
-        return []
+        return [], []
     raw: Any = getattr(placement, "chains", None)
     try:
         specs = json.loads(raw) if isinstance(raw, str) else raw
     except ValueError:
-        return []
+        return [], []
+    ids: list[int] = []
     chains: list[Chain] = []
-    for spec in specs or []:
+    for k, spec in enumerate(specs or []):
         try:
             hops = tuple(Hop(position[str(s)], int(a), int(b)) for s, a, b in spec["hops"])
-            chains.append(Chain(hops, int(spec["capacity"]), float(spec["service_ms"])))
+            per_client = tuple(float(ms) for ms in spec.get("client_ms", ()))
+            chain = Chain(hops, int(spec["capacity"]), float(spec["service_ms"]), per_client)
         except (KeyError, TypeError, ValueError):
             continue  # a hop on a server not routable now
-    return sorted(chains, key=lambda chain: chain.service_ms)
+        ids.append(k)
+        chains.append(chain)
+    return ids, chains

@@ -140,7 +140,7 @@ class SessionService:
                 counts = Bookings(db).in_service(view.generation)
             with self.core.view_lock:
                 if view.chain_in_service is None:
-                    view.chain_in_service = [counts.get(k, 0) for k in range(len(view.chains))]
+                    view.chain_in_service = [counts.get(k, 0) for k in view.chain_ids]
         with self.core.view_lock:
             return view.query(client_site, inputs, outputs, now)
 
@@ -487,7 +487,7 @@ class SessionService:
         now = self.core.clock()
         with self.core.booking_tx() as db:
             released = Bookings(db).release(session_id, token_hash, now, reason)
-        self._forget(released.held)
+        self._forget(released.held, [released])
         if released.held:
             self._units_freed()
         return released
@@ -499,16 +499,18 @@ class SessionService:
         if self.queue.last_depth > 0 or self.queue.local_waiting() > 0:
             self.queue.kick()
 
-    def _forget(self, released: list[Held]) -> None:
-        """Mirror released reservations in the route view until its next rebuild (JFFC's
-        jobs per chain are counted again from the records at the next booking)."""
+    def _forget(self, released: list[Held], ended: list[Released]) -> None:
+        """Mirror released reservations (and JFFC's jobs per chain) in the route view until
+        its next rebuild."""
         with self.core.view_lock:
             view = self.core.cached_view()
-            if view is not None and released:
-                for held in released:
-                    view.remove_reservation(held.server_id, held.slots, held.expires_at)
-                if view.chains:
-                    view.chain_in_service = None
+            if view is None:
+                return
+            for held in released:
+                view.remove_reservation(held.server_id, held.slots, held.expires_at)
+            for session in ended:
+                if session.generation == view.generation:
+                    view.chain_ended(session.chain)
 
     def status(self, session_id: str, token: str | None) -> SessionStatusOut:
         if token is None:
@@ -549,14 +551,17 @@ class SessionService:
         if not expired and not through_lost:
             return 0
         released: list[Held] = []
+        ended: list[Released] = []
         # On PostgreSQL every release commits by itself (booking_tx): one transaction holding
         # many sessions' server rows would lock them out of id order and could deadlock.
         with self.core.booking_tx() as db:
             bookings = Bookings(db)
             for ids, reason in ((expired, "expired"), (through_lost, "server_lost")):
                 for session_id in ids:
-                    released.extend(bookings.release(session_id, None, now, reason).held)
-        self._forget(released)
+                    outcome = bookings.release(session_id, None, now, reason)
+                    released.extend(outcome.held)
+                    ended.append(outcome)
+        self._forget(released, ended)
         if released:
             self._units_freed()
         if through_lost:

@@ -122,7 +122,7 @@ _RELEASE = text(
 WITH rec AS (
     UPDATE session_records SET ended_at = :b_now, end_reason = :b_reason
     WHERE id = :b_session AND ended_at IS NULL AND (:b_trusted OR token_hash = :b_hash)
-    RETURNING id
+    RETURNING id, generation, chain
 ),
 gone AS (
     DELETE FROM sessions
@@ -145,6 +145,7 @@ given_back AS (
     WHERE s.id = h.server_id AND (SELECT count(*) FROM locked) >= 0
 )
 SELECT (SELECT count(*) FROM rec) AS ended, (SELECT count(*) FROM gone) AS deleted,
+       (SELECT generation FROM rec) AS generation, (SELECT chain FROM rec) AS chain,
        h.server_id, h.slots, h.expires_at
 FROM (SELECT 1) AS one LEFT JOIN held AS h ON true
 """
@@ -181,6 +182,9 @@ class Released:
     ended: bool  # the record was ended now (False: absent, already ended, or not the token)
     deleted: bool  # the live session row was deleted
     held: list[Held]
+    # The ended session's placement generation and JFFC chain (None: none, or not ended).
+    generation: int | None = None
+    chain: int | None = None
 
 
 class Bookings:
@@ -253,18 +257,24 @@ class Bookings:
             ).all()
             first = rows[0]
             held = [Held(r.server_id, r.slots, r.expires_at) for r in rows if r.server_id]
-            return Released(bool(first.ended), bool(first.deleted), held)
+            return Released(
+                bool(first.ended), bool(first.deleted), held, first.generation, first.chain
+            )
         ended_now = update(_RECORDS).where(
             _RECORDS.c.id == session_id, _RECORDS.c.ended_at.is_(None)
         )
         if not trusted:
             ended_now = ended_now.where(_RECORDS.c.token_hash == token_hash)
-        result: Any = self.db.execute(ended_now.values(ended_at=now, end_reason=reason))
-        ended = result.rowcount == 1
-        if not ended and not trusted:
+        ended = self.db.execute(
+            ended_now.values(ended_at=now, end_reason=reason).returning(
+                _RECORDS.c.generation, _RECORDS.c.chain
+            )
+        ).first()
+        if ended is None and not trusted:
             return Released(False, False, [])
         released = Sessions(self.db).release(session_id)
-        return Released(ended, released is not None, released or [])
+        generation, chain = (None, None) if ended is None else (ended.generation, ended.chain)
+        return Released(ended is not None, released is not None, released or [], generation, chain)
 
     # --- records ---------------------------------------------------------------------------
 

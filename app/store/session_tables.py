@@ -28,6 +28,7 @@ class SessionRecordRow(Base):
         UniqueConstraint("client", "idempotency_key"),
         Index("ix_session_records_client_ended_at", "client", "ended_at"),
         Index("ix_session_records_ended_at", "ended_at"),
+        Index("ix_session_records_generation_ended_at", "generation", "ended_at"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)

@@ -43,6 +43,9 @@ def upgrade() -> None:
             "ix_session_records_client_ended_at", ["client", "ended_at"], unique=False
         )
         batch_op.create_index("ix_session_records_ended_at", ["ended_at"], unique=False)
+        batch_op.create_index(
+            "ix_session_records_generation_ended_at", ["generation", "ended_at"], unique=False
+        )
     op.create_table(
         "booking_queue",
         sa.Column(
@@ -76,6 +79,7 @@ def downgrade() -> None:
         batch_op.drop_index("ix_booking_queue_state_seq")
     op.drop_table("booking_queue")
     with op.batch_alter_table("session_records", schema=None) as batch_op:
+        batch_op.drop_index("ix_session_records_generation_ended_at")
         batch_op.drop_index("ix_session_records_ended_at")
         batch_op.drop_index("ix_session_records_client_ended_at")
     op.drop_table("session_records")
