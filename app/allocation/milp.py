@@ -1,4 +1,5 @@
-"""MILP-BPRR (paper eq. 13a-f) and the routing-only ILP (eq. 19a-e) on OR-Tools CP-SAT.
+"""MILP-BPRR (paper eq. 13a-f) on OR-Tools CP-SAT; the routing-only ILP (eq. 19a-e) and the
+CP-SAT helpers both models share live in app/allocation/milp_routing.py (re-exported here).
 
 Graph. One source node and one sink node per client and every server in between; a request of
 client c travels source -> servers -> sink on logical links (i, j). Server j hosts blocks
@@ -43,7 +44,6 @@ possible rounding error so that it never exceeds the true optimum.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -53,8 +53,23 @@ from typing import Literal
 from ortools.sat.python import cp_model
 
 from app.allocation import cg
-from app.allocation.instance import MEMORY_EPSILON, Instance, Placement, Span
-from app.allocation.perf import hops_for_path
+from app.allocation.instance import Instance, Placement, Span
+from app.allocation.milp_routing import (
+    SINK,
+    SOURCE,
+    TIME_SCALE,
+    Link,
+    MilpNoSolutionError,
+    check_counts,
+    check_solution,
+    decompose_flow,
+    make_solver,
+    max_blocks_fitting,
+    planned_routes,
+    route_flows,
+    route_ilp,
+    scaled_costs,
+)
 from app.allocation.solve import PlannedRoute, Solution, mean_per_token_ms
 
 __all__ = [
@@ -62,19 +77,10 @@ __all__ = [
     "TIME_SCALE",
     "Linearization",
     "MilpNoSolutionError",
+    "check_solution",
     "route_ilp",
     "solve_milp",
 ]
-
-# Objective units per millisecond: times t_cj and tau_j enter the objective as
-# round(x * TIME_SCALE). 10_000 (0.1 microsecond) makes the paper's profiled constants (four
-# decimals) and whole-millisecond RTTs exact; memory is never scaled (see module docstring).
-TIME_SCALE = 10_000
-
-SOURCE = -1  # the request's client as the origin of the first link
-SINK = -2  # the request's client as the destination of the last link
-
-Link = tuple[int, int]  # (from, to) with SOURCE / SINK / server indices
 
 # How the products of a link's use f with the span variables are linearised (module docstring).
 Linearization = Literal["enforce", "mccormick"]
@@ -89,127 +95,6 @@ LINEARIZATIONS: tuple[Linearization, ...] = ("enforce", "mccormick")
 #     alone outlasts 10 s even with the complete CG hint). After 30 s (1 run): 522.08, gap
 #     14.5% vs 521.88, gap 93.8%.
 DEFAULT_LINEARIZATION: Linearization = "enforce"
-
-
-class MilpNoSolutionError(RuntimeError):
-    """CP-SAT found no solution within the time limit (and did not prove infeasibility)."""
-
-
-# --- shared helpers -----------------------------------------------------------------------
-
-
-def _check_counts(instance: Instance, counts: Sequence[int]) -> None:
-    if len(counts) != instance.num_clients:
-        raise ValueError(
-            f"counts: {len(counts)} entries for {instance.num_clients} clients (one per client)"
-        )
-    for client, count in enumerate(counts):
-        if count < 0:
-            raise ValueError(f"counts[{client}]: {count} is negative")
-
-
-def _max_blocks(instance: Instance, server: int) -> int:
-    """The most blocks whose weights fit on ``server`` (the span may not exceed L)."""
-    fit = math.floor(float(instance.memory_gb[server]) / instance.block_gb + MEMORY_EPSILON)
-    return max(0, min(fit, instance.num_blocks))
-
-
-def _scaled(values: Sequence[float]) -> tuple[list[int], float]:
-    """Integer objective coefficients and the largest rounding error (in scaled units)."""
-    scaled = [round(float(v) * TIME_SCALE) for v in values]
-    error = max(
-        (abs(s - float(v) * TIME_SCALE) for s, v in zip(scaled, values, strict=True)), default=0.0
-    )
-    return scaled, error
-
-
-def _solver(time_limit_s: float, workers: int) -> cp_model.CpSolver:
-    if not time_limit_s > 0:
-        raise ValueError(f"time_limit_s: must be positive, got {time_limit_s}")
-    if workers < 1:
-        raise ValueError(f"workers: must be at least 1, got {workers}")
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = float(time_limit_s)
-    solver.parameters.num_workers = int(workers)
-    return solver
-
-
-def _decompose(flow: dict[Link, int], total: int) -> list[list[int]]:
-    """Split an integer source -> sink flow on a DAG into ``total`` server paths."""
-    remaining = {link: value for link, value in flow.items() if value > 0}
-    out: dict[int, list[int]] = {}
-    for a, b in remaining:
-        out.setdefault(a, []).append(b)
-    paths = []
-    for _ in range(total):
-        node, path = SOURCE, []
-        while node != SINK:
-            nxt = next((b for b in out.get(node, []) if remaining.get((node, b), 0) > 0), None)
-            if nxt is None:  # pragma: no cover - flow conservation makes this impossible
-                raise RuntimeError("solver returned a flow that does not reach the sink")
-            remaining[(node, nxt)] -= 1
-            if nxt != SINK:
-                path.append(nxt)
-            node = nxt
-            if len(path) > len(out) + 1:  # pragma: no cover - used links are acyclic
-                raise RuntimeError("solver returned a cyclic flow")
-        paths.append(path)
-    return paths
-
-
-def _planned(
-    instance: Instance, placement: Placement, paths_by_client: dict[int, list[list[int]]]
-) -> tuple[PlannedRoute, ...]:
-    routes = []
-    for client in sorted(paths_by_client):
-        tally = Counter(tuple(p) for p in paths_by_client[client])
-        for path, count in sorted(tally.items()):
-            hops = hops_for_path(placement, path, instance.num_blocks)
-            routes.append(PlannedRoute(client, count, hops))
-    return tuple(routes)
-
-
-def check_solution(
-    instance: Instance, placement: Placement, routes: Sequence[PlannedRoute]
-) -> None:
-    """Raise if the routes break Lemma 1 or a server's memory (never hand out garbage)."""
-    used = [0] * instance.num_servers
-    for route in routes:
-        path = [hop.server for hop in route.hops]
-        if tuple(route.hops) != hops_for_path(placement, path, instance.num_blocks):
-            raise RuntimeError(f"route {path}: hops disagree with the placement")
-        for hop in route.hops:
-            used[hop.server] += route.requests * hop.blocks
-    for server, span in enumerate(placement):
-        if span is None:
-            if used[server]:
-                raise RuntimeError(f"server {server}: carries requests but hosts nothing")
-            continue
-        if span.length > _max_blocks(instance, server):
-            raise RuntimeError(f"server {server}: {span.length} blocks do not fit")
-        if used[server] > instance.cache_slots(server, span.length):
-            raise RuntimeError(
-                f"server {server}: {used[server]} cache slots needed, "
-                f"{instance.cache_slots(server, span.length)} available"
-            )
-
-
-def _route_flows(routes: Sequence[PlannedRoute]) -> dict[int, list[tuple[list[int], int]]]:
-    """Client -> [(server path, requests)]."""
-    flows: dict[int, list[tuple[list[int], int]]] = {}
-    for route in routes:
-        flows.setdefault(route.client, []).append(
-            ([hop.server for hop in route.hops], route.requests)
-        )
-    return flows
-
-
-def _fits_memory(instance: Instance, placement: Placement, routes: Sequence[PlannedRoute]) -> bool:
-    try:
-        check_solution(instance, placement, routes)
-    except (RuntimeError, ValueError):  # perf.InfeasiblePath is a ValueError
-        return False
-    return True
 
 
 # --- MILP-BPRR ----------------------------------------------------------------------------
@@ -253,7 +138,7 @@ class _BprrModel:
         n = instance.num_servers
         self.model = cp_model.CpModel()
         m = self.model
-        self.max_blocks = [_max_blocks(instance, j) for j in range(n)]
+        self.max_blocks = [max_blocks_fitting(instance, j) for j in range(n)]
         self.slot_table = [
             [instance.cache_slots(j, k) for k in range(self.max_blocks[j] + 1)] for j in range(n)
         ]
@@ -298,8 +183,8 @@ class _BprrModel:
                 previous = (commodity.client, first)
 
         # (13a) per token (the paper's l_max factor is a constant and is left out).
-        self.hop_cost, hop_error = _scaled(instance.token_hop_ms.ravel().tolist())
-        self.block_cost, block_error = _scaled(instance.decode_ms.tolist())
+        self.hop_cost, hop_error = scaled_costs(instance.token_hop_ms.ravel().tolist())
+        self.block_cost, block_error = scaled_costs(instance.decode_ms.tolist())
         terms: list[cp_model.LinearExprT] = []
         for commodity in self.commodities:
             row = commodity.client * n
@@ -467,7 +352,7 @@ class _BprrModel:
             ends.append(e)
         # Requests per client, one path each, in the order the symmetry breaking wants.
         per_client: dict[int, list[list[int]]] = {}
-        for client, flows in _route_flows(routes).items():
+        for client, flows in route_flows(routes).items():
             paths = [path for path, count in flows for _ in range(count)]
             per_client[client] = sorted(paths, key=lambda p: p[0])
         taken: dict[int, int] = {}
@@ -529,8 +414,8 @@ class _BprrModel:
         paths: dict[int, list[list[int]]] = {}
         for commodity in self.commodities:
             flow = {link: int(solver.value(var)) for link, var in commodity.flow.items()}
-            paths.setdefault(commodity.client, []).extend(_decompose(flow, commodity.size))
-        return placement, _planned(self.instance, placement, paths)
+            paths.setdefault(commodity.client, []).extend(decompose_flow(flow, commodity.size))
+        return placement, planned_routes(self.instance, placement, paths)
 
 
 def default_hint(
@@ -572,7 +457,7 @@ def solve_milp(
     MilpNoSolutionError when it finds no solution within the time limit.
     """
     started = time.perf_counter()
-    _check_counts(instance, counts)
+    check_counts(instance, counts)
     if concurrency < 1:
         raise ValueError(f"concurrency: must be at least 1, got {concurrency}")
     if sum(counts) != concurrency:
@@ -581,7 +466,7 @@ def solve_milp(
         raise ValueError(
             f"linearization: {linearization!r} is not one of {', '.join(LINEARIZATIONS)}"
         )
-    solver = _solver(time_limit_s, workers)
+    solver = make_solver(time_limit_s, workers)
 
     warm: tuple[Placement, tuple[PlannedRoute, ...]] | None = None
     hint_source = "none"
@@ -655,116 +540,3 @@ def solve_milp(
             "workers": workers,
         },
     )
-
-
-# --- routing-only ILP (19a-e) -------------------------------------------------------------
-
-
-def route_ilp(
-    instance: Instance,
-    placement: Placement,
-    counts: Sequence[int],
-    time_limit_s: float = 10.0,
-    workers: int = 2,
-) -> tuple[PlannedRoute, ...]:
-    """Optimal routing of ``counts[c]`` requests per client for a fixed placement (19a-e).
-
-    Integer per-client flows on the feasible links of the placement, cost
-    sum (t_cj + tau_j k_ij) per request (the paper's l_max factor is a constant), memory
-    sum_c sum_i k_ij f^c_ij <= cache_slots(j, m_j). Raises cg.InfeasibleError when no routing
-    fits and MilpNoSolutionError when CP-SAT finds none in time.
-    """
-    _check_counts(instance, counts)
-    if len(placement) != instance.num_servers:
-        raise ValueError(
-            f"placement: {len(placement)} spans for {instance.num_servers} servers (one per server)"
-        )
-    L = instance.num_blocks
-    spans: dict[int, Span] = {}
-    for j, span in enumerate(placement):
-        if span is None:
-            continue
-        if not 0 <= span.start < span.end <= L:
-            raise ValueError(f"placement[{j}]: span [{span.start}, {span.end}) is out of range")
-        if span.length > _max_blocks(instance, j):
-            raise cg.InfeasibleError(
-                f"placement[{j}]: the weights of {span.length} blocks do not fit in "
-                f"{instance.memory_gb[j]} GB"
-            )
-        spans[j] = span
-    solver = _solver(time_limit_s, workers)
-    # Feasible links (Lemma 1) and the blocks k_ij processed at j when entering from i.
-    blocks: dict[Link, int] = {}
-    for j, sj in spans.items():
-        if sj.start == 0:
-            blocks[(SOURCE, j)] = sj.end
-        if sj.end == L:
-            blocks[(j, SINK)] = 0
-        for i, si in spans.items():
-            if i != j and sj.start <= si.end < sj.end:
-                blocks[(i, j)] = sj.end - si.end
-    hop_cost, _ = _scaled(instance.token_hop_ms.ravel().tolist())
-    block_cost, _ = _scaled(instance.decode_ms.tolist())
-    n = instance.num_servers
-    model = cp_model.CpModel()
-    flows: dict[int, dict[Link, cp_model.IntVar]] = {}
-    objective: list[cp_model.LinearExprT] = []
-    for client, count in enumerate(counts):
-        if count == 0:
-            continue
-        flow = {
-            link: model.new_int_var(0, count, f"y{client}_{link[0]}_{link[1]}") for link in blocks
-        }
-        flows[client] = flow
-        model.add(sum(v for (i, _), v in flow.items() if i == SOURCE) == count)  # (19b)
-        model.add(sum(v for (_, j), v in flow.items() if j == SINK) == count)
-        for j in spans:
-            model.add(
-                sum(v for (_, b), v in flow.items() if b == j)
-                == sum(v for (a, _), v in flow.items() if a == j)
-            )
-        for (i, j), var in flow.items():
-            if j >= 0:
-                cost = hop_cost[client * n + j] + block_cost[j] * blocks[(i, j)]
-                objective.append(cost * var)  # (19a)
-    for j, span in spans.items():  # (19c) memory in cache slots
-        load = [
-            blocks[link] * flow[link] for flow in flows.values() for link in flow if link[1] == j
-        ]
-        model.add(sum(load) <= instance.cache_slots(j, span.length))
-    model.minimize(sum(objective))
-    # Every client needs a chain; warm-start from the shortest paths when they fit in memory.
-    try:
-        shortest = cg.shortest_routes(instance, placement)
-    except cg.InfeasibleError:
-        raise cg.InfeasibleError(
-            "infeasible: the placement does not cover every block (no chain from block 0 to L)"
-        ) from None
-    greedy = tuple(
-        PlannedRoute(client, count, shortest[client].hops)
-        for client, count in enumerate(counts)
-        if count > 0
-    )
-    if _fits_memory(instance, placement, greedy):
-        for route in greedy:
-            nodes = [SOURCE, *(hop.server for hop in route.hops), SINK]
-            on_path = set(itertools.pairwise(nodes))
-            for link, var in flows[route.client].items():
-                model.add_hint(var, route.requests if link in on_path else 0)
-    status = solver.solve(model)
-    if status == cp_model.INFEASIBLE:
-        raise cg.InfeasibleError(
-            f"infeasible: {sum(counts)} concurrent requests do not fit the placement's free memory"
-        )
-    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        raise MilpNoSolutionError(
-            f"routing ILP found no solution within {time_limit_s:g} s "
-            f"(CP-SAT status {solver.status_name(status)})"
-        )
-    paths = {
-        client: _decompose({link: int(solver.value(v)) for link, v in flow.items()}, counts[client])
-        for client, flow in flows.items()
-    }
-    routes = _planned(instance, placement, paths)
-    check_solution(instance, placement, routes)
-    return routes
