@@ -40,10 +40,13 @@ from app.settings import Settings
 
 # Demo pacing when the environment does not set it: fast heartbeats and planner ticks so that
 # servers go joining -> online within a couple of seconds.
-DEMO_DEFAULTS: dict[str, float] = {
+DEMO_DEFAULTS: dict[str, float | str] = {
     "heartbeat_interval_s": 1.0,
     "lease_ttl_s": 5.0,
     "planner_interval_s": 0.5,
+    # Every server of the scenario takes part (auto may leave small ones idle, which the
+    # demo would show as never coming online); BPRR_PLANNER_ALGORITHM=auto shows its choice.
+    "planner_algorithm": "cg",
 }
 # Arrival rate when the scenario has no Poisson workload (a trace, or none).
 FALLBACK_RATE_PER_S = 0.5
@@ -248,7 +251,10 @@ class Demo:
                 f"the planner placed {len(placed)} of {len(ids)} servers (generation "
                 f"{generation}); forcing a placement with POST /v1/placements"
             )
-            response = client.post("/v1/placements", json={"algorithm": "cg"})
+            # The planner's own algorithm: its next round then keeps this placement instead
+            # of re-spanning every server again.
+            algorithm = self.settings.planner_algorithm
+            response = client.post("/v1/placements", json={"algorithm": algorithm})
             if response.status_code != 201:
                 raise DemoError(f"POST /v1/placements failed: {response.text[:500]}")
             self.say(f"placement generation {response.json()['generation']} published")

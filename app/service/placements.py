@@ -75,6 +75,7 @@ class PlacementService:
         # The solver worker is killed this long after its time limit (tests shorten it).
         self.solver_grace_s = planner.SOLVER_GRACE_S
         self._plan_lock = threading.Lock()
+        self._considered: tuple[int, frozenset[str]] = (0, frozenset())
 
     # --- on demand ------------------------------------------------------------------------------
 
@@ -112,6 +113,11 @@ class PlacementService:
                 "the live servers cannot hold the model even for one request "
                 f"({instance.num_blocks} blocks)"
             ) from None
+        except ArithmeticError:  # OverflowError: measurements too extreme to plan with
+            raise Conflict(
+                "rate_per_s: the design concurrency for this rate overflows; set the model's "
+                "concurrency or a smaller rate"
+            ) from None
 
     def compute(self, request: PlacementRequest) -> PlacementOut:
         """POST /v1/placements: solve now (worker process) and publish as a new generation."""
@@ -140,7 +146,10 @@ class PlacementService:
         reason: str,
     ) -> Plan:
         """Solve ``scenario`` (no database access)."""
-        instance = Instance.from_scenario(scenario)
+        try:
+            instance = Instance.from_scenario(scenario)
+        except (ValueError, ArithmeticError) as error:
+            raise Invalid(f"scenario: the planner cannot use these numbers ({error})") from None
         if concurrency is None:
             rate = model.rate_per_s if model is not None else None
             rate = rate or getattr(scenario.workload, "rate_per_s", None)
@@ -305,11 +314,24 @@ class PlacementService:
                 current_objective,
                 self.settings.replan_drift,
             )
-            if reason is None and placement is not None and _unplaced(aligned, instance):
-                reason = "servers without a span"
+            if reason is None and placement is not None and self._unplanned(placement, live):
+                reason = "servers the published plan did not consider"
             if reason is None:
                 return "steady"
             return self._replan(model, scenario, instance, aligned, reason, now)
+
+    def _unplanned(self, placement: PlacementRow, live: list[ServerRow]) -> bool:
+        """Some live server joined (or came back) after the published plan was made: the
+        plan's inputs do not list it. A server the plan considered and left idle is not."""
+        generation, considered = self._considered
+        if generation != placement.generation:
+            try:
+                inputs = json.loads(placement.inputs)
+                ids = frozenset(str(s.get("id")) for s in inputs.get("servers", []))
+            except (ValueError, AttributeError, TypeError):
+                ids = frozenset()
+            self._considered = generation, considered = placement.generation, ids
+        return any(server.id not in considered for server in live)
 
     def _replan(
         self,
@@ -393,11 +415,6 @@ def plannable(state: LiveState, now: float) -> list[ServerRow]:
         )
     }
     return [row for row in state.servers if row.id in keep]
-
-
-def _unplaced(current: Placement, instance: Instance) -> bool:
-    """Some plannable server holds no span of the published placement."""
-    return any(span is None for span in current[: len(instance.server_ids)])
 
 
 def _with_new_servers(current: Placement, fresh: Placement) -> Placement | None:

@@ -75,7 +75,7 @@ def test_the_demo_shows_a_live_swarm_and_stops_cleanly_on_sigterm(tmp_path: Path
                     ]
                     return servers if len(servers) == 9 and len(ready) == 9 else None
 
-                servers = wait_for(swarm_online, "9 servers online", process, 15.0)
+                servers = wait_for(swarm_online, "9 servers online", process, 60.0)
                 assert {s["id"] for s in servers} == {
                     "a100-0",
                     "a100-1",
