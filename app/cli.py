@@ -6,6 +6,7 @@ starting with ``error:`` and exit with status 2; they never print a traceback.
 
 from __future__ import annotations
 
+import enum
 import json
 import sys
 from pathlib import Path
@@ -18,17 +19,28 @@ from rich.table import Table
 from app.allocation.cg import InfeasibleError
 from app.allocation.chains import ChainsInfeasible
 from app.allocation.scenario import ScenarioError, load_scenario
-from app.allocation.solve import ALGORITHMS, NoSolutionError, Solution, solve
+from app.allocation.solve import NoSolutionError, Solution, solve
 from app.allocation.traces import WorkloadError
 from app.allocation.workload import WorkloadProfile
+from app.cli_style import bad_choice_message, output_console, print_version
 
 cli = typer.Typer(
     name="bprr",
     help="Block placement and request routing for geo-distributed LLM inference.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
+
+
+class Algorithm(enum.StrEnum):
+    """``bprr solve --algorithm``: the values of app.allocation.solve.ALGORITHMS."""
+
+    auto = "auto"
+    chains = "chains"
+    cg = "cg"
+    milp = "milp"
+    petals = "petals"
 
 
 class UserError(Exception):
@@ -80,14 +92,14 @@ def _solution_core(solution: Solution, server_ids: tuple[str, ...]) -> dict[str,
 def solve_command(
     scenario_path: Annotated[Path, typer.Argument(metavar="SCENARIO", help="Scenario JSON file.")],
     algorithm: Annotated[
-        str,
+        Algorithm,
         typer.Option(
             "--algorithm",
             "-a",
             help="auto (best candidate for the workload), chains (GBP-CR + GCA + JFFC), "
             "cg (CG-BPRR), milp (CP-SAT) or petals.",
         ),
-    ] = "auto",
+    ] = Algorithm.auto,
     concurrency: Annotated[
         int | None,
         typer.Option(
@@ -100,8 +112,6 @@ def solve_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Place blocks and route requests for a scenario, and report the predicted per-token time."""
-    if algorithm not in ALGORITHMS:
-        fail(f"--algorithm: unknown algorithm {algorithm!r} (choose from {', '.join(ALGORITHMS)})")
     if concurrency is not None and concurrency < 1:
         fail("--concurrency: must be at least 1")
     if time_limit <= 0:
@@ -111,7 +121,7 @@ def solve_command(
         profile = WorkloadProfile.from_scenario(scenario)
     except (ValueError, WorkloadError) as error:
         raise UserError(str(error)) from None
-    solution = solve(scenario, algorithm, concurrency, time_limit, profile)  # type: ignore[arg-type]
+    solution = solve(scenario, algorithm.value, concurrency, time_limit, profile)
     server_ids = tuple(s.id for s in scenario.servers)
     for warning in solution.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -124,7 +134,7 @@ def solve_command(
 def print_solution(
     name: str, solution: Solution, server_ids: tuple[str, ...], client_ids: list[str]
 ) -> None:
-    console = Console()
+    console = output_console()
     table = Table(title=f"{name}: {solution.algorithm} placement for |R| = {solution.concurrency}")
     table.add_column("server")
     table.add_column("blocks", justify="right")
@@ -192,7 +202,17 @@ def _seconds(value: object) -> str:
 
 
 @cli.callback()
-def _group() -> None:
+def _group(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            is_eager=True,
+            callback=print_version,
+            help="Print the version of bprr and exit.",
+        ),
+    ] = False,
+) -> None:
     """Block placement and request routing for geo-distributed LLM inference."""
 
 
@@ -222,6 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         print("error: aborted", file=sys.stderr)
         sys.exit(130)
+    except typer.BadParameter as error:
+        message = bad_choice_message(error) or error.format_message()
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
     except typer.TyperException as error:
         if type(error).__name__ == "NoArgsIsHelpError":
             print(getattr(error, "format_message", error.__str__)())

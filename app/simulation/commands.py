@@ -2,24 +2,58 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from app.allocation.cg import InfeasibleError
 from app.allocation.chains import ChainsInfeasible
 from app.allocation.scenario import ScenarioError, load_scenario
+from app.cli_style import output_console, progress_console
 from app.simulation.engine import SimulationError
-from app.simulation.policies import POLICIES
-from app.simulation.service import SERVICE_MODELS
 from app.simulation.workload import WorkloadError
 
 JSON_DIGITS = 6
+
+
+class Policy(enum.StrEnum):
+    """``bprr simulate --policy``: the values of app.simulation.policies.POLICIES."""
+
+    auto = "auto"
+    chains = "chains"
+    cg_wsrr_profile = "cg-wsrr-profile"
+    petals = "petals"
+    cg_sp = "cg-sp"
+    cg_wsrr = "cg-wsrr"
+    milp_wsrr = "milp-wsrr"
+    petals_order = "petals-order"
+    petals_number = "petals-number"
+    petals_rr = "petals-rr"
+
+
+class ServiceModel(enum.StrEnum):
+    """``--service-model``: the values of app.simulation.service.SERVICE_MODELS."""
+
+    paper = "paper"
+    batched = "batched"
+
+
+class StudyName(enum.StrEnum):
+    """``bprr experiment NAME``: the keys of app.simulation.studies.STUDIES."""
+
+    clustered = "clustered"
+    rate = "rate"
+    servers = "servers"
+    a100 = "a100"
+    lmax = "lmax"
+    geo = "geo"
+    scale = "scale"
+    table1 = "table1"
 
 
 class SimulateUserError(ScenarioError):
@@ -37,15 +71,26 @@ def _rounded(summary: dict[str, object]) -> dict[str, object]:
 def simulate_command(
     scenario_path: Annotated[Path, typer.Argument(metavar="SCENARIO", help="Scenario JSON file.")],
     policy: Annotated[
-        str, typer.Option("--policy", "-p", help=f"One of: {', '.join(POLICIES)}.")
-    ] = "auto",
+        Policy,
+        typer.Option(
+            "--policy",
+            "-p",
+            help="Placement and dispatch policy: auto (best candidate for the workload), chains "
+            "(GBP-CR + GCA + JFFC), cg-sp / cg-wsrr / milp-wsrr (the paper's), petals and its "
+            "ablations.",
+        ),
+    ] = Policy.auto,
     seed: Annotated[
         int | None, typer.Option("--seed", help="Override the workload's seed.")
     ] = None,
     service_model: Annotated[
-        str,
-        typer.Option("--service-model", help="paper (concurrency-independent) or batched."),
-    ] = "paper",
+        ServiceModel,
+        typer.Option(
+            "--service-model",
+            help="paper (per-token time independent of concurrency) or batched (decode slowed "
+            "by the batch size, from the shipped decode profile).",
+        ),
+    ] = ServiceModel.paper,
     time_limit: Annotated[
         float, typer.Option("--time-limit", help="MILP time limit (milp-wsrr), seconds.")
     ] = 10.0,
@@ -54,13 +99,6 @@ def simulate_command(
     """Simulate the scenario's workload under one policy and summarise the requests' times."""
     from app.simulation.run import simulate
 
-    if policy not in POLICIES:
-        _fail(f"--policy: unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
-    if service_model not in SERVICE_MODELS:
-        _fail(
-            f"--service-model: unknown model {service_model!r} "
-            f"(choose from {', '.join(SERVICE_MODELS)})"
-        )
     if time_limit <= 0:
         _fail("--time-limit: must be positive")
     scenario = load_scenario(scenario_path)
@@ -68,7 +106,11 @@ def simulate_command(
         print(f"warning: {warning}", file=sys.stderr)
     try:
         result = simulate(
-            scenario, policy, seed, service_model=service_model, milp_time_limit_s=time_limit
+            scenario,
+            policy.value,
+            seed,
+            service_model=service_model.value,
+            milp_time_limit_s=time_limit,
         )
     except (WorkloadError, SimulationError, ChainsInfeasible, InfeasibleError) as error:
         raise SimulateUserError(str(error)) from None
@@ -76,8 +118,8 @@ def simulate_command(
     if as_json:
         print(json.dumps(_rounded(summary)))
         return
-    console = Console()
-    table = Table(title=f"{scenario.name}: {policy} ({summary['workload']})")
+    console = output_console()
+    table = Table(title=f"{scenario.name}: {policy.value} ({summary['workload']})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in summary.items():
@@ -88,30 +130,45 @@ def simulate_command(
 
 
 def experiment_command(
-    name: Annotated[str, typer.Argument(metavar="NAME", help="Study name (see --list).")] = "",
+    name: Annotated[
+        StudyName | None, typer.Argument(metavar="NAME", help="Study name (see --list).")
+    ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="Output folder (default ./out/NAME).")
     ] = None,
     quick: Annotated[
-        bool, typer.Option("--quick", help="Few requests and seeds: a smoke run.")
+        bool,
+        typer.Option(
+            "--quick", help="Few requests, one seed: a smoke run (its plot says so; not a result)."
+        ),
     ] = False,
-    seeds: Annotated[int | None, typer.Option("--seeds", help="Seeds per point.")] = None,
-    list_studies: Annotated[bool, typer.Option("--list", help="List the studies.")] = False,
+    seeds: Annotated[
+        int | None,
+        typer.Option("--seeds", help="Seeds per point (default: the study's; 1 with --quick)."),
+    ] = None,
+    list_studies: Annotated[
+        bool, typer.Option("--list", help="List the studies and exit.")
+    ] = False,
 ) -> None:
     """Run a named study over policies and seeds; write a CSV, PNG plots and print a table."""
     from app.simulation.studies import STUDIES, run_study
 
-    if list_studies or not name:
+    if list_studies or name is None:
         for study in STUDIES.values():
             print(f"{study.name:12s} {study.description}")
         return
-    if name not in STUDIES:
-        _fail(f"NAME: unknown study {name!r} (choose from {', '.join(STUDIES)})")
     if seeds is not None and seeds < 1:
         _fail("--seeds: must be at least 1")
-    folder = out if out is not None else Path("out") / name
+    folder = out if out is not None else Path("out") / name.value
     try:
-        run_study(STUDIES[name], folder, quick=quick, seeds=seeds, console=Console(width=160))
+        run_study(
+            STUDIES[name.value],
+            folder,
+            quick=quick,
+            seeds=seeds,
+            console=output_console(),
+            progress_console=progress_console(),
+        )
     except (WorkloadError, SimulationError, InfeasibleError, ChainsInfeasible) as error:
         raise SimulateUserError(str(error)) from None
 

@@ -5,21 +5,26 @@ the policies to compare, and the seeds. Running one writes, under the output fol
 ``runs.csv`` (one row per run: point, policy, seed and every summary number),
 ``scenarios/`` (the generated scenario files, so each run can be replayed with
 ``bprr simulate``), ``<study>.png`` (mean response time and per-token time per policy, each
-policy with its own marker and line style so that overlapping curves stay visible),
+policy with its own colour, marker, line style and a small sideways offset so that no curve
+hides another, error bars from the lowest to the highest seed, and a ``--quick`` run marked
+"QUICK RUN - not a result" in the title, across the figure and in the PNG's metadata),
 ``summary.md`` (markdown tables of the means over seeds: response time with auto / petals,
 per-token time with cg-wsrr's reduction against PETALS, TTFT, waiting) and prints the
-response-time table.
+response-time table. Progress goes to its own console: a live bar on a terminal, one plain
+line per finished run elsewhere (a piped or logged run is never silent).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import Progress
@@ -28,6 +33,9 @@ from rich.table import Table
 from app.allocation.scenario import Scenario
 from app.simulation import generators
 from app.simulation.run import simulate
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CORE_POLICIES = ("petals", "cg-sp", "cg-wsrr", "chains", "auto")
 ABLATIONS = ("petals-order", "petals-number", "petals-rr")
@@ -225,10 +233,15 @@ def run_study(
     quick: bool = False,
     seeds: int | None = None,
     console: Console | None = None,
+    progress_console: Console | None = None,
     milp_time_limit_s: float = 5.0,
 ) -> list[dict[str, Any]]:
-    """Run every (point, policy, seed); write runs.csv, scenarios/ and the plot; print a table."""
+    """Run every (point, policy, seed); write runs.csv, scenarios/ and the plot; print a table.
+
+    ``console`` gets the table, ``progress_console`` (default: ``console``) the progress.
+    """
     console = console or Console()
+    progress_console = progress_console or console
     count = study.quick_requests if quick else study.requests
     seed_count = seeds if seeds is not None else (1 if quick else study.seeds)
     milp_limit = 1.0 if quick else milp_time_limit_s
@@ -236,8 +249,7 @@ def run_study(
     (out / "scenarios").mkdir(exist_ok=True)
     rows: list[dict[str, Any]] = []
     total = len(study.points) * seed_count * len(study.policies)
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"{study.name}", total=total)
+    with study_progress(progress_console, study.name, total) as advance:
         for point in study.points:
             for seed in range(1, seed_count + 1):
                 scenario = point.make(count, seed)
@@ -253,13 +265,20 @@ def run_study(
                         study=study.name, point=point.label, x=point.x, policy=policy, seed=seed
                     )
                     rows.append(row)
-                    progress.advance(task)
+                    advance(f"{point.label} seed {seed} {policy}")
     with (out / "runs.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
     means = mean_table(rows)
-    plot(study, means, out / f"{study.name}.png")
+    plot(
+        study,
+        means,
+        out / f"{study.name}.png",
+        spread=spread_table(rows),
+        seeds=seed_count,
+        quick=quick,
+    )
     (out / "summary.md").write_text(
         markdown_summary(study, means, count, seed_count), encoding="utf-8"
     )
@@ -271,7 +290,35 @@ def run_study(
     return rows
 
 
+@contextlib.contextmanager
+def study_progress(console: Console, name: str, total: int) -> Iterator[Callable[[str], None]]:
+    """Yield ``advance(label)``, called once per finished run: a live bar when ``console`` is a
+    terminal; otherwise one plain line per run (a live display is never drawn into a file or a
+    pipe, which left a piped run silent for a minute)."""
+    if console.is_terminal:
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task(name, total=total)
+            yield lambda _label: progress.advance(task)
+        return
+    started = time.perf_counter()
+    done = 0
+
+    def advance(label: str) -> None:
+        nonlocal done
+        done += 1
+        console.print(
+            f"{name} [{done}/{total}] {label} ({time.perf_counter() - started:.1f} s)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    yield advance
+
+
 Means = dict[tuple[str, str], dict[str, float]]
+Spread = dict[tuple[str, str], dict[str, tuple[float, float]]]  # (lowest, highest) over seeds
+PLOTTED = ("mean_e2e_ms", "mean_ms_per_token")
 MEAN_FIELDS = (
     "x",
     "mean_ms_per_token",
@@ -294,6 +341,20 @@ def mean_table(rows: list[dict[str, Any]]) -> Means:
             name: sum(float(m[name]) for m in members) / len(members) for name in MEAN_FIELDS
         }
     return means
+
+
+def spread_table(rows: list[dict[str, Any]]) -> Spread:
+    """(point, policy) -> (lowest, highest) over seeds of each plotted number."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["point"], row["policy"]), []).append(row)
+    return {
+        key: {
+            name: (min(float(m[name]) for m in members), max(float(m[name]) for m in members))
+            for name in PLOTTED
+        }
+        for key, members in groups.items()
+    }
 
 
 def reduction(petals: float, ours: float) -> float:
@@ -370,7 +431,49 @@ def markdown_summary(study: Study, means: Means, requests: int, seeds: int) -> s
     return "\n".join(lines)
 
 
-def plot(study: Study, means: Means, path: Path) -> None:
+QUICK_MARK = "QUICK RUN - not a result"
+MARKERS = "osD^v<>PX*hH"
+LINE_STYLES = ("-", "--", "-.", ":")
+HATCHES = ("", "//", "..", "xx", "\\\\", "++", "--", "oo")
+OFFSET_FRACTION = 0.008  # sideways shift between neighbouring policies, of the x range
+
+
+def plot(
+    study: Study,
+    means: Means,
+    path: Path,
+    *,
+    spread: Spread | None = None,
+    seeds: int = 1,
+    quick: bool = False,
+) -> None:
+    """Write the study's figure (see study_figure) as a PNG whose metadata carries its title."""
+    figure = study_figure(study, means, spread=spread, seeds=seeds, quick=quick)
+    title = figure_title(study, seeds, quick)
+    figure.savefig(path, dpi=110, metadata={"Title": title, "Software": "bprr experiment"})
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+
+def figure_title(study: Study, seeds: int, quick: bool) -> str:
+    bars = f"error bars: lowest to highest of {seeds} seeds" if seeds > 1 else "one seed"
+    title = f"bprr experiment {study.name}: {study.description}\nmeans over seeds; {bars}"
+    return f"{title} - {QUICK_MARK}" if quick else title
+
+
+def study_figure(
+    study: Study,
+    means: Means,
+    *,
+    spread: Spread | None = None,
+    seeds: int = 1,
+    quick: bool = False,
+) -> Figure:
+    """Mean response time and per-token time per policy, every policy visible: its own colour,
+    marker, line style (or hatch), hollow markers on every other policy and a small sideways
+    offset, so equal results stay side by side; error bars from the per-seed runs' lowest to
+    highest; a quick run says so across the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -380,41 +483,78 @@ def plot(study: Study, means: Means, path: Path) -> None:
         width_in = max(12.0, 1.1 * len(study.points))
         fig, axes = plt.subplots(2, 1, figsize=(width_in, 9))
     else:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    markers = "osD^v<>PX*"
-    styles = ("-", "--", "-.", ":")
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    count = len(study.policies)
+    colours = plt.get_cmap("tab10" if count <= 10 else "tab20").colors  # type: ignore[attr-defined]
+    xs = [p.x for p in study.points]
+    span = (max(xs) - min(xs)) or 1.0
     for axis, metric, title in (
         (axes[0], "mean_e2e_ms", "mean response time (ms)"),
         (axes[1], "mean_ms_per_token", "mean time per token (ms)"),
     ):
-        if study.bars:
-            width = 0.8 / len(study.policies)
-            for i, policy in enumerate(study.policies):
-                xs = [p.x + (i - len(study.policies) / 2 + 0.5) * width for p in study.points]
-                ys = [means[(p.label, policy)][metric] for p in study.points]
-                axis.bar(xs, ys, width=width, label=policy)
-            axis.set_xticks([p.x for p in study.points])
-            axis.set_xticklabels([p.label.replace(" ", "\n") for p in study.points], fontsize=8)
-        else:
-            # Distinct marker and line style per policy: overlapping curves stay visible.
-            for i, policy in enumerate(study.policies):
-                xs = [p.x for p in study.points]
-                ys = [means[(p.label, policy)][metric] for p in study.points]
-                axis.plot(
-                    xs,
+        for i, policy in enumerate(study.policies):
+            ys = [means[(p.label, policy)][metric] for p in study.points]
+            lows = [
+                y - (spread[(p.label, policy)][metric][0] if spread else y)
+                for p, y in zip(study.points, ys, strict=True)
+            ]
+            highs = [
+                (spread[(p.label, policy)][metric][1] if spread else y) - y
+                for p, y in zip(study.points, ys, strict=True)
+            ]
+            colour = colours[i % len(colours)]
+            if study.bars:
+                width = 0.8 / count
+                at = [x + (i - count / 2 + 0.5) * width for x in xs]
+                axis.bar(
+                    at,
                     ys,
-                    marker=markers[i % len(markers)],
-                    linestyle=styles[i % len(styles)],
-                    markersize=9 - i % 4,
+                    width=width,
+                    yerr=[lows, highs],
+                    capsize=2,
+                    color=colour,
+                    hatch=HATCHES[i % len(HATCHES)],
+                    edgecolor="black",
+                    linewidth=0.4,
+                    label=policy,
+                )
+            else:
+                shift = (i - (count - 1) / 2) * OFFSET_FRACTION * span
+                axis.errorbar(
+                    [x + shift for x in xs],
+                    ys,
+                    yerr=[lows, highs],
+                    capsize=3,
+                    color=colour,
+                    marker=MARKERS[i % len(MARKERS)],
+                    fillstyle="none" if i % 2 else "full",
+                    linestyle=LINE_STYLES[i % len(LINE_STYLES)],
+                    markersize=8,
                     alpha=0.85,
                     label=policy,
                 )
+        if study.bars:
+            axis.set_xticks(xs)
+            axis.set_xticklabels([p.label.replace(" ", "\n") for p in study.points], fontsize=8)
+        else:
             axis.set_xlabel(study.x_name)
         axis.set_ylabel(title)
         axis.set_yscale("log")
         axis.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"bprr experiment {study.name}: {study.description}", fontsize=9)
+    axes[0].legend(fontsize=8, ncol=2 if count > 6 else 1)
+    fig.suptitle(figure_title(study, seeds, quick), fontsize=9, color="red" if quick else "black")
+    if quick:
+        fig.text(
+            0.5,
+            0.5,
+            QUICK_MARK,
+            fontsize=40,
+            color="red",
+            alpha=0.18,
+            rotation=20,
+            ha="center",
+            va="center",
+            zorder=10,
+        )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
