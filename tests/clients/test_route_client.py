@@ -184,3 +184,16 @@ def test_retry_after_accepts_seconds_and_http_dates() -> None:
     assert retry_after(httpx.Response(503), lambda: 0.0) is None
     with pytest.raises(ValueError, match="attempts"):
         RetryPolicy(attempts=0)
+
+
+def test_the_same_idempotency_key_books_one_session(app: TestClient, forward: Forward) -> None:
+    """The coordinator answers a repeated booking (same key) with the session it booked;
+    the session token comes with the booking and authorises the release."""
+    swarm(app, forward)
+    routes, _ = client(forward)
+    first = routes.book(10, 10, idempotency_key="retry-me")
+    again = routes.book(10, 10, idempotency_key="retry-me")
+    assert again.id == first.id
+    assert first.token
+    assert routes.release(first)
+    assert not routes.release(first)  # already gone
