@@ -182,8 +182,9 @@ local pending = {}
 function init(args) end
 function request()
   if #pending > 0 then
-    local id = table.remove(pending)
-    return wrk.format("DELETE", "/v1/sessions/" .. id)
+    local held = table.remove(pending)
+    return wrk.format("DELETE", "/v1/sessions/" .. held[1],
+      {["Authorization"] = "Bearer " .. held[2]})
   end
   n = n + 1
   local body = '{"client_site": "' .. sites[(n % 10) + 1] ..
@@ -194,7 +195,8 @@ function response(status, headers, body)
   if status == 201 then
     booked = booked + 1
     local id = string.match(body, '"id":"(%x+)"')
-    if id then table.insert(pending, id) end
+    local token = string.match(body, '"token":"([%w_%-]+)"')
+    if id and token then table.insert(pending, {id, token}) end
   elseif status == 204 then
     released = released + 1
   elseif status == 503 then

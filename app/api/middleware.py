@@ -89,6 +89,9 @@ class BodyLimitMiddleware:
                 if declared > self.max_bytes or declared < 0:
                     await self._refuse(send, 413 if declared > 0 else 400)
                     return
+                # The server reads no more than Content-Length: nothing left to count.
+                await self.app(scope, receive, send)
+                return
         received = 0
         started = False
 

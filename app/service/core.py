@@ -334,6 +334,11 @@ class Core:
             version = self._view_version
         with self.read_tx() as db:
             state = load_state(db, with_reservations=True)
+        # What the database holds is committed: the leases a quiet heartbeat may promise.
+        with self._renewals_lock:
+            for row in state.servers:
+                known = self._durable.get(row.id, -math.inf)
+                self._durable[row.id] = max(known, row.lease_expires_at)
         fresh = RouteView(state, self.settings.default_site_rtt_ms, now)
         with self.view_lock:
             # A local change may have invalidated the view while this one was being read;
