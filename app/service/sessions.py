@@ -25,9 +25,7 @@ import json
 import math
 import secrets
 import uuid
-from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -43,7 +41,8 @@ from app.service.core import Core
 from app.service.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized, Unavailable
 from app.service.queue import CentralQueue, HeadRefused, TooManyRequests
 from app.service.routeview import RoutePlan, RouteView
-from app.service.schemas import RouteHop, RouteOut, SessionIn
+from app.service.schemas import RouteOut, SessionIn
+from app.service.session_replies import Booked, Pending, reply_out, route_out
 from app.service.session_schemas import BookingIn, BookingOut, SessionStatusOut
 from app.service.session_settings import SessionSettings
 from app.service.workload_window import WorkloadWindow
@@ -63,24 +62,6 @@ INTERNAL = ClientIdentity("internal", 0, 0.0, 1)  # the coordinator's own caller
 
 class _Refused(Exception):
     """Rolls a refused SQLite booking back (hops already taken)."""
-
-
-@dataclass(frozen=True)
-class Booked:
-    out: BookingOut
-    created: bool  # False: an Idempotency-Key retry returned the session booked before
-
-
-@dataclass
-class Pending:
-    """A booking waiting in the central queue; ``future`` gets the admitted reply."""
-
-    session_id: str
-    token: str
-    future: Future[str]
-    client_site: str
-    wait_s: float
-    enqueued_at: float
 
 
 class SessionService:
@@ -590,35 +571,3 @@ class SessionService:
             return None
         requests = max(1, round(profile.rate_per_s * self.window.window_s))
         return {"arrival": "poisson", "num_requests": requests, **profile.to_json()}
-
-
-def route_out(view: RouteView, client_site: str, plan: RoutePlan) -> RouteOut:
-    return RouteOut(
-        generation=view.generation,
-        client_site=client_site,
-        hops=[
-            RouteHop(
-                server_id=view.entries[h.server].id,
-                address=view.entries[h.server].address,
-                start=h.start,
-                end=h.end,
-                peer_id=view.entries[h.server].peer_id,
-                multiaddrs=list(view.entries[h.server].multiaddrs),
-            )
-            for h in plan.hops
-        ],
-        first_token_ms=plan.timing.first_token_ms,
-        per_token_ms=plan.timing.per_token_ms,
-        total_ms=plan.timing.total_ms,
-        wait_ms=plan.wait_ms,
-    )
-
-
-def reply_out(reply: str, token: str, now: float) -> BookingOut:
-    data = json.loads(reply)
-    return BookingOut(
-        id=data["id"],
-        expires_in_s=max(0.0, float(data["expires_at"]) - now),
-        route=RouteOut(**data["route"]),
-        token=token,
-    )

@@ -15,8 +15,9 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from app.api.deps import CoordinatorDep, IdPath, Token, errors, run_write
 from app.service.errors import Unauthorized
 from app.service.schemas import RouteOut
+from app.service.session_replies import Booked, Pending
 from app.service.session_schemas import BookingIn, BookingOut, SessionStatusOut
-from app.service.sessions import Booked, Pending, SessionService
+from app.service.sessions import SessionService
 
 router = APIRouter(tags=["routes"])
 # While a booking waits in the queue, how often the connection is checked for a client that
