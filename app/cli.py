@@ -22,7 +22,7 @@ from app.allocation.scenario import ScenarioError, load_scenario
 from app.allocation.solve import NoSolutionError, Solution, solve
 from app.allocation.traces import WorkloadError
 from app.allocation.workload import WorkloadProfile
-from app.cli_style import bad_choice_message, output_console, print_version
+from app.cli_style import bad_parameter_message, output_console, print_version
 
 cli = typer.Typer(
     name="bprr",
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         print("error: aborted", file=sys.stderr)
         sys.exit(130)
     except typer.BadParameter as error:
-        message = bad_choice_message(error) or error.format_message()
+        message = bad_parameter_message(error)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except typer.TyperException as error:

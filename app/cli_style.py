@@ -63,18 +63,19 @@ def enum_noun(choices: type[enum.Enum]) -> str:
 _NOT_ONE_OF = re.compile(r"'(.*)' is not one of ")
 
 
-def bad_choice_message(error: typer.BadParameter) -> str | None:
-    """The one-line message for a value outside an enum option's choices, or None when the
-    error is about something else (the caller prints typer's own message then)."""
+def bad_parameter_message(error: typer.BadParameter) -> str:
+    """One line in the project's style, ``--option: what is wrong``. A value outside an enum's
+    choices: ``--option: unknown <noun> 'x' (choose from a, b, c)``."""
     param = error.param
-    descriptor = getattr(param, "type_descriptor", None)
-    choices = getattr(descriptor, "annotation", None)
-    if param is None or not (isinstance(choices, type) and issubclass(choices, enum.Enum)):
-        return None
-    found = _NOT_ONE_OF.search(error.message)
-    if found is None:
-        return None
+    if param is None or type(error) is not typer.BadParameter:  # e.g. a missing argument
+        return error.format_message()
     long_names = [opt for opt in param.opts if opt.startswith("--")]
     name = long_names[0] if long_names else str(param.metavar or param.name or "").upper()
-    allowed = ", ".join(str(member.value) for member in choices)
-    return f"{name}: unknown {enum_noun(choices)} {found.group(1)!r} (choose from {allowed})"
+    descriptor = getattr(param, "type_descriptor", None)
+    choices = getattr(descriptor, "annotation", None)
+    found = _NOT_ONE_OF.search(error.message)
+    if isinstance(choices, type) and issubclass(choices, enum.Enum) and found is not None:
+        allowed = ", ".join(str(member.value) for member in choices)
+        return f"{name}: unknown {enum_noun(choices)} {found.group(1)!r} (choose from {allowed})"
+    detail = error.message.removeprefix("Value error, ")  # pydantic's prefix says nothing
+    return f"{name}: {detail}"

@@ -6,16 +6,17 @@ line saying to install the ``profile`` extra.
 
 from __future__ import annotations
 
+import enum
 import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from app.allocation.scenario import ScenarioError
+from app.cli_style import output_console
 from app.profiler.arch import PRESETS, ArchError, custom_arch
 from app.profiler.fit import FitError
 from app.profiler.profile import (
@@ -29,6 +30,36 @@ from app.profiler.profile import (
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 QUANT_BYTES = {"int8": 1.0, "nf4": 0.5}  # per weight; the rest stays in --dtype
+
+
+class Preset(enum.StrEnum):
+    """``--arch``: the keys of app.profiler.arch.PRESETS."""
+
+    bloom_176b = "bloom-176b"
+    llama_2_70b = "llama-2-70b"
+
+
+class Quantization(enum.StrEnum):
+    """``--quant``: app.profiler.hf.QUANTS (``none`` and the keys of QUANT_BYTES)."""
+
+    none = "none"
+    int8 = "int8"
+    nf4 = "nf4"
+
+
+class BlockStyle(enum.StrEnum):
+    """``--style``: the block layouts app.profiler.arch.custom_arch builds."""
+
+    llama = "llama"
+    bloom = "bloom"
+
+
+class Dtype(enum.StrEnum):
+    """``--dtype``: the keys of BYTES."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
 
 
 class ProfileUserError(ScenarioError):
@@ -76,7 +107,7 @@ def _check_memory(
 
 
 def _print_report(report: dict[str, Any], from_cache: bool) -> None:
-    console = Console()
+    console = output_console()
     arch = report["architecture"]
     source = " (from the cache)" if from_cache else ""
     built = ""
@@ -137,8 +168,8 @@ def _print_report(report: dict[str, Any], from_cache: bool) -> None:
 
 def profile_command(
     arch_name: Annotated[
-        str | None,
-        typer.Option("--arch", help=f"A preset: {', '.join(PRESETS)} (sizes below override it)."),
+        Preset | None,
+        typer.Option("--arch", help="An architecture preset (the sizes below override it)."),
     ] = None,
     config: Annotated[
         Path | None,
@@ -149,12 +180,12 @@ def profile_command(
         ),
     ] = None,
     quant: Annotated[
-        str,
+        Quantization,
         typer.Option(
             "--quant",
-            help="none, int8 or nf4 (bitsandbytes, with --config): quantised linear layers.",
+            help="Quantised linear layers (bitsandbytes, with --config): int8 or nf4.",
         ),
-    ] = "none",
+    ] = Quantization.none,
     hidden: Annotated[int | None, typer.Option("--hidden", help="Hidden size.")] = None,
     heads: Annotated[int | None, typer.Option("--heads", help="Attention heads.")] = None,
     kv_heads: Annotated[
@@ -164,11 +195,15 @@ def profile_command(
         int | None, typer.Option("--intermediate", help="MLP intermediate size.")
     ] = None,
     style: Annotated[
-        str | None,
-        typer.Option("--style", help="llama (RMSNorm, RoPE, SwiGLU) or bloom (LayerNorm, ALiBi)."),
+        BlockStyle | None,
+        typer.Option(
+            "--style", help="llama (RMSNorm, RoPE, SwiGLU) or bloom (LayerNorm, ALiBi, GELU)."
+        ),
     ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")] = "cpu",
-    dtype: Annotated[str, typer.Option("--dtype", help="fp32, bf16 or fp16.")] = "fp32",
+    dtype: Annotated[
+        Dtype, typer.Option("--dtype", help="Weight and activation type.")
+    ] = Dtype.fp32,
     blocks: Annotated[
         str, typer.Option("--blocks", help="Numbers of blocks to chain, comma-separated.")
     ] = ",".join(map(str, DEFAULT_PLAN["blocks"])),
@@ -196,9 +231,17 @@ def profile_command(
 ) -> None:
     """Time random-weight transformer blocks and fit the server's speed fields
     (decode_ms_per_block, prefill_ms_per_block) by least squares."""
-    arch = _architecture(arch_name, config, quant, hidden, heads, kv_heads, intermediate, style)
-    if dtype not in BYTES:
-        raise ProfileUserError(f"--dtype: {dtype!r} is not one of {', '.join(BYTES)}")
+    arch = _architecture(
+        None if arch_name is None else arch_name.value,
+        config,
+        quant.value,
+        hidden,
+        heads,
+        kv_heads,
+        intermediate,
+        None if style is None else style.value,
+    )
+    dtype_name = dtype.value
     if repeats < 1:
         raise ProfileUserError("--repeats: must be at least 1")
     if warmup < 0:
@@ -216,7 +259,7 @@ def profile_command(
         "repeats": repeats,
         "warmup": warmup,
     }
-    _check_memory(arch, max(block_counts), dtype, device, quant)
+    _check_memory(arch, max(block_counts), dtype_name, device, quant.value)
 
     def progress(line: str) -> None:
         if not quiet:
@@ -228,7 +271,7 @@ def profile_command(
                 arch,
                 plan,
                 device=device,
-                dtype=dtype,
+                dtype=dtype_name,
                 threads=threads,
                 cache_path=cache_file or default_cache_path(),
                 refresh=refresh,
@@ -236,7 +279,7 @@ def profile_command(
             )
         else:
             report = run_profile(
-                arch, plan, device=device, dtype=dtype, threads=threads, progress=progress
+                arch, plan, device=device, dtype=dtype_name, threads=threads, progress=progress
             )
             from_cache = False
     except (TorchMissingError, FitError) as error:

@@ -541,7 +541,12 @@ def study_figure(
         axis.set_ylabel(title)
         axis.set_yscale("log")
         axis.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8, ncol=2 if count > 6 else 1)
+    if study.bars:  # above the panel: the bars fill it from side to side
+        axes[0].legend(
+            fontsize=8, ncol=min(count, 6), loc="lower center", bbox_to_anchor=(0.5, 1.0)
+        )
+    else:
+        axes[0].legend(fontsize=8, ncol=2 if count > 6 else 1)
     fig.suptitle(figure_title(study, seeds, quick), fontsize=9, color="red" if quick else "black")
     if quick:
         fig.text(

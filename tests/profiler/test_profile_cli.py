@@ -96,15 +96,26 @@ def test_profile_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert "fits go through the origin" in out  # one number of blocks
     last = json.loads(out.strip().splitlines()[-1])
     assert set(last) == {"decode_ms_per_block", "prefill_ms_per_block"}
+    # Not a terminal: the architecture line is whole, not wrapped at 80 columns.
+    first = out.splitlines()[0]
+    assert "params/block" in first and ", torch " in first and len(first) > 80
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         ([], "error: --arch: give a preset"),
-        (["--arch", "gpt-9"], "error: --arch: unknown architecture 'gpt-9'"),
+        (
+            ["--arch", "gpt-9"],
+            "error: --arch: unknown preset 'gpt-9' (choose from bloom-176b, llama-2-70b)",
+        ),
         (["--hidden", "64", "--heads", "3"], "error: --heads: 3 does not divide"),
-        (["--hidden", "64", "--heads", "2", "--dtype", "fp8"], "error: --dtype: 'fp8'"),
+        (
+            ["--hidden", "64", "--heads", "2", "--dtype", "fp8"],
+            "error: --dtype: unknown dtype 'fp8'",
+        ),
+        (["--arch", "bloom-176b", "--quant", "int4"], "error: --quant: unknown quantization"),
+        (["--hidden", "64", "--heads", "2", "--style", "gpt"], "error: --style: unknown block"),
         (
             ["--hidden", "64", "--heads", "2", "--contexts", "8"],
             "error: --contexts: give at least two",

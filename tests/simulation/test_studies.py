@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 from pathlib import Path
 
@@ -12,7 +13,18 @@ from rich.console import Console
 
 from app.simulation import generators
 from app.simulation.run import simulate
-from app.simulation.studies import STUDIES, reduction, run_study
+from app.simulation.studies import (
+    QUICK_MARK,
+    STUDIES,
+    Means,
+    Spread,
+    mean_table,
+    reduction,
+    run_study,
+    spread_table,
+    study_figure,
+    study_progress,
+)
 
 
 @pytest.mark.parametrize(
@@ -77,7 +89,9 @@ def test_clustered_study_outputs_are_coherent(tmp_path: Path) -> None:
         written = list(csv.DictReader(handle))
     assert [r["point"] for r in written] == [r["point"] for r in rows]
     assert len(list((tmp_path / "scenarios").glob("*.json"))) == 12  # no slug collisions
-    assert (tmp_path / "clustered.png").read_bytes().startswith(b"\x89PNG")
+    png = (tmp_path / "clustered.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    assert QUICK_MARK.encode() in png  # the PNG's title metadata says it is a quick run
     summary = (tmp_path / "summary.md").read_text(encoding="utf-8")
     response, per_token = (
         summary.split("**Mean time per token")[0],
@@ -104,3 +118,82 @@ def test_clustered_study_outputs_are_coherent(tmp_path: Path) -> None:
         assert cells[-1] == f"{ratio:.3f}"
     # response time, ms/token, TTFT, wait
     assert summary.count("| client=cluster2 lmax=128 rate=0.5 |") == 4
+
+
+def _synthetic(study_name: str) -> tuple[Means, Spread, list[dict[str, object]]]:
+    """Two seeds per (point, policy); cg-sp and cg-wsrr give identical results (the case in
+    which one line used to hide the other)."""
+    study = STUDIES[study_name]
+    rows: list[dict[str, object]] = []
+    for point in study.points:
+        for i, policy in enumerate(study.policies):
+            base = 100.0 + (0 if policy in ("cg-sp", "cg-wsrr") else 10 * i)
+            for seed, jitter in ((1, -5.0), (2, 5.0)):
+                row: dict[str, object] = {
+                    "point": point.label,
+                    "policy": policy,
+                    "seed": seed,
+                    "x": point.x,
+                    "mean_ms_per_token": base + jitter,
+                    "mean_e2e_ms": 1000 * (base + jitter),
+                    "mean_ttft_ms": 1.0,
+                    "mean_wait_ms": 0.0,
+                    "p95_e2e_ms": 1.0,
+                    "mean_attempts": 1.0,
+                }
+                rows.append(row)
+    return mean_table(rows), spread_table(rows), rows
+
+
+def test_spread_is_the_lowest_and_highest_seed() -> None:
+    means, spread, _ = _synthetic("rate")
+    key = ("rate=0.1", "petals")
+    assert spread[key]["mean_ms_per_token"] == (95.0, 105.0)
+    assert means[key]["mean_ms_per_token"] == 100.0
+
+
+def test_every_policy_is_visible_with_its_spread() -> None:
+    study = STUDIES["rate"]
+    means, spread, _ = _synthetic("rate")
+    figure = study_figure(study, means, spread=spread, seeds=2)
+    axis = figure.axes[0]
+    containers = {c.get_label(): c for c in axis.containers}
+    assert list(containers) == list(study.policies)
+    lines = [containers[policy].lines[0] for policy in study.policies]  # the data lines
+    looks = {(ln.get_marker(), ln.get_linestyle(), ln.get_fillstyle()) for ln in lines}
+    assert len(looks) == len(study.policies)  # no two policies drawn alike
+    assert len({str(line.get_color()) for line in lines}) == len(study.policies)
+    sp, wsrr = containers["cg-sp"].lines[0], containers["cg-wsrr"].lines[0]
+    assert list(sp.get_ydata()) == list(wsrr.get_ydata())  # equal results ...
+    assert all(a != b for a, b in zip(sp.get_xdata(), wsrr.get_xdata(), strict=True))  # apart
+    # Error bars from the lowest to the highest seed (response-time panel, ms).
+    (_, _, (segments,)) = containers["petals"].lines
+    spans = sorted((float(s[0][1]), float(s[1][1])) for s in segments.get_segments())
+    assert spans[0] == (95_000.0, 105_000.0)
+    title = figure.get_suptitle()
+    assert "lowest to highest of 2 seeds" in title and QUICK_MARK not in title
+    assert all(QUICK_MARK not in text.get_text() for text in figure.texts)
+
+
+def test_a_quick_run_is_marked_on_the_figure() -> None:
+    study = STUDIES["clustered"]  # grouped bars
+    means, spread, _ = _synthetic("clustered")
+    figure = study_figure(study, means, spread=spread, seeds=1, quick=True)
+    title = figure.get_suptitle()
+    assert title.endswith(QUICK_MARK) and "one seed" in title
+    assert QUICK_MARK in [text.get_text() for text in figure.texts]  # across the figure too
+    labels = {c.get_label() for c in figure.axes[0].containers}
+    assert set(study.policies) <= labels  # every policy's bars (each with error bars)
+
+
+def test_progress_off_a_terminal_is_one_plain_line_per_run() -> None:
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=40)
+    assert not console.is_terminal
+    with study_progress(console, "rate", 3) as advance:
+        for label in ("rate=0.1 seed 1 petals", "rate=0.1 seed 1 auto", "rate=0.2 seed 1 auto"):
+            advance(label)
+    lines = buffer.getvalue().splitlines()
+    assert len(lines) == 3  # not wrapped at the console's 40 columns
+    assert lines[0].startswith("rate [1/3] rate=0.1 seed 1 petals (")
+    assert lines[2].startswith("rate [3/3] rate=0.2 seed 1 auto (") and lines[2].endswith(" s)")

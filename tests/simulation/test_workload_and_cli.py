@@ -124,8 +124,8 @@ def test_cli_simulate_json(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["simulate", str(EXAMPLE), "--policy", "nope"], "--policy"),
-        (["simulate", str(EXAMPLE), "--service-model", "x"], "--service-model"),
+        (["simulate", str(EXAMPLE), "--policy", "nope"], "--policy: unknown policy 'nope'"),
+        (["simulate", str(EXAMPLE), "--service-model", "x"], "--service-model: unknown"),
         (["simulate", "/no/such.json"], "cannot read"),
         (["experiment", "nope"], "unknown study"),
     ],
@@ -144,8 +144,16 @@ def test_cli_experiment_quick_writes_csv_and_plot(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     main(["experiment", "lmax", "--quick", "--out", str(tmp_path)])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "auto / petals" in out
+    # Not a terminal: the table at full width (the header row whole on one line) ...
+    header = next(line for line in out.splitlines() if "l_max (output tokens)" in line)
+    assert "petals-rr" in header and "auto / petals" in header and len(header) > 80
+    # ... and progress as one plain line per run on stderr, not a live bar drawn nowhere.
+    progress = err.splitlines()
+    assert len(progress) == 4 * 6
+    assert progress[0].startswith("lmax [1/24] lmax=32 seed 1 petals (")
+    assert progress[-1].startswith("lmax [24/24] lmax=256 seed 1 petals-rr (")
     with (tmp_path / "runs.csv").open(encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     policies = {"petals", "cg-sp", "cg-wsrr", "chains", "auto", "petals-rr"}
