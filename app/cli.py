@@ -22,6 +22,7 @@ from app.allocation.scenario import ScenarioError, load_scenario
 from app.allocation.solve import NoSolutionError, Solution, solve
 from app.allocation.traces import WorkloadError
 from app.allocation.workload import WorkloadProfile
+from app.cli_style import UserError as UserError  # re-exported: app/api/commands.py raises it
 from app.cli_style import bad_parameter_message, output_console, print_version
 
 cli = typer.Typer(
@@ -41,10 +42,6 @@ class Algorithm(enum.StrEnum):
     cg = "cg"
     milp = "milp"
     petals = "petals"
-
-
-class UserError(Exception):
-    """A problem with the user's input: reported in one line, exit status 2."""
 
 
 def fail(message: str) -> None:

@@ -24,6 +24,12 @@ DISTRIBUTION = "bprr"
 UNLIMITED_WIDTH = 100_000
 
 
+class UserError(Exception):
+    """A problem with the user's input: ``bprr`` reports it in one ``error:`` line, exit
+    status 2. Here (not in app/cli.py) so that command modules can raise it without importing
+    the CLI that imports them."""
+
+
 def package_version() -> str:
     """The installed distribution's version (a source tree that was never installed: 'unknown')."""
     try:
