@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -81,8 +82,11 @@ def main() -> int:
         "attempts": [vars(a) for a in swarm.report.attempts],
         "failover_s": swarm.report.failover_s,
     }
-    print(json.dumps(report))
-    return 0
+    print(json.dumps(report), flush=True)
+    # leave without interpreter finalization: a PETALS session finalized after hivemind's
+    # event-loop thread stopped would wait on that loop forever
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
