@@ -2,8 +2,8 @@
 
 * ``--version`` prints ``bprr <version>`` from the installed distribution's metadata.
 * Fixed choices are ``StrEnum`` options: typer lists them in ``--help`` (``<a|b|c>``), and a
-  bad value becomes one line, ``error: --option: unknown <noun> 'x' (choose from a, b, c)``,
-  where the noun is the enum's class name in words (``ServiceModel`` -> "service model").
+  bad value becomes one line, ``error: --option: 'x' is not one of a, b, c`` (exit status 2);
+  any other bad value ``error: --option: what is wrong``.
 * Results go to :func:`output_console`: a terminal gets rich's usual width, a file or a pipe
   gets lines as long as they need (never cut or wrapped at 80 columns).
 * Progress goes to :func:`progress_console` (stderr): a live bar on a terminal, plain lines
@@ -61,17 +61,13 @@ def progress_console() -> Console:
     return Console(stderr=True, width=UNLIMITED_WIDTH, soft_wrap=True)
 
 
-def enum_noun(choices: type[enum.Enum]) -> str:
-    """``ServiceModel`` -> "service model": how an error names the enum's kind of value."""
-    return " ".join(word.lower() for word in re.findall(r"[A-Z][a-z0-9]*", choices.__name__))
-
-
 _NOT_ONE_OF = re.compile(r"'(.*)' is not one of ")
 
 
 def bad_parameter_message(error: typer.BadParameter) -> str:
     """One line in the project's style, ``--option: what is wrong``. A value outside an enum's
-    choices: ``--option: unknown <noun> 'x' (choose from a, b, c)``."""
+    choices: ``--option: 'x' is not one of a, b, c`` (typer's own wording, without quotes around
+    every choice and without pydantic's "Value error, " prefix)."""
     param = error.param
     if param is None or type(error) is not typer.BadParameter:  # e.g. a missing argument
         return error.format_message()
@@ -82,6 +78,6 @@ def bad_parameter_message(error: typer.BadParameter) -> str:
     found = _NOT_ONE_OF.search(error.message)
     if isinstance(choices, type) and issubclass(choices, enum.Enum) and found is not None:
         allowed = ", ".join(str(member.value) for member in choices)
-        return f"{name}: unknown {enum_noun(choices)} {found.group(1)!r} (choose from {allowed})"
+        return f"{name}: {found.group(1)!r} is not one of {allowed}"
     detail = error.message.removeprefix("Value error, ")  # pydantic's prefix says nothing
     return f"{name}: {detail}"

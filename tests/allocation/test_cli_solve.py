@@ -47,7 +47,10 @@ def test_solve_table(capsys: pytest.CaptureFixture[str]) -> None:
     ("argv", "message"),
     [
         (["solve", "missing.json"], "cannot read scenario file"),
-        (["solve", str(CLUSTERED), "--algorithm", "magic"], "unknown algorithm 'magic'"),
+        (
+            ["solve", str(CLUSTERED), "--algorithm", "magic"],
+            "--algorithm: 'magic' is not one of auto,",
+        ),
         (["solve", str(CLUSTERED), "--concurrency", "0"], "--concurrency: must be at least 1"),
         (["solve", str(CLUSTERED), "--concurrency", "x"], "--concurrency"),
         (["solve", str(CLUSTERED), "--time-limit", "-1"], "--time-limit"),

@@ -13,7 +13,7 @@ import typer.completion
 
 from app.allocation.solve import ALGORITHMS
 from app.cli import Algorithm, cli, main
-from app.cli_style import bad_parameter_message, enum_noun
+from app.cli_style import bad_parameter_message
 from app.profiler.arch import PRESETS, ArchError, custom_arch
 from app.profiler.commands import BYTES, QUANT_BYTES, BlockStyle, Dtype, Preset, Quantization
 from app.simulation.commands import Policy, ServiceModel, StudyName
@@ -94,43 +94,36 @@ def test_block_styles_are_the_ones_the_profiler_builds() -> None:
         custom_arch(None, hidden=64, heads=2, style="gpt")
 
 
-def test_enum_noun_reads_the_class_name() -> None:
-    assert enum_noun(ServiceModel) == "service model"
-    assert enum_noun(StudyName) == "study name"
-    assert enum_noun(Algorithm) == "algorithm"
-
-
 @pytest.mark.parametrize(
     ("argv", "line"),
     [
         (
             ["simulate", str(CLUSTERED), "--policy", "nope"],
-            "error: --policy: unknown policy 'nope' (choose from "
+            "error: --policy: 'nope' is not one of "
             + ", ".join(member.value for member in Policy)
-            + ")\n",
+            + "\n",
         ),
         (
             ["simulate", str(CLUSTERED), "-p", "CG-WSRR"],
-            "error: --policy: unknown policy 'CG-WSRR' (choose from "
+            "error: --policy: 'CG-WSRR' is not one of "
             + ", ".join(member.value for member in Policy)
-            + ")\n",
+            + "\n",
         ),
         (
             ["simulate", str(CLUSTERED), "--service-model", "vllm"],
-            "error: --service-model: unknown service model 'vllm' (choose from paper, batched)\n",
+            "error: --service-model: 'vllm' is not one of paper, batched\n",
         ),
         (
             ["solve", str(CLUSTERED), "-a", "magic"],
-            "error: --algorithm: unknown algorithm 'magic' "
-            "(choose from auto, chains, cg, milp, petals)\n",
+            "error: --algorithm: 'magic' is not one of auto, chains, cg, milp, petals\n",
         ),
         (
             ["experiment", "nope"],
-            "error: NAME: unknown study name 'nope' (choose from " + ", ".join(STUDIES) + ")\n",
+            "error: NAME: 'nope' is not one of " + ", ".join(STUDIES) + "\n",
         ),
         (
             ["profile", "--hidden", "64", "--heads", "2", "--dtype", "fp8"],
-            "error: --dtype: unknown dtype 'fp8' (choose from fp32, bf16, fp16)\n",
+            "error: --dtype: 'fp8' is not one of fp32, bf16, fp16\n",
         ),
     ],
 )

@@ -107,15 +107,18 @@ def test_profile_table(capsys: pytest.CaptureFixture[str]) -> None:
         ([], "error: --arch: give a preset"),
         (
             ["--arch", "gpt-9"],
-            "error: --arch: unknown preset 'gpt-9' (choose from bloom-176b, llama-2-70b)",
+            "error: --arch: 'gpt-9' is not one of bloom-176b, llama-2-70b",
         ),
         (["--hidden", "64", "--heads", "3"], "error: --heads: 3 does not divide"),
         (
             ["--hidden", "64", "--heads", "2", "--dtype", "fp8"],
-            "error: --dtype: unknown dtype 'fp8'",
+            "error: --dtype: 'fp8' is not one of fp32, bf16, fp16",
         ),
-        (["--arch", "bloom-176b", "--quant", "int4"], "error: --quant: unknown quantization"),
-        (["--hidden", "64", "--heads", "2", "--style", "gpt"], "error: --style: unknown block"),
+        (["--arch", "bloom-176b", "--quant", "int4"], "error: --quant: 'int4' is not one of none"),
+        (
+            ["--hidden", "64", "--heads", "2", "--style", "gpt"],
+            "error: --style: 'gpt' is not one of llama, bloom",
+        ),
         (
             ["--hidden", "64", "--heads", "2", "--contexts", "8"],
             "error: --contexts: give at least two",

@@ -124,10 +124,13 @@ def test_cli_simulate_json(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["simulate", str(EXAMPLE), "--policy", "nope"], "--policy: unknown policy 'nope'"),
-        (["simulate", str(EXAMPLE), "--service-model", "x"], "--service-model: unknown"),
+        (["simulate", str(EXAMPLE), "--policy", "nope"], "--policy: 'nope' is not one of auto,"),
+        (
+            ["simulate", str(EXAMPLE), "--service-model", "x"],
+            "--service-model: 'x' is not one of paper, batched",
+        ),
         (["simulate", "/no/such.json"], "cannot read"),
-        (["experiment", "nope"], "unknown study"),
+        (["experiment", "nope"], "NAME: 'nope' is not one of clustered,"),
     ],
 )
 def test_cli_errors_are_one_line(
