@@ -11,6 +11,7 @@
 
     .venv/bin/python bench/bench_queue.py                     # both parts
     .venv/bin/python bench/bench_queue.py --part ab --runs 3 --seconds 5
+    .venv/bin/python bench/bench_queue.py --part service --runs 3   # no HTTP: the service
     .venv/bin/python bench/bench_queue.py --part saturation --rate 6 --seconds 40
 """
 
@@ -195,6 +196,78 @@ def part_ab(baseline: str, runs: int, seconds: float, connections: int) -> dict[
     return {"baseline": baseline, "rates": rates, "medians": medians, "ratio": ratio}
 
 
+# In-process: the sessions service alone (no HTTP, no wrk), book then release, on SQLite.
+SERVICE_LOOP = """
+import sys, tempfile, time
+sys.path.insert(0, {bench!r})
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+from app.api.app import create_app
+from app.service.schemas import SessionIn
+from app.settings import Settings
+from bench_api import swarm
+
+def main():
+    url = "sqlite:///" + tempfile.mkdtemp() + "/b.db"
+    settings = Settings(database_url=url, admin_token=SecretStr("a"), planner_interval_s=0,
+                        session_grace_s=0)
+    app = create_app(settings, background=False)
+    with TestClient(app) as http:
+        http.post("/v1/scenario", params={{"lease_s": 3600}}, json=swarm(),
+                  headers={{"Authorization": "Bearer a"}}).raise_for_status()
+        coordinator = app.state.coordinator
+        body = SessionIn(client_site="site3", input_tokens=20, output_tokens=8)
+        new = hasattr(coordinator.sessions, "start")
+
+        def loop(n):
+            for _ in range(n):
+                out = coordinator.book(body)
+                if new:
+                    coordinator.sessions.release(out.id, out.token)
+                else:
+                    coordinator.release(out.id)
+
+        loop(50)
+        started = time.perf_counter()
+        loop({n})
+        print((time.perf_counter() - started) / {n} * 1000)
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def part_service(baseline: str, runs: int, iterations: int) -> dict[str, Any]:
+    old = export_tree(baseline)
+    script = Path(tempfile.mkdtemp(prefix="bprr-bench-")) / "loop.py"
+    script.write_text(SERVICE_LOOP.format(bench=str(ROOT / "bench"), n=iterations))
+    times: dict[str, list[float]] = {"baseline": [], "current": []}
+    try:
+        for run in range(runs):
+            for label, tree in (("baseline", old), ("current", ROOT)):
+                out = subprocess.run(
+                    [sys.executable, str(script)],
+                    cwd=tree,
+                    env=dict(os.environ, PYTHONPATH=str(tree)),
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+                times[label].append(float(out.strip().splitlines()[-1]))
+                print(f"  run {run + 1} {label:8s} {times[label][-1]:.2f} ms", flush=True)
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(script.parent, ignore_errors=True)
+    medians = {label: statistics.median(values) for label, values in times.items()}
+    ratio = medians["baseline"] / medians["current"]
+    print(
+        f"== in-process book + release (SQLite, medians of {runs}): baseline {baseline} "
+        f"{medians['baseline']:.2f} ms, current {medians['current']:.2f} ms, "
+        f"throughput ratio {ratio:.3f}"
+    )
+    return {"times_ms": times, "medians_ms": medians, "ratio": ratio}
+
+
 # --- part 2: saturation with the queue ---------------------------------------------------------
 
 
@@ -362,7 +435,8 @@ def part_saturation(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["ab", "saturation", "both"], default="both")
+    parser.add_argument("--part", choices=["ab", "service", "saturation", "both"], default="both")
+    parser.add_argument("--iterations", type=int, default=500)
     parser.add_argument("--baseline", default=DEFAULT_BASELINE)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -380,6 +454,8 @@ def main() -> None:
     out: dict[str, Any] = {}
     if args.part in {"ab", "both"}:
         out["ab"] = part_ab(args.baseline, args.runs, args.seconds, args.connections)
+    if args.part == "service":
+        out["service"] = part_service(args.baseline, args.runs, args.iterations)
     if args.part in {"saturation", "both"}:
         out["saturation"] = part_saturation(
             args.rate,

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Table, func, insert, select, text, update
+from sqlalchemy import Table, bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from app.store.models import ReservationRow, ServerRow, SessionRow
@@ -163,6 +163,18 @@ WHERE id = :b_id AND lease_expires_at > :b_now AND loaded_start IS NOT NULL
 )
 
 
+# The portable path's statements, built once (building one costs more than running it).
+_QUEUE_IS_CLEAR = text(f"SELECT {_QUEUE_CLEAR}")
+_INSERT_RECORD = insert(_RECORDS)
+_END_RECORD = (
+    update(_RECORDS)
+    .where(_RECORDS.c.id == bindparam("b_session"), _RECORDS.c.ended_at.is_(None))
+    .values(ended_at=bindparam("b_now"), end_reason=bindparam("b_reason"))
+    .returning(_RECORDS.c.generation, _RECORDS.c.chain)
+)
+_END_OWN_RECORD = _END_RECORD.where(_RECORDS.c.token_hash == bindparam("b_hash"))
+
+
 @dataclass(frozen=True)
 class BookingCheck:
     """Why a booking went through or not: units free on every hop, the queue clear, the
@@ -225,7 +237,7 @@ class Bookings:
             free, clear, within = self.db.execute(statement, parameters).one()
             return BookingCheck(bool(free), bool(clear), bool(within))
         if queue_stale_before is not None and self.db.scalar(
-            text(f"SELECT {_QUEUE_CLEAR}"), {"b_now": now, "b_stale": queue_stale_before}
+            _QUEUE_IS_CLEAR, {"b_now": now, "b_stale": queue_stale_before}
         ) in (0, False):
             return BookingCheck(True, False, True)
         if quota > 0 and self.live_for(record.client) >= quota:
@@ -237,7 +249,7 @@ class Bookings:
             if result.rowcount != 1:
                 return BookingCheck(False, True, True)
         Sessions(self.db).add(row, holds)
-        self.db.execute(insert(_RECORDS), record_values)
+        self.db.execute(_INSERT_RECORD, record_values)
         return BookingCheck(True, True, True)
 
     def release(self, session_id: str, token_hash: str | None, now: float, reason: str) -> Released:
@@ -260,16 +272,11 @@ class Bookings:
             return Released(
                 bool(first.ended), bool(first.deleted), held, first.generation, first.chain
             )
-        ended_now = update(_RECORDS).where(
-            _RECORDS.c.id == session_id, _RECORDS.c.ended_at.is_(None)
-        )
-        if not trusted:
-            ended_now = ended_now.where(_RECORDS.c.token_hash == token_hash)
-        ended = self.db.execute(
-            ended_now.values(ended_at=now, end_reason=reason).returning(
-                _RECORDS.c.generation, _RECORDS.c.chain
-            )
-        ).first()
+        parameters = {"b_session": session_id, "b_now": now, "b_reason": reason}
+        if trusted:
+            ended = self.db.execute(_END_RECORD, parameters).first()
+        else:
+            ended = self.db.execute(_END_OWN_RECORD, {**parameters, "b_hash": token_hash}).first()
         if ended is None and not trusted:
             return Released(False, False, [])
         released = Sessions(self.db).release(session_id)
