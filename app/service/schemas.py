@@ -223,7 +223,7 @@ class RttsOut(BaseModel):
 class PlacementRequest(Body):
     algorithm: Literal["auto", "chains", "cg", "milp", "petals"] = "auto"
     concurrency: _Int2 | None = None
-    time_limit_s: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)] | None = None
+    time_limit_s: Annotated[float, Field(ge=0.01, le=3600, allow_inf_nan=False)] | None = None
 
 
 class PlacedSpan(BaseModel):

@@ -46,7 +46,9 @@ def test_a_forced_placement_brings_every_server_online_and_stop_cleans_up() -> N
         thread.join(30)
     assert not thread.is_alive()
     log = out.getvalue()
-    assert "forcing a placement with POST /v1/placements" in log
+    # Forced at once (placement_wait_s=0), unless the planner, on a busy machine, placed
+    # every server while the agents were still registering.
+    assert "forcing a placement with POST /v1/placements" in log or "the planner placed all" in log
     assert "admin token (generated for this run)" in log
     summary = result[0]
     assert summary.booked >= 3
