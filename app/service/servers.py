@@ -199,9 +199,9 @@ class ServerService:
         if view.heartbeat_keys.get(server_id) != (token_hash, body.boot_epoch, body.state, *loaded):
             return None
         durable = self.core.durable_lease(server_id)
-        if durable is None or self.core.flush_failing:
-            return None  # write this one now (and learn whether the database takes writes)
         now = self.core.clock()
+        if durable is None or durable <= now or self.core.flush_failing:
+            return None  # write this one now (and learn whether the database takes writes)
         expires_at = now + self.settings.lease_ttl_s
         self.core.queue_renewal(
             repo.LeaseRenewal(

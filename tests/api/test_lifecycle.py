@@ -165,7 +165,7 @@ def test_example_file_exists() -> None:
 def outage_database() -> Iterator[tuple[str, Callable[[bool], None]]]:
     """A PostgreSQL database of its own, and a switch that takes it away (new connections
     refused, open ones terminated) and brings it back."""
-    name = f"bprr_outage_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+    name = f"bprr_outage_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}_{os.getpid()}"
     with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as connection:
         connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         connection.execute(f'CREATE DATABASE "{name}"')
@@ -226,3 +226,33 @@ def test_an_unreachable_database_is_a_503_and_the_service_recovers(
         f"/v1/sessions/{booked.json()['id']}", headers=bearer(booked.json()["token"])
     )
     assert release.status_code == 204
+
+
+@pytest.mark.postgres
+def test_heartbeats_during_an_outage_promise_only_committed_leases(
+    outage_database: tuple[str, Callable[[bool], None]], make_client: AppFactory, clock: FakeClock
+) -> None:
+    """Before, quiet heartbeats got 200 (a fresh 15 s lease) while the database was away and
+    the renewals were lost; now a 200 promises no more than the lease already committed, and
+    once that is spent the heartbeat goes to the database: 503."""
+    url, reachable = outage_database
+    client = make_client(url)
+    tokens = small_swarm(client)
+    spans = {s["id"]: s["loaded_span"] for s in client.get("/v1/servers").json()}
+    committed = clock.now + 15.0  # small_swarm's heartbeats were written (full path)
+    reachable(False)
+    statuses = []
+    try:
+        for _ in range(5):
+            clock.advance(4)
+            reply = heartbeat(client, "s0", tokens["s0"], spans["s0"])
+            statuses.append(reply.status_code)
+            if reply.status_code == 200:
+                promised = clock.now + reply.json()["lease_expires_in_s"]
+                assert promised <= committed + 1e-6, (promised, committed)
+            else:
+                assert reply.status_code == 503, reply.text
+    finally:
+        reachable(True)
+    assert statuses[-1] == 503, statuses
+    assert heartbeat(client, "s0", tokens["s0"], spans["s0"]).status_code == 200
