@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from app.api import dashboard
+from app.api.docs import install_offline_docs
 from app.api.metrics import SwarmCollector
 from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from app.api.routers import model, ops, placements, scenario, servers, sessions
@@ -67,7 +68,10 @@ def create_app(
         version="0.1.0",
         description="Block placement and request routing for a PETALS-style swarm.",
         lifespan=lifespan,
+        docs_url=None,  # served from package data by install_offline_docs (air-gapped sites)
+        redoc_url=None,
     )
+    install_offline_docs(app)
     app.state.coordinator = coordinator
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
