@@ -151,8 +151,9 @@ class PlacementService:
         except (ValueError, ArithmeticError) as error:
             raise Invalid(f"scenario: the planner cannot use these numbers ({error})") from None
         if concurrency is None:
-            rate = model.rate_per_s if model is not None else None
-            rate = rate or getattr(scenario.workload, "rate_per_s", None)
+            # The measured (or, before any booking, the declared) load the scenario carries.
+            rate = getattr(scenario.workload, "rate_per_s", None)
+            rate = rate or (model.rate_per_s if model is not None else None)
             concurrency = self.concurrency(
                 None if model is None else model.concurrency, instance, rate
             )

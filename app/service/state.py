@@ -136,6 +136,15 @@ def scenario_dict(
     }
     if overrides:
         data["rtt_ms"] = overrides
+    if workload is None and model.rate_per_s:
+        # Nothing measured yet: the load the operator declared is what the plan is made for,
+        # so the export replays that (docs/SCENARIO.md; five minutes of arrivals).
+        rate = float(model.rate_per_s)
+        workload = {
+            "arrival": "poisson",
+            "rate_per_s": rate,
+            "num_requests": max(1, round(rate * 300)),
+        }
     if workload is not None:
         data["workload"] = workload
     return data
