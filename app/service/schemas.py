@@ -14,8 +14,17 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     model_validator,
 )
+
+
+def _tenth_ms(value: float) -> float:
+    return round(value, 1)
+
+
+# A time in a reply: rounded to 0.1 ms (the model's precision; no 2198.2799999999997).
+Millis = Annotated[float, PlainSerializer(_tenth_ms, return_type=float)]
 
 
 def _integral(value: Any) -> Any:
@@ -236,8 +245,8 @@ class PlacementOut(BaseModel):
     generation: int
     algorithm: str
     concurrency: int
-    objective_ms_per_token: float
-    bound_ms_per_token: float | None
+    objective_ms_per_token: Millis
+    bound_ms_per_token: Millis | None
     status: str
     solve_seconds: float
     reason: str
@@ -260,10 +269,10 @@ class RouteOut(BaseModel):
     generation: int
     client_site: str
     hops: list[RouteHop]
-    first_token_ms: float
-    per_token_ms: float
-    total_ms: float
-    wait_ms: float
+    first_token_ms: Millis
+    per_token_ms: Millis
+    total_ms: Millis
+    wait_ms: Millis
 
 
 class SessionIn(Body):
