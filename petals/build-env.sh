@@ -8,15 +8,40 @@
 # nothing changed exits at once.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-VENV="${PETALS_VENV:-$ROOT/.venv-petals}"
+# The environment lives in a cache outside the checkout, keyed on its inputs, so a fresh clone
+# on the same machine (CI) reuses it; .venv-petals in the checkout is a link to it.
+# PETALS_VENV=DIR builds into DIR instead, with no link.
+CACHE="${BPRR_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/bprr}"
+LINK=""
 PYTHON="${PYTHON:-python3}"
 REQ="$ROOT/petals/requirements.txt"
 BUILD_REQ="$ROOT/petals/build-requirements.txt"
 KEY="$(cat "$0" "$REQ" "$BUILD_REQ" "$ROOT/clients/python/pyproject.toml" | sha256sum | cut -c1-16)"
+if [ -n "${PETALS_VENV:-}" ]; then
+  VENV="$PETALS_VENV"
+else
+  VENV="$CACHE/petals-$KEY"
+  LINK="$ROOT/.venv-petals"
+fi
 STAMP="$VENV/.built-$KEY"
+link_and_point() {
+  if [ -n "$LINK" ]; then
+    if [ -e "$LINK" ] && [ ! -L "$LINK" ]; then rm -rf "$LINK"; fi
+    ln -sfn "$VENV" "$LINK"
+  fi
+  # bprr_client is installed editable: point it at this checkout (a cached environment may
+  # have been built from another clone).
+  here="$("$VENV/bin/python" -P -c 'import bprr_client, os; print(os.path.dirname(os.path.dirname(bprr_client.__file__)))' 2>/dev/null || true)"
+  if [ "$here" != "$ROOT/clients/python" ]; then
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
+      -e "$ROOT/clients/python" 2> >(grep -v "^WARNING: Location" >&2)
+  fi
+}
 if [ -f "$STAMP" ]; then
+  link_and_point
   exit 0
 fi
+mkdir -p "$(dirname "$VENV")"
 started=$(date +%s)
 echo "building the PETALS environment in $VENV"
 rm -rf "$VENV"
@@ -64,4 +89,5 @@ PY
 "$VENV/bin/python" -P -c "import petals, bprr_client.swarm"
 rm -f "$VENV"/.built-*
 touch "$STAMP"
+link_and_point
 echo "PETALS environment ready in $(( $(date +%s) - started )) s"
