@@ -7,6 +7,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import Connection
 
+import app.store.session_tables  # noqa: F401  (its tables join Base's metadata)
 from app.settings import Settings
 from app.store.db import make_engine
 from app.store.models import Base
