@@ -101,8 +101,9 @@ class RouteLog:
                     generation=None if route is None else route.generation,
                     session_id=event.session_id,
                     hops=[] if route is None else list(route.hops),
-                    first_token_ms=None if route is None else route.first_token_ms,
-                    per_token_ms=None if route is None else route.per_token_ms,
+                    # as the API's replies: to 0.1 ms
+                    first_token_ms=None if route is None else round(route.first_token_ms, 1),
+                    per_token_ms=None if route is None else round(route.per_token_ms, 1),
                     wait_ms=event.wait_ms,
                     detail=event.detail,
                 )

@@ -249,8 +249,13 @@ def generation_times() -> list[GenerationTimes]:
     return [
         GenerationTimes(
             generation=generation,
-            predicted_ms_per_token=times.get("predicted"),
-            measured_ms_per_token=times.get("measured"),
+            predicted_ms_per_token=_tenth(times.get("predicted")),
+            measured_ms_per_token=_tenth(times.get("measured")),
         )
         for generation, times in sorted(telemetry.generation_times().items())
     ]
+
+
+def _tenth(ms: float | None) -> float | None:
+    """Times in replies are rounded to 0.1 ms, as the API's other replies."""
+    return None if ms is None else round(ms, 1)
