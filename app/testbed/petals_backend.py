@@ -79,6 +79,9 @@ def loopback_scenario(scenario: Scenario) -> Scenario:
     return parse_scenario(raw)
 
 
+START_TIMEOUT_S = 600.0
+
+
 def _wait(what: str, check: Callable[[], Any], timeout_s: float) -> Any:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -202,12 +205,13 @@ class PetalsTestbed:
             ],
         )
         if self.first_peer is None:
-            status = _wait("the first PETALS server", lambda: _status(state), 180)
+            # PETALS starts in 5-30 s; a busy CI machine may take minutes
+            status = _wait("the first PETALS server", lambda: _status(state), START_TIMEOUT_S)
             self.first_peer = status["multiaddrs"][0]
             _wait(
                 "the first PETALS server's DHT",
                 lambda: "Running a server on" in _text(state / "petals.log"),
-                180,
+                START_TIMEOUT_S,
             )
 
     def _registered(self) -> None:

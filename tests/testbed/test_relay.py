@@ -45,10 +45,10 @@ async def _round_trips(delay_ms: float, rounds: int = 5, size: int = 3000) -> li
 def test_relay_adds_twice_the_one_way_delay_per_round_trip() -> None:
     delayed = asyncio.run(_round_trips(15.0))
     direct = asyncio.run(_round_trips(0.0))
-    # one RTT through the relay = 2 x 15 ms (+ scheduling: at most a few ms on a busy machine)
+    # one RTT through the relay = 2 x 15 ms at least; scheduling on a busy machine only adds
+    # to it, so no upper bound is asserted (no test asserts wall-clock speed)
     assert min(delayed) >= 30.0
-    assert sorted(delayed)[len(delayed) // 2] < 30.0 + 10.0
-    assert max(direct) < 10.0
+    assert sorted(delayed)[len(delayed) // 2] > sorted(direct)[len(direct) // 2]
 
 
 def test_relay_spec_round_trips_and_rejects_bad_specs() -> None:
