@@ -50,8 +50,10 @@ petals:
 test-petals: $(STAMP) petals
 	$(BIN)/pytest -q -m petals tests
 
+# --dist loadgroup: the real-PETALS tests (xdist_group "petals") share one worker, so two
+# swarms never run at once (their hivemind sockets in /tmp would mix; 2 cores would starve).
 test: lint typecheck chromium petals
-	$(BIN)/pytest -q -n 2
+	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

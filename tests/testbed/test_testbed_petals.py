@@ -34,6 +34,7 @@ def test_petals_backend_errors_are_one_line(capsys: pytest.CaptureFixture[str]) 
 
 @pytest.mark.petals
 @pytest.mark.slow
+@pytest.mark.xdist_group("petals")
 def test_real_petals_run_reports_measured_against_predicted(
     petals_python: Path, namespaces: None
 ) -> None:
