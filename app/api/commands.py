@@ -8,8 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+import uvicorn
 
 if TYPE_CHECKING:
+    import socket
+
     from app.settings import Settings
 
 
@@ -51,9 +54,7 @@ def register(cli: typer.Typer) -> None:
         if demo is not None:
             _serve_demo(demo, host, port, database_url, workers, demo_speed, demo_seed)
             return
-        import uvicorn
-
-        from app.cli import UserError
+        from app.cli_style import UserError
         from app.store.db import SchemaBehindError, ensure_schema, make_engine
 
         if database_url is not None:
@@ -79,7 +80,7 @@ def register(cli: typer.Typer) -> None:
             engine.dispose()
         from app.api.server import uvicorn_options
 
-        uvicorn.run(
+        config = uvicorn.Config(
             "app.api.app:create_app",
             factory=True,
             host=host or settings.host,
@@ -89,13 +90,56 @@ def register(cli: typer.Typer) -> None:
             access_log=False,
             **uvicorn_options(settings),
         )
+        database = make_engine(settings.database_url).url.render_as_string(hide_password=True)
+        if workers == 1:
+            _AnnouncingServer(config, database).run()
+            return
+        # several workers: uvicorn binds the socket here, before forking them
+        from uvicorn.supervisors import Multiprocess
+
+        sock = config.bind_socket()
+        _announce(f"http://{_url_host(config.host)}:{sock.getsockname()[1]}", database, workers)
+        Multiprocess(config, sockets=[sock]).run()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _announce(url: str, database: str, workers: int = 1) -> None:
+    """The one line an operator waits for (uvicorn's own start-up logs are off)."""
+    processes = f", {workers} processes" if workers > 1 else ""
+    typer.echo(
+        f"bprr coordinator listening on {url} (dashboard {url}/, API docs {url}/docs; "
+        f"database {database}{processes}); Ctrl-C stops",
+        err=True,
+    )
+
+
+class _AnnouncingServer(uvicorn.Server):
+    """A uvicorn server that says where it listens once its socket is bound (port 0 gives
+    the port the kernel chose)."""
+
+    def __init__(self, config: uvicorn.Config, database: str) -> None:
+        super().__init__(config)
+        self.database = database
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.should_exit:  # the bind failed; uvicorn has said why
+            return
+        for server in self.servers:
+            for bound in server.sockets:
+                port = bound.getsockname()[1]
+                _announce(f"http://{_url_host(self.config.host)}:{port}", self.database)
+                return
 
 
 def _settings() -> Settings:
     """The settings from the environment; a bad value is one line naming its variable."""
     from pydantic import ValidationError
 
-    from app.cli import UserError
+    from app.cli_style import UserError
     from app.settings import Settings
 
     try:
@@ -115,7 +159,7 @@ def _serve_demo(
     speed: float,
     seed: int | None,
 ) -> None:
-    from app.cli import UserError
+    from app.cli_style import UserError
 
     if database_url is not None:
         raise UserError("--database-url: the demo runs on its own fresh SQLite file")

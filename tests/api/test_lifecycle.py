@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
@@ -65,6 +69,27 @@ def test_serve_reports_a_schema_behind_in_one_line(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: database schema is at revision none")
+
+
+def test_serve_says_where_it_listens(sqlite_url: str) -> None:
+    """Port 0: the line names the port the kernel chose, and that port answers."""
+    environment = dict(os.environ, BPRR_DATABASE_URL=sqlite_url, BPRR_PLANNER_INTERVAL_S="0")
+    command = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", "0"]
+    process = subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:  # the warning about closed registration comes first
+            if "listening on" in line:
+                break
+        else:
+            pytest.fail(f"bprr serve exited {process.wait()} without a listening line")
+        match = re.search(r"listening on (http://127\.0\.0\.1:(\d+)) ", line)
+        assert match and int(match[2]) > 0, line
+        assert f"API docs {match[1]}/docs" in line and "sqlite" in line
+        assert httpx.get(f"{match[1]}/livez", timeout=30).status_code == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def test_readyz_and_livez(client: TestClient) -> None:
