@@ -3,23 +3,29 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.runtime
 SCENARIO ?= examples/paper-clustered-9.json
 PORT ?= 8080
 DEMO_SPEED ?= 1
 
 .PHONY: run test lint typecheck chromium bench clean petals test-petals
 
-$(STAMP): pyproject.toml clients/python/pyproject.toml
+# The runtime (the coordinator, the client package for the demo's agents): all `make run` needs.
+$(RUNTIME): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e . -e clients/python
+	touch $(RUNTIME)
+
+# What the tests need on top: the dev tools and the profiler's torch/transformers.
+$(STAMP): $(RUNTIME)
 	$(BIN)/pip install --quiet -e '.[dev,profile]'
-	$(BIN)/pip install --quiet -e clients/python
 	touch $(STAMP)
 
 # `make run`: the live demo (bprr serve --demo): the coordinator on a fresh SQLite file, one
 # simulated server agent per server of $(SCENARIO) and a Poisson stream of clients booking
 # sessions. PORT and DEMO_SPEED (time compression) can be set: make run DEMO_SPEED=10.
-run: $(STAMP)
+run: $(RUNTIME)
 	@echo "bprr live demo on $(SCENARIO): dashboard http://127.0.0.1:$(PORT)/  API docs http://127.0.0.1:$(PORT)/docs  (Ctrl-C stops)"
 	$(BIN)/bprr serve --demo $(SCENARIO) --port $(PORT) --demo-speed $(DEMO_SPEED)
 
@@ -53,6 +59,7 @@ test-petals: $(STAMP) petals
 # --dist loadgroup: the real-PETALS tests (xdist_group "petals") share one worker, so two
 # swarms never run at once (their hivemind sockets in /tmp would mix; 2 cores would starve).
 test: lint typecheck chromium petals
+	@bash scripts/postgres-up.sh $(BIN)/python
 	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 bench: $(STAMP)
