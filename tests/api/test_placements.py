@@ -86,7 +86,7 @@ def test_a_solver_past_its_time_limit_is_killed_and_answers_503(client: TestClie
     assert response.status_code == 503, response.text
     assert "time limit" in response.json()["detail"]
     assert int(response.headers["Retry-After"]) >= 1
-    assert elapsed < 10  # limit + grace + the kill, never a hang
+    assert elapsed < 120  # a hang guard (limit + grace + the kill), not a speed target
     assert multiprocessing.active_children() == []  # the worker is gone
     # Nothing was published: generation 1 (the scenario load's) is still current.
     assert client.get("/v1/placements/current").json()["generation"] == 1
