@@ -26,6 +26,7 @@ from app.logging import get_logger
 from app.service.activity import History, HistoryOut, RecentRouteOut
 from app.service.coordinator import Coordinator
 from app.service.overview import OverviewOut, generation_times, overview, record_history
+from app.service.schemas import ValidationErrorOut
 
 log = get_logger("bprr.dashboard")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -66,29 +67,38 @@ def _history(request: Request) -> History:
 
 def get_overview(coordinator: CoordinatorDep) -> OverviewOut:
     """The swarm at a glance: sites and their RTTs, per-block live coverage, sessions and
-    this process's booking counters."""
+    this process's booking counters. Public: no token."""
     return overview(coordinator)
 
 
 def recent_routes(
     coordinator: CoordinatorDep,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    kind: Literal["route", "booked", "rejected"] | None = None,
+    limit: Annotated[
+        int, Query(ge=1, le=200, description="At most this many, newest first", examples=[50])
+    ] = 50,
+    kind: Annotated[
+        Literal["route", "booked", "rejected"] | None,
+        Query(description="Only this kind (default: all three)", examples=["rejected"]),
+    ] = None,
 ) -> list[RecentRouteOut]:
     """This process's latest route answers, bookings and refused bookings, newest first
-    (an in-memory ring buffer; every replica keeps its own)."""
+    (an in-memory ring buffer; every replica keeps its own). Public: no token; 422: a bad
+    ``limit`` or ``kind``."""
     return coordinator.activity.recent(limit, None if kind is None else {kind})
 
 
 def get_history(
     history: Annotated[History, Depends(_history)],
-    limit: Annotated[int, Query(ge=1, le=10_000)] = 900,
+    limit: Annotated[
+        int,
+        Query(ge=1, le=10_000, description="At most this many latest samples", examples=[900]),
+    ] = 900,
 ) -> HistoryOut:
     """The swarm over time, sampled by this process (a ring buffer; every replica keeps its
     own): routable servers, coverage, active sessions, queue depth, bookings and refusals
     per interval, mean queue wait; re-plans (a new generation, with its reason when the
     placement code recorded one); per generation the predicted per-token time and the
-    measured one when clients reported it."""
+    measured one when clients reported it. Public: no token; 422: a bad ``limit``."""
     return history.out(limit, generation_times())
 
 
@@ -136,11 +146,29 @@ def install(app: FastAPI, history: History | None = None) -> None:
     _with_sampler(app, app.state.history)
     app.add_api_route("/", dashboard_page, include_in_schema=False, response_class=HTMLResponse)
     app.add_api_route("/dashboard/{name}", dashboard_asset, include_in_schema=False)
-    app.add_api_route("/v1/overview", get_overview, tags=["dashboard"], response_model=OverviewOut)
+    app.add_api_route(
+        "/v1/overview",
+        get_overview,
+        tags=["dashboard"],
+        summary="The swarm at a glance",
+        response_description="Counts, coverage, sites, their RTTs and the bottleneck",
+        response_model=OverviewOut,
+    )
     app.add_api_route(
         "/v1/routes/recent",
         recent_routes,
         tags=["dashboard"],
+        summary="Latest routes, bookings and refusals",
+        response_description="Routes, bookings and refusals, newest first",
         response_model=list[RecentRouteOut],
+        responses={422: {"model": ValidationErrorOut}},
     )
-    app.add_api_route("/v1/history", get_history, tags=["dashboard"], response_model=HistoryOut)
+    app.add_api_route(
+        "/v1/history",
+        get_history,
+        tags=["dashboard"],
+        summary="The swarm over time",
+        response_description="Samples, re-plans and per-generation times",
+        response_model=HistoryOut,
+        responses={422: {"model": ValidationErrorOut}},
+    )

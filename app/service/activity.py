@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from app.service.schemas import RouteHop, RouteOut
 
@@ -35,17 +35,19 @@ class _Event:
 class RecentRouteOut(BaseModel):
     """One decision: a route answered, a session booked, or a booking refused (503)."""
 
-    seq: int
-    at: float
-    kind: Kind
-    client_site: str
-    generation: int | None
-    session_id: str | None
-    hops: list[RouteHop]
-    first_token_ms: float | None
-    per_token_ms: float | None
-    wait_ms: float | None
-    detail: str
+    seq: int = Field(description="Its sequence number in this process (grows by one per decision)")
+    at: float = Field(description="When it was made (Unix time, s)")
+    kind: Kind = Field(
+        description="route: a route answered; booked: a session booked; rejected: a booking refused"
+    )
+    client_site: str = Field(description="The client's site")
+    generation: int | None = Field(description="The placement generation of its route (null: none)")
+    session_id: str | None = Field(description="The booked session (null: not a booking)")
+    hops: list[RouteHop] = Field(description="The route's chain (empty when refused)")
+    first_token_ms: float | None = Field(description="Predicted time to the first token (ms)")
+    per_token_ms: float | None = Field(description="Predicted time per further token (ms)")
+    wait_ms: float | None = Field(description="Predicted or measured wait for a free chain (ms)")
+    detail: str = Field(description="Why a booking was refused (empty otherwise)")
 
 
 class RouteLog:
@@ -140,40 +142,50 @@ class HistoryPoint(BaseModel):
     ``mean_wait_s`` is the mean queue wait of the bookings that ended in between (None: none
     did)."""
 
-    at: float
-    generation: int
-    routable_servers: int
-    coverage: float
-    active_sessions: int
-    queue_depth: int
-    booked: int
-    refused: int
-    mean_wait_s: float | None
+    at: float = Field(description="When it was sampled (Unix time, s)")
+    generation: int = Field(description="The published placement's generation")
+    routable_servers: int = Field(
+        description="Servers with a live lease serving their assigned span"
+    )
+    coverage: float = Field(description="Fraction of blocks hosted by a live, loaded server")
+    active_sessions: int = Field(description="Sessions holding cache reservations")
+    queue_depth: int = Field(description="Bookings waiting in the central queue")
+    booked: int = Field(description="Sessions booked since the previous sample")
+    refused: int = Field(description="Bookings refused since the previous sample")
+    mean_wait_s: float | None = Field(
+        description="Mean queue wait of the bookings that left the queue since (s; null: none)"
+    )
 
 
 class ReplanMark(BaseModel):
     """A new placement generation first seen at ``at`` (within one sampling interval)."""
 
-    at: float
-    generation: int
-    reason: str
+    at: float = Field(description="When the new generation was first seen (Unix time, s)")
+    generation: int = Field(description="The new generation")
+    reason: str = Field(description="Why it was planned, when the planner recorded it")
 
 
 class GenerationTimes(BaseModel):
     """The model's predicted per-token time of a generation, and the measured one when any
     client reported it (None until then)."""
 
-    generation: int
-    predicted_ms_per_token: float | None
-    measured_ms_per_token: float | None
+    generation: int = Field(description="The placement generation")
+    predicted_ms_per_token: float | None = Field(
+        description="The model's predicted per-token time (ms)"
+    )
+    measured_ms_per_token: float | None = Field(
+        description="The mean per-token time clients reported (ms; null: none yet)"
+    )
 
 
 class HistoryOut(BaseModel):
-    interval_s: float
-    capacity: int
-    points: list[HistoryPoint]
-    replans: list[ReplanMark]
-    generations: list[GenerationTimes]
+    interval_s: float = Field(description="Time between samples (s)")
+    capacity: int = Field(description="The most samples kept (the ring buffer's size)")
+    points: list[HistoryPoint] = Field(description="The samples, oldest first")
+    replans: list[ReplanMark] = Field(description="New placement generations, oldest first")
+    generations: list[GenerationTimes] = Field(
+        description="Predicted and measured per-token times of recent generations"
+    )
 
 
 class History:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from app.service import telemetry
 from app.service.activity import GenerationTimes, History, Snapshot
@@ -22,50 +22,64 @@ if TYPE_CHECKING:
 
 
 class SiteOut(BaseModel):
-    name: str
-    servers: list[str]
-    client_share: float
-    internal_rtt_ms: float
+    name: str = Field(description="The site")
+    servers: list[str] = Field(description="The ids of its registered servers")
+    client_share: float = Field(description="Its share of the client requests (0 to 1)")
+    internal_rtt_ms: float = Field(description="RTT between two machines of the site (ms)")
 
 
 class SiteRttOut(BaseModel):
-    a: str
-    b: str
-    rtt_ms: float
-    measured: bool
+    a: str = Field(description="One site")
+    b: str = Field(description="The other site")
+    rtt_ms: float = Field(description="Their RTT (ms)")
+    measured: bool = Field(
+        description="True when measured, false when the default (BPRR_DEFAULT_SITE_RTT_MS)"
+    )
 
 
 class BottleneckOut(BaseModel):
     """The blocks with the fewest live copies: every route crosses them, so their servers'
     cache decides how many sessions fit, whatever the other servers have free."""
 
-    live_copies: int
-    blocks: list[tuple[int, int]]  # [start, end) ranges
-    servers: list[str]  # live servers hosting any of those blocks
-    cache_used: float | None  # fraction of those servers' cache units in use
-    idle: list[str]  # live, online servers the placement gives no span
-    text: str
+    live_copies: int = Field(
+        description="Fewest live copies of any block (0: some block has no live server)"
+    )
+    blocks: list[tuple[int, int]] = Field(
+        description="The [start, end) ranges of the blocks with only that many copies"
+    )
+    servers: list[str] = Field(description="Live servers hosting any of those blocks")
+    cache_used: float | None = Field(
+        description="Fraction of those servers' cache units in use (null: unknown)"
+    )
+    idle: list[str] = Field(description="Live, online servers the placement gives no span")
+    text: str = Field(description="The same, in one sentence for people")
 
 
 class OverviewOut(BaseModel):
-    now: float
-    generation: int
-    live_servers: int
-    routable_servers: int
-    coverage: float
-    num_blocks: int | None
-    block_servers: list[int]
-    active_sessions: int
-    reserved_slots: int
-    sessions_booked: int
-    sessions_rejected: int
-    placements_published: int
-    lease_ttl_s: float
-    heartbeat_interval_s: float
-    default_site_rtt_ms: float
-    sites: list[SiteOut]
-    site_rtts: list[SiteRttOut]
-    bottleneck: BottleneckOut | None
+    now: float = Field(description="The coordinator's clock (Unix time, s)")
+    generation: int = Field(description="The published placement's generation (0: none)")
+    live_servers: int = Field(description="Servers with a live lease")
+    routable_servers: int = Field(
+        description="Live servers serving their assigned span (routes use them)"
+    )
+    coverage: float = Field(description="Fraction of blocks hosted by a live, loaded server")
+    num_blocks: int | None = Field(description="The model's blocks (null: no model yet)")
+    block_servers: list[int] = Field(description="Live copies of each block, in block order")
+    active_sessions: int = Field(description="Sessions holding cache reservations")
+    reserved_slots: int = Field(description="Cache units those sessions hold")
+    sessions_booked: int = Field(description="Sessions booked by this process")
+    sessions_rejected: int = Field(description="Bookings this process refused (503)")
+    placements_published: int = Field(description="Placements this process published")
+    lease_ttl_s: float = Field(description="How long a lease lasts without a heartbeat (s)")
+    heartbeat_interval_s: float = Field(description="How often servers send heartbeats (s)")
+    default_site_rtt_ms: float = Field(
+        description="The RTT assumed between sites without a measurement (ms)"
+    )
+    sites: list[SiteOut] = Field(description="The sites, their servers and client shares")
+    site_rtts: list[SiteRttOut] = Field(description="The RTT of every pair of sites")
+    bottleneck: BottleneckOut | None = Field(
+        description="The blocks with the fewest live copies (null: no model)"
+    )
 
 
 def _ranges(blocks: list[int]) -> list[tuple[int, int]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.service.schemas import Body, Name, RouteOut, SessionOut, Tokens, _integral
 
@@ -20,12 +20,30 @@ EndReason = Literal["released", "expired", "server_lost", "abandoned"]
 
 
 class BookingIn(Body):
-    client_site: Name
-    input_tokens: Tokens
-    output_tokens: OutputTokens
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"client_site": "cluster0", "input_tokens": 20, "output_tokens": 128},
+                {
+                    "client_site": "cluster0",
+                    "input_tokens": 20,
+                    "output_tokens": 128,
+                    "wait_s": 30,
+                },
+            ]
+        }
+    )
+
+    client_site: Name = Field(description="Where the client runs: a site or a client id")
+    input_tokens: Tokens = Field(description="Prompt length (tokens)")
+    output_tokens: OutputTokens = Field(description="Tokens to generate")
     # 0: answer at once (503 + Retry-After when every chain is full); > 0: wait up to this
     # long in the central FIFO queue for a free chain.
-    wait_s: WaitSeconds = 0.0
+    wait_s: WaitSeconds = Field(
+        0.0,
+        description="0: answer at once (503 when every chain is full); more: wait up to this "
+        "long (s) in the central FIFO queue for a free chain (at most BPRR_QUEUE_MAX_WAIT_S)",
+    )
 
 
 class BookingOut(SessionOut):
@@ -36,10 +54,14 @@ class BookingOut(SessionOut):
 
 
 class SessionStatusOut(BaseModel):
-    id: str
-    state: Literal["active", "ended"]
-    end_reason: EndReason | None
-    created_at: float
-    ended_at: float | None
-    expires_in_s: float | None
-    route: RouteOut
+    id: str = Field(description="The session's id")
+    state: Literal["active", "ended"] = Field(description="Whether it still holds its cache")
+    end_reason: EndReason | None = Field(
+        description="Why it ended: released (DELETE), expired (its time ran out), "
+        "server_lost (a server of its route left or expired), abandoned (the client left "
+        "the queue); null while active"
+    )
+    created_at: float = Field(description="When it was booked (Unix time, s)")
+    ended_at: float | None = Field(description="When it ended (Unix time, s); null: active")
+    expires_in_s: float | None = Field(description="Until it ends by itself (s); null once ended")
+    route: RouteOut = Field(description="Its route, as booked")

@@ -3,6 +3,7 @@ registration outside dev mode, authentication before the body, and the audit lin
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -82,18 +83,52 @@ def test_dev_mode_opens_registration(make_client: AppFactory, tmp_path: Any) -> 
     assert dev.post("/v1/servers", json=server_body(0)).status_code == 201
 
 
-@pytest.mark.parametrize(
-    ("method", "path"),
-    [
-        ("PUT", "/v1/model"),
-        ("POST", "/v1/placements"),
-        ("POST", "/v1/scenario"),
-        ("PUT", "/v1/rtts"),
-        ("POST", "/v1/servers"),
-    ],
-)
-def test_authentication_comes_before_the_body(client: TestClient, method: str, path: str) -> None:
-    reply = client.request(method, path, json={"not": "valid", "num_blocks": True})
+WRITE_METHODS = {"post", "put", "delete", "patch"}
+ADMIN_ONLY = "**Token**: the admin token."  # how an admin-only operation's description says so
+
+
+def _secured_writes(client: TestClient) -> list[tuple[str, str, str]]:
+    """Every write operation of the OpenAPI schema that declares a security scheme: its
+    method, its path (parameters filled with well-formed values) and its description."""
+    schema: dict[str, Any] = client.app.openapi()  # type: ignore[attr-defined]
+    found = []
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            if method in WRITE_METHODS and operation.get("security"):
+                concrete = re.sub(r"\{[a-z_]+\}", "s0", path.replace("{generation}", "1"))
+                found.append((method.upper(), concrete, operation.get("description", "")))
+    return found
+
+
+def test_authentication_comes_before_the_body(client: TestClient) -> None:
+    """Every write route that needs a token answers a bad body sent without one with 401,
+    never 422 (nobody learns the body's shape without a token); the admin routes (as their
+    documentation says) answer it with a wrong token with 403. The routes come from the
+    OpenAPI schema, so a new secured write route is covered without editing this test."""
+    routes = _secured_writes(client)
+    assert {("PUT", "/v1/model"), ("POST", "/v1/servers/s0/heartbeat")} <= {
+        (method, path) for method, path, _ in routes
+    }
+    assert len(routes) >= 7, routes
+    bad_body = {"not": "valid", "num_blocks": True, "boot_epoch": "x"}
+    for method, path, _ in routes:
+        missing = client.request(method, path, json=bad_body)
+        assert missing.status_code == 401, (method, path, missing.text)
+    admin_routes = [(method, path) for method, path, text in routes if ADMIN_ONLY in text]
+    assert ("POST", "/v1/placements") in admin_routes and len(admin_routes) >= 3
+    for method, path in admin_routes:
+        wrong = client.request(method, path, json=bad_body, headers=bearer("wrong-token"))
+        assert wrong.status_code == 403, (method, path, wrong.text)
+
+
+def test_a_closed_booking_route_asks_for_the_client_token_before_the_body(
+    make_client: AppFactory, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bookings declare no security scheme (anonymous clients may book when allowed); with
+    anonymous clients refused, a bad body without a client token is a 401, not a 422."""
+    monkeypatch.setenv("BPRR_ANONYMOUS_CLIENTS", "false")
+    closed = make_client(sqlite_url)
+    reply = closed.post("/v1/sessions", json={"client_site": 3})
     assert reply.status_code == 401, reply.text
 
 

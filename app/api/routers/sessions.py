@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
-from app.api.deps import CoordinatorDep, IdPath, Token, errors, run_write
+from app.api.deps import CoordinatorDep, Token, errors, run_write
+from app.api.routers.params import SessionIdPath
+from app.service.clients import ClientIdentity
 from app.service.errors import Unauthorized
-from app.service.schemas import RouteOut
+from app.service.schemas import ErrorOut, RouteOut
 from app.service.session_replies import Booked, Pending
 from app.service.session_schemas import BookingIn, BookingOut, SessionStatusOut
 from app.service.sessions import SessionService
@@ -61,12 +63,51 @@ def _sessions(coordinator: CoordinatorDep) -> SessionService:
     return sessions
 
 
-@router.get("/v1/routes", response_model=RouteOut, responses=errors(409))
+async def _client(
+    coordinator: CoordinatorDep, request: Request, authorization: ClientAuthorization = None
+) -> ClientIdentity:
+    """Who books, decided before the body is read: a bad or missing client token is a
+    401/403 before any 422."""
+    address = request.client.host if request.client is not None else None
+    return _sessions(coordinator).identify(_bearer(authorization), address)
+
+
+@router.get(
+    "/v1/routes",
+    summary="Ask for a route (no booking)",
+    description=(
+        "The chain of servers a request from `client_site` would take now and its predicted "
+        "times (first token, per token, total, and the wait for a free chain), from the "
+        "in-memory view; nothing is reserved: book with POST /v1/sessions to hold the "
+        "servers' cache. Public: no token. 409: no model yet; 422: an unknown site or more "
+        "tokens than the model allows; 503: no chain of live servers covers every block."
+    ),
+    response_description="The chain of hops and the predicted times (ms)",
+    response_model=RouteOut,
+    responses={
+        **errors(409),
+        503: {"model": ErrorOut, "description": "No chain covers every block (Retry-After)"},
+    },
+)
 async def get_route(
     coordinator: CoordinatorDep,
-    client_site: Annotated[str, Query(min_length=1, max_length=200)],
-    input_tokens: Annotated[int, Query(ge=0, le=10_000_000)],
-    output_tokens: Annotated[int, Query(ge=1, le=10_000_000)],
+    client_site: Annotated[
+        str,
+        Query(
+            min_length=1,
+            max_length=200,
+            description="Where the client runs: a site or a client id of the swarm",
+            examples=["cluster0"],
+        ),
+    ],
+    input_tokens: Annotated[
+        int,
+        Query(ge=0, le=10_000_000, description="Prompt length (tokens)", examples=[20]),
+    ],
+    output_tokens: Annotated[
+        int,
+        Query(ge=1, le=10_000_000, description="Tokens to generate", examples=[128]),
+    ],
 ) -> RouteOut:
     # Runs on the event loop, not the thread pool: a route is ~0.2 ms of CPU on the
     # in-memory view (refreshed in the background), and the thread hop cost more than that.
@@ -75,24 +116,39 @@ async def get_route(
 
 @router.post(
     "/v1/sessions",
+    summary="Book a session (reserve a chain's cache)",
+    description=(
+        "Books a route: reserves attention cache on every server of the chain until the "
+        "predicted end of the generation (plus a grace period), and returns the route with "
+        "the session's id and token (returned once: reading and releasing the session need "
+        "it). With `wait_s` > 0 a booking that finds every chain full waits in the central "
+        "FIFO queue up to that long. An `Idempotency-Key` makes retries safe (the same "
+        "session, 200 instead of 201).\n\n"
+        "**Token**: a client token (`BPRR_CLIENT_TOKENS`) as `Authorization: Bearer`, or none "
+        "when anonymous clients are allowed (`BPRR_ANONYMOUS_CLIENTS`, the default). 401 "
+        "without a token when anonymous clients are off, 403 with an unknown token, 409: no "
+        "model yet, 422: a malformed body, an unknown site or too many tokens, 429: over the "
+        "client's rate or session quota or the queue's depth (Retry-After), 503: every "
+        "chain is full (Retry-After)."
+    ),
+    response_description="The booked session: its id, token, expiry and route",
     status_code=201,
     response_model=BookingOut,
     responses={
         **errors(401, 403, 409, 429),
         200: {"model": BookingOut, "description": "A retry (same Idempotency-Key)"},
+        503: {"model": ErrorOut, "description": "Every chain is full (Retry-After)"},
     },
 )
 async def book(
     coordinator: CoordinatorDep,
+    client: Annotated[ClientIdentity, Depends(_client)],
     body: BookingIn,
     request: Request,
     response: Response,
-    authorization: ClientAuthorization = None,
     idempotency_key: IdempotencyKey = None,
 ) -> BookingOut:
     sessions = _sessions(coordinator)
-    address = request.client.host if request.client is not None else None
-    client = sessions.identify(_bearer(authorization), address)
     started = await run_write(coordinator, sessions.start, body, client, idempotency_key)
     if isinstance(started, Booked):
         if not started.created:
@@ -129,20 +185,38 @@ async def _wait(
 
 @router.get(
     "/v1/sessions/{session_id}",
+    summary="Read a session",
+    description=(
+        "Whether the session is active or ended, and why it ended (`released`, `expired`, "
+        "`server_lost`, `abandoned`), with its route; ended sessions are kept for an hour "
+        "(`BPRR_RECORD_RETENTION_S`).\n\n"
+        "**Token**: the session's token (from the booking) or the admin token. 401 without "
+        "a token, 403 with another one, 404: unknown session."
+    ),
+    response_description="The session's state and route",
     response_model=SessionStatusOut,
     responses=errors(401, 403, 404),
 )
-def get_session(coordinator: CoordinatorDep, session_id: IdPath, token: Token) -> SessionStatusOut:
-    """Active or ended, and why ("released", "expired", "server_lost", "abandoned")."""
+def get_session(
+    coordinator: CoordinatorDep, session_id: SessionIdPath, token: Token
+) -> SessionStatusOut:
     return _sessions(coordinator).status(session_id, token)
 
 
 @router.delete(
     "/v1/sessions/{session_id}",
+    summary="Release a session",
+    description=(
+        "Ends the session now and frees its cache reservations (the next booking or "
+        "queued request may take them).\n\n"
+        "**Token**: the session's token or the admin token. 401 without a token, 403 with "
+        "another one, 404: unknown or already ended session."
+    ),
+    response_description="Released (no body)",
     status_code=204,
     response_class=Response,
     responses=errors(401, 403, 404),
 )
-async def release(coordinator: CoordinatorDep, session_id: IdPath, token: Token) -> Response:
+async def release(coordinator: CoordinatorDep, session_id: SessionIdPath, token: Token) -> Response:
     await run_write(coordinator, _sessions(coordinator).release, session_id, token)
     return Response(status_code=204)
