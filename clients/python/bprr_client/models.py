@@ -128,11 +128,17 @@ class HeartbeatReply(_Reply):
 
 
 class Server(_Reply):
+    """A registered server as GET /v1/servers lists it. Fields added to the coordinator's
+    reply after this package's first release have defaults, so an older coordinator's reply
+    still parses."""
+
     id: str
     site: str
     gpu: str | None = None
     memory_gb: float
     decode_ms_per_block: float
+    prefill_ms_per_block: PrefillSpeed = PrefillSpeed()
+    network_mbps: float | None = None
     address: str
     boot_epoch: int
     state: str
