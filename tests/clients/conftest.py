@@ -1,11 +1,17 @@
 """Fixtures for the client package's tests: the real coordinator app in-process (a fresh
 SQLite file, an injected clock, no background threads), reached through an httpx transport
-that forwards to FastAPI's TestClient and can inject failures."""
+that forwards to FastAPI's TestClient and can inject failures; and ``bprr serve`` as a process
+on 127.0.0.1 (``coordinator``) for the tests that run ``bprr-agent`` as a process."""
 
 from __future__ import annotations
 
+import os
 import random
-from collections.abc import Iterator
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +24,7 @@ from fastapi.testclient import TestClient
 from app.api.app import create_app
 
 # The coordinator suite's tokens, clock, settings and model: one definition for both suites.
-from tests.api.conftest import JOIN, FakeClock, admin, make_settings
+from tests.api.conftest import ADMIN, JOIN, FakeClock, admin, make_settings
 from tests.api.helpers import SMALL_MODEL
 
 BASE = "http://coordinator"
@@ -123,3 +129,61 @@ def make_agent(
         rng=random.Random(index),
         **kwargs,
     )
+
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "BPRR_DATABASE_URL": f"sqlite:///{tmp_path / 'coordinator.db'}",
+        "BPRR_ADMIN_TOKEN": ADMIN,
+        "BPRR_JOIN_TOKEN": JOIN,
+        "BPRR_HEARTBEAT_INTERVAL_S": "0.3",
+        "BPRR_LEASE_TTL_S": "5",
+        "BPRR_PLANNER_INTERVAL_S": "0.2",
+    }
+    log = (tmp_path / "coordinator.log").open("w")
+    process = subprocess.Popen(
+        [str(BIN / "bprr"), "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(
+            lambda: process.poll() is None and httpx.get(f"{url}/readyz").status_code == 200,
+            "the coordinator's /readyz",
+        )
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()

@@ -4,78 +4,15 @@ books and releases a session, and every agent leaves (the CLI one on SIGTERM).""
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 from bprr_client import PrefillSpeed, RouteClient, ServerAgent, ServerInfo
 
 from tests.api.conftest import ADMIN, JOIN
-from tests.clients.conftest import MODEL
-
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture
-def coordinator(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "BPRR_DATABASE_URL": f"sqlite:///{tmp_path / 'e2e.db'}",
-        "BPRR_ADMIN_TOKEN": ADMIN,
-        "BPRR_JOIN_TOKEN": JOIN,
-        "BPRR_HEARTBEAT_INTERVAL_S": "0.3",
-        "BPRR_LEASE_TTL_S": "5",
-        "BPRR_PLANNER_INTERVAL_S": "0.2",
-    }
-    log = (tmp_path / "coordinator.log").open("w")
-    process = subprocess.Popen(
-        [str(BIN / "bprr"), "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(
-            lambda: process.poll() is None and httpx.get(f"{url}/readyz").status_code == 200,
-            "the coordinator's /readyz",
-        )
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+from tests.clients.conftest import BIN, MODEL, wait_until
 
 
 def test_agents_and_a_route_client_against_a_coordinator_process(
@@ -122,6 +59,7 @@ def test_agents_and_a_route_client_against_a_coordinator_process(
             "--join-token",
             JOIN,
             "--no-peers",
+            "--simulate-host",  # nothing serves its blocks: a demo server
         ],
         stdout=cli_log,
         stderr=subprocess.STDOUT,

@@ -7,10 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
-from bprr_client.cli import SpeedsFile, _agent, build_parser, main
+from bprr_client._agent_cli import RunOptions, build_agent
+from bprr_client.cli import SpeedsFile, main
 from fastapi.testclient import TestClient
 
-from tests.clients.conftest import BASE, JOIN, Forward, admin, put_model
+from tests.api.conftest import JOIN, admin
+from tests.clients.conftest import BASE, Forward, put_model
 
 RUN = ["run", "--site", "east", "--memory-gb", "6", "--address", "10.0.0.9:31337", "--id", "p1"]
 
@@ -37,19 +39,18 @@ def test_registration_and_heartbeats_carry_the_profiled_speeds(
     put_model(app)
     speeds = tmp_path / "profile.json"
     write(speeds, profile_report(3.25, 31.5, 0.07), 1_000_000_000)
-    args = build_parser().parse_args(
-        [
-            "--coordinator",
-            BASE,
-            *RUN,
-            "--join-token",
-            JOIN,
-            "--no-peers",
-            "--speeds-file",
-            str(speeds),
-        ]
+    options = RunOptions(
+        coordinator=BASE,
+        site="east",
+        memory_gb=6,
+        address="10.0.0.9:31337",
+        id="p1",
+        join_token=JOIN,
+        probe_peers=False,
+        speeds_file=speeds,
+        simulate_host=True,
     )
-    agent = _agent(args, [], forward)
+    agent = build_agent(options, [], forward)
     agent._epoch_source = lambda: 1_000  # the coordinator runs on a fake clock (1970)
     agent.tick()
     server = app.get("/v1/servers/p1", headers=admin()).json()

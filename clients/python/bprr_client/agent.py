@@ -8,6 +8,10 @@ the registration was lost) and leaves gracefully (DELETE) on ``stop()`` or SIGTE
 
 ``tick()`` and ``probe()`` are single steps with no sleeping, so tests drive the agent
 deterministically; ``run()`` / ``start()`` loop them on threads.
+
+State changes (registered, assigned, loaded, unassigned, lease lost, left) are logged one line
+each at ``NOTICE`` (between INFO and WARNING): ``bprr-agent`` shows them without ``-v``, and
+the details stay at INFO.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ from bprr_client.petals import HostFailed
 from bprr_client.probes import Ewma, Prober, TcpProber
 
 log = logging.getLogger("bprr_client.agent")
+# One line per state change: above INFO's details, below WARNING's troubles.
+NOTICE = 25
+logging.addLevelName(NOTICE, "NOTICE")
 SpanCallback = Callable[[Span | None, Span | None], None]
 # (PETALS peer id, multiaddrs) of the served process, None until it is known
 Identity = Callable[[], tuple[str, list[str]] | None]
@@ -64,6 +71,28 @@ class SpanHost(Protocol):
     def poll(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+class NoHost:
+    """A ``SpanHost`` for an agent that serves nothing: it never loads a span, so the agent
+    never reports one and is never routed through (``bprr-agent run`` without a host)."""
+
+    def apply(self, span: Span | None) -> None:
+        return None
+
+    def loaded_span(self) -> Span | None:
+        return None
+
+    def poll(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def span_text(span: Span | None) -> str:
+    """``start:end`` (as PETALS' --block_indices), or ``none``."""
+    return "none" if span is None else f"{span.start}:{span.end}"
 
 
 class AgentError(Exception):
@@ -194,6 +223,8 @@ class ServerAgent:
 
     def drain(self) -> None:
         """Report ``draining`` from now on: the coordinator re-plans without this server."""
+        if not self._draining:
+            log.log(NOTICE, "draining: the coordinator re-plans without this server")
         self._draining = True
 
     # --- protocol steps ----------------------------------------------------------------------
@@ -237,7 +268,8 @@ class ServerAgent:
         self._reported_loaded = None
         self.registrations += 1
         self._set_interval(registration.heartbeat_interval_s, registration.lease_ttl_s)
-        log.info("registered as %s (boot epoch %d)", registration.id, self.boot_epoch)
+        again = "re-registered" if self.registrations > 1 else "registered"
+        log.log(NOTICE, "%s as %s (boot epoch %d)", again, registration.id, self.boot_epoch)
         return registration
 
     def heartbeat(self) -> HeartbeatReply:
@@ -286,6 +318,11 @@ class ServerAgent:
                     del self._pending_rtts[key]
             if self._pending_speed is speed:
                 self._pending_speed = None
+        if loaded != self._reported_loaded:
+            if loaded is not None:
+                log.log(NOTICE, "loaded %s (%s)", span_text(loaded), self.state)
+            elif self._reported_loaded is not None:
+                log.log(NOTICE, "unloaded %s", span_text(self._reported_loaded))
         self._reported_loaded = loaded
         self.last_reply = reply
         self._set_interval(reply.heartbeat_interval_s, reply.lease_expires_in_s)
@@ -323,7 +360,7 @@ class ServerAgent:
                 self.register()
             reply = self.heartbeat()
         except _Lost as lost:
-            log.warning("registration lost (%s); registering again", lost)
+            log.warning("lease lost (%s); registering again", lost)
             self.registration = None
             self.failures += 1
             return 0.0 if self.failures == 1 else self.backoff.backoff(self.failures - 1, self._rng)
@@ -338,7 +375,10 @@ class ServerAgent:
             return self.backoff.backoff(self.failures - 1, self._rng)
         self.failures = 0
         if reply.assigned_span != self.assigned_span:
-            log.info("assigned span %s -> %s", self.assigned_span, reply.assigned_span)
+            if reply.assigned_span is None:
+                log.log(NOTICE, "unassigned (was %s)", span_text(self.assigned_span))
+            else:
+                log.log(NOTICE, "assigned span %s", span_text(reply.assigned_span))
             self.assigned_span = reply.assigned_span
         self._follow()
         if (None if self._hide_loaded else self.loaded_span) != self._reported_loaded:
@@ -419,7 +459,7 @@ class ServerAgent:
             return False
         self._left = True
         self.registration = None
-        log.info("left the swarm as %s", self.server_id)
+        log.log(NOTICE, "left the swarm as %s", self.server_id)
         return True
 
     # --- loops ----------------------------------------------------------------------------
