@@ -8,6 +8,7 @@ import logging
 import re
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from bprr_client._agent_cli import (
     RunOptions,
     build_agent,
 )
+from bprr_client.agent import NOTICE
 from fastapi.testclient import TestClient
 
 from tests.api.conftest import ADMIN, JOIN, admin
@@ -213,3 +215,51 @@ def test_agent_processes_log_each_state_change_in_one_line(
         "loaded 0:8 (online)",
         "left the swarm as demo",
     ]
+
+
+def test_each_state_change_is_one_notice_line(
+    app: TestClient, forward: Forward, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(NOTICE, logger="bprr_client.agent")
+    put_model(app)
+    agent, other = make_agent(forward, 0), make_agent(forward, 1, memory_gb=40.0)
+    said: list[str] = []
+
+    def step(action: Callable[[], object]) -> None:
+        """Run one of the agent's steps and keep what it logged."""
+        caplog.clear()
+        action()
+        said.extend(f"{r.levelname} {r.getMessage()}" for r in caplog.records)
+        caplog.clear()
+
+    step(agent.tick)
+    other.tick()
+    spans = publish(app)
+    assert "s0" in spans
+    step(agent.tick)
+    step(agent.tick)
+    assert app.delete("/v1/servers/s0", headers=admin()).status_code == 204
+    for _ in range(3):  # 404: lease lost; registered again; the span reported loaded again
+        step(agent.tick)
+    step(agent.drain)
+    step(agent.tick)
+    other.tick()
+    assert "s0" not in publish(app)  # a draining server is planned out
+    step(agent.tick)  # unassigned
+    step(agent.tick)  # the coordinator told nothing is loaded
+    step(agent.stop)
+    start, end = spans["s0"]
+    epoch = re.compile(r"\(boot epoch \d+\)")
+    assert [epoch.sub("(boot epoch N)", line) for line in said] == [
+        "NOTICE registered as s0 (boot epoch N)",
+        f"NOTICE assigned span {start}:{end}",
+        f"NOTICE loaded {start}:{end} (online)",
+        "WARNING lease lost (404: server 's0' is not registered); registering again",
+        "NOTICE re-registered as s0 (boot epoch N)",
+        f"NOTICE loaded {start}:{end} (online)",
+        "NOTICE draining: the coordinator re-plans without this server",
+        f"NOTICE unassigned (was {start}:{end})",
+        f"NOTICE unloaded {start}:{end}",
+        "NOTICE left the swarm as s0",
+    ]
+    other.stop()
