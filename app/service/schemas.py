@@ -326,6 +326,33 @@ class HeartbeatOut(BaseModel):
 
 
 class ServerOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "a100-0",
+                    "site": "cluster1",
+                    "gpu": "A100-80GB",
+                    "memory_gb": 86.13,
+                    "decode_ms_per_block": 3.2197,
+                    "prefill_ms_per_block": {"fixed": 32.99, "per_token": 0.0743},
+                    "network_mbps": 10000.0,
+                    "address": "10.0.1.5:31337",
+                    "boot_epoch": 1764530000000,
+                    "state": "online",
+                    "lease": "live",
+                    "lease_expires_in_s": 12.5,
+                    "loaded_span": {"start": 0, "end": 35},
+                    "assigned_span": {"start": 0, "end": 35},
+                    "cache_slots": 39168000,
+                    "reserved_slots": 10360,
+                    "free_cache_slots": 39157640,
+                    "multiaddrs": [],
+                }
+            ]
+        }
+    )
+
     id: str = Field(description="The server's id")
     site: str = Field(description="Its site")
     gpu: str | None = Field(description="Its GPU, as registered")
@@ -429,6 +456,33 @@ class PlacementOut(BaseModel):
     )
 
 
+# (OpenAPI drops null values, examples included: an example leaves out what would be null.)
+ROUTE_EXAMPLE: dict[str, Any] = {
+    "generation": 3,
+    "client_site": "cluster0",
+    "hops": [
+        {
+            "server_id": "a100-0",
+            "address": "10.0.1.5:31337",
+            "start": 0,
+            "end": 35,
+            "multiaddrs": [],
+        },
+        {
+            "server_id": "a100-1",
+            "address": "10.0.2.7:31337",
+            "start": 35,
+            "end": 70,
+            "multiaddrs": [],
+        },
+    ],
+    "first_token_ms": 1462.3,
+    "per_token_ms": 593.4,
+    "total_ms": 76823.1,
+    "wait_ms": 0.0,
+}
+
+
 class RouteHop(BaseModel):
     server_id: str = Field(description="The server")
     address: str = Field(description="Where the client reaches it (host:port)")
@@ -441,6 +495,8 @@ class RouteHop(BaseModel):
 
 
 class RouteOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [ROUTE_EXAMPLE]})
+
     generation: int = Field(description="The placement generation the route comes from")
     client_site: str = Field(description="The client's site, as asked")
     hops: list[RouteHop] = Field(description="The chain, in block order, covering every block")

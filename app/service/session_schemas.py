@@ -10,7 +10,15 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from app.service.schemas import Body, Name, RouteOut, SessionOut, Tokens, _integral
+from app.service.schemas import (
+    ROUTE_EXAMPLE,
+    Body,
+    Name,
+    RouteOut,
+    SessionOut,
+    Tokens,
+    _integral,
+)
 
 OutputTokens = Annotated[int, Field(ge=1, le=10_000_000), BeforeValidator(_integral)]
 # The schema's bound is the hard ceiling; the configured one (BPRR_QUEUE_MAX_WAIT_S) is
@@ -47,6 +55,19 @@ class BookingIn(Body):
 
 
 class BookingOut(SessionOut):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "0f6c2b3e9d1a4c5b8e7f6a5b4c3d2e1f",
+                    "expires_in_s": 106.8,
+                    "route": ROUTE_EXAMPLE,
+                    "token": "kq3V0o2wV9m2Q8bZ5mYkq1vT3c9Qp7Xn1a4b6c8d0eE",
+                }
+            ]
+        }
+    )
+
     token: str = Field(
         description="The session's token: DELETE and GET /v1/sessions/{id} need it "
         "(Authorization: Bearer). Returned once; the coordinator stores only its hash."

@@ -185,6 +185,17 @@ def test_every_request_body_has_an_example_its_model_accepts(openapi: Schema) ->
     assert checked >= 6
 
 
+def test_every_schema_example_is_accepted_by_its_model(openapi: Schema) -> None:
+    """Replies' examples too: an example cannot drift from its model unnoticed."""
+    models = _body_models()
+    checked = set()
+    for name, schema in openapi["components"]["schemas"].items():
+        for example in schema.get("examples", []):
+            models[name].model_validate_json(json.dumps(example))
+            checked.add(name)
+    assert {"ModelIn", "ModelOut", "BookingIn", "BookingOut", "RouteOut", "ServerOut"} <= checked
+
+
 def test_the_documented_examples_work_against_the_app(
     openapi: Schema, make_client: AppFactory, tmp_path: Path
 ) -> None:

@@ -44,7 +44,7 @@ ClientAuthorization = Annotated[
     Header(
         alias="Authorization",
         max_length=1000,
-        description="Bearer <client token>: the client's identity (optional in anonymous mode)",
+        description="`Bearer <client token>`: the client's identity (optional in anonymous mode)",
     ),
 ]
 
