@@ -94,15 +94,8 @@ def testbed_command(
         raise TestbedUserError("--requests: must be at least 1")
     if rate is not None and not rate > 0:
         raise TestbedUserError("--rate: must be positive")
-    from app.testbed.runner import (
-        Testbed,
-        TestbedError,
-        TestbedOptions,
-        error_summary,
-        predictions,
-        simulator_metrics,
-        testbed_metrics,
-    )
+    from app.testbed.report import policy_report, predictions, simulator_metrics
+    from app.testbed.runner import Testbed, TestbedError, TestbedOptions
     from app.testbed.scale import scale_scenario
 
     scenario = scale_scenario(
@@ -137,17 +130,7 @@ def testbed_command(
         "policies": {},
     }
     for run in result.runs:
-        rows = predictions(result, run)
-        entry: dict[str, Any] = {
-            "placement": [
-                {"server": s["server_id"], "start": s["start"], "end": s["end"]}
-                for s in run.placement["spans"]
-            ],
-            "errors": error_summary(rows) if rows else {},
-            "failed_requests": run.errors,
-            "testbed": testbed_metrics(rows) if rows else {},
-            "requests": rows,
-        }
+        entry = policy_report(run.placement, predictions(result, run), run.errors)
         if not no_simulator:
             entry["simulator"] = simulator_metrics(scenario, run.policy, seed)
         report["policies"][run.policy] = entry
@@ -166,7 +149,7 @@ def _run_petals(
         PetalsTestbedError,
         petals_predictions,
     )
-    from app.testbed.runner import error_summary, testbed_metrics
+    from app.testbed.report import policy_report
 
     try:
         testbed = PetalsTestbed(scenario, policies, python or DEFAULT_PETALS_PYTHON, seed or 0)
@@ -176,23 +159,14 @@ def _run_petals(
     report: dict[str, Any] = {
         "scenario": scenario.name,
         "mode": "petals",
-        "mode_note": "real PETALS 2.2 servers on 127.0.0.1, RTTs zeroed, requests one at a time",
+        "mode_note": "real PETALS 2.2 servers on 127.0.0.1; each hop's traffic delayed by the "
+        "client-server RTT in the PETALS client; requests one at a time",
         "timings_s": result.timings_s,
         "policies": {},
     }
     for run in result.runs:
-        rows = petals_predictions(result, run)
-        report["policies"][run.policy] = {
-            "placement": [
-                {"server": s["server_id"], "start": s["start"], "end": s["end"]}
-                for s in run.placement["spans"]
-            ],
-            "measured_speeds": run.speeds,
-            "errors": error_summary(rows) if rows else {},
-            "failed_requests": [],
-            "testbed": testbed_metrics(rows) if rows else {},
-            "requests": rows,
-        }
+        entry = policy_report(run.placement, petals_predictions(result, run), [])
+        report["policies"][run.policy] = {**entry, "measured_speeds": run.speeds}
     if as_json:
         print(json.dumps(report))
     else:

@@ -9,13 +9,20 @@ the swarm, the others join it); for each policy a placement forced through
 ``POST /v1/placements`` and every assigned span announced online by PETALS; then the client:
 calibration and the requests one after the other. Teardown runs backwards in ``finally``.
 
+Delays: the scenario's per-site RTTs, with the emulated backend's semantics (every exchange
+between a client and a server takes the RTT between them more, half each way). All
+processes are on 127.0.0.1 and the kernel has no netem, so the PETALS client process holds
+each hop's inference traffic back by that RTT (``petals_replay.HopDelays``, which says why a
+relay in front of the servers cannot do it, and what stays undelayed), and every hop goes
+through the client (no server-to-server pushes), as in the model.
+
 What is compared: each request's first-token and per-token time against
-``perf.request_timing`` on its route with the servers' speeds as measured through PETALS by
-the calibration (per-block compute) plus the per-hop transport it measured (the same
-calibration as the emulated backend's). All traffic is on 127.0.0.1: the scenario's
-per-site RTTs are zeroed here (real PETALS traffic is not delayed by this backend), requests
-are replayed one at a time, at most ``MAX_SERVERS`` servers (each is ~14 processes and
-~650 MiB).
+``perf.request_timing`` on its route, with the scenario's RTTs, the servers' speeds as
+measured through PETALS by the calibration (per-block compute), plus the per-hop transport
+it measured (PETALS' own RPC cost per hop, on loopback, undelayed). The scenario's overheads
+are left out of the prediction: they state a system's per-hop and per-request costs, which
+here are real PETALS' and measured. Requests are replayed one at a time, at most
+``MAX_SERVERS`` servers (each is ~14 processes and ~650 MiB).
 """
 
 from __future__ import annotations
@@ -37,18 +44,19 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 
 from app.allocation import cg
 from app.allocation.instance import Instance
-from app.allocation.perf import Hop, request_timing
-from app.allocation.scenario import Scenario, parse_scenario
+from app.allocation.perf import Hop
+from app.allocation.scenario import Scenario
+from app.testbed.report import compared_row, measured_scenario
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PETALS_PYTHON = ROOT / ".venv-petals" / "bin" / "python"
 MAX_SERVERS = 4
 MAX_TOKENS = 200  # the tiny model's 256 positions, prompt + output
 PREFIX = "bprr-tb"
+START_TIMEOUT_S = 600.0  # PETALS starts in 5-30 s; a busy CI machine may take minutes
 
 
 class PetalsTestbedError(Exception):
@@ -68,18 +76,6 @@ class PetalsResult:
     scenario: Scenario
     timings_s: dict[str, float] = field(default_factory=dict)
     runs: list[PetalsRun] = field(default_factory=list)
-
-
-def loopback_scenario(scenario: Scenario) -> Scenario:
-    """The scenario with every RTT zero (all PETALS traffic is on 127.0.0.1 here)."""
-    raw = scenario.model_dump(mode="json", exclude_none=True)
-    n = len(raw["sites"])
-    raw["site_rtt_ms"] = [[0.0] * n for _ in range(n)]
-    raw.pop("rtt_ms", None)
-    return parse_scenario(raw)
-
-
-START_TIMEOUT_S = 600.0
 
 
 def _wait(what: str, check: Callable[[], Any], timeout_s: float) -> Any:
@@ -205,7 +201,6 @@ class PetalsTestbed:
             ],
         )
         if self.first_peer is None:
-            # PETALS starts in 5-30 s; a busy CI machine may take minutes
             status = _wait("the first PETALS server", lambda: _status(state), START_TIMEOUT_S)
             self.first_peer = status["multiaddrs"][0]
             _wait(
@@ -275,12 +270,21 @@ class PetalsTestbed:
             for sid, s in placement["servers"].items()
             if s.get("assigned_span") and s.get("peer_id")
         }
+        instance = Instance.from_scenario(self.scenario)
+        rtt_ms = {
+            client.id: {
+                server.id: float(instance.rtt_ms[i, j])
+                for j, server in enumerate(self.scenario.servers)
+            }
+            for i, client in enumerate(self.scenario.clients)
+        }
         plan = {
             "model": str(self.work / "model"),
             "coordinator": self.url,
             "initial_peers": [self.first_peer],
             "dht_prefix": PREFIX,
             "servers": servers,
+            "rtt_ms": rtt_ms,  # the model's client-server RTTs (site matrix and overrides)
             "requests": self._requests(),
             "seed": self.seed,
         }
@@ -387,46 +391,18 @@ def _status(state: Path) -> dict[str, Any] | None:
 
 
 def petals_predictions(result: PetalsResult, run: PetalsRun) -> list[dict[str, Any]]:
-    """Each request's measured and predicted times (the emulated backend's row format)."""
-    raw = loopback_scenario(result.scenario).model_dump(mode="json", exclude_none=True)
-    for server in raw["servers"]:
-        speed = run.speeds.get(server["id"])
-        if speed is not None:
-            server["decode_ms_per_block"] = speed["decode_ms_per_block"]
-            server["prefill_ms_per_block"] = {
-                "fixed": speed["prefill_fixed_ms"],
-                "per_token": speed["prefill_per_token_ms"],
-            }
-    scenario = parse_scenario(raw)
+    """Each request's measured and predicted times (``report.compared_row``): the scenario's
+    RTTs, the calibrated speeds, no scenario overheads, plus the calibrated transport."""
+    scenario = measured_scenario(result.scenario, run.speeds, overheads=False)
     instance = Instance.from_scenario(scenario)
     server_index = {s.id: j for j, s in enumerate(scenario.servers)}
-    client_index = {c.id: i for i, c in enumerate(scenario.clients)}
     rows = []
     for r in run.requests:
         hops = [Hop(server_index[sid], start, end) for sid, start, end in r["hops"]]
-        timing = request_timing(
-            instance, client_index[r["client"]], hops, r["input_tokens"], r["output_tokens"]
-        )
-        decode_transport = sum(run.speeds[sid]["transport_decode_ms"] for sid, _, _ in r["hops"])
-        prefill_transport = sum(run.speeds[sid]["transport_prefill_ms"] for sid, _, _ in r["hops"])
-        predicted_first = timing.first_token_ms + prefill_transport
-        predicted_token = timing.per_token_ms + decode_transport
-        measured_token = float(np.mean(r["token_ms"])) if r["token_ms"] else float("nan")
-        rows.append(
-            {
-                "index": r["index"],
-                "client": r["client"],
-                "route": [f"{sid}[{s},{e})" for sid, s, e in r["hops"]],
-                "wait_ms": r["booking_ms"],
-                "first_token_ms": r["first_token_ms"],
-                "predicted_first_token_ms": predicted_first,
-                "first_token_error": r["first_token_ms"] / predicted_first - 1.0,
-                "per_token_ms": measured_token,
-                "predicted_per_token_ms": predicted_token,
-                "per_token_error": measured_token / predicted_token - 1.0,
-                "transport_ms_per_step": decode_transport,
-                "e2e_ms": r["e2e_ms"],
-                "output_tokens": r["output_tokens"],
-            }
-        )
+        decode = sum(run.speeds[sid]["transport_decode_ms"] for sid, _, _ in r["hops"])
+        prefill = sum(run.speeds[sid]["transport_prefill_ms"] for sid, _, _ in r["hops"])
+        row = compared_row(instance, r, hops, prefill, decode)
+        row["wait_ms"] = r["booking_ms"]
+        row["e2e_ms"] = r["e2e_ms"]
+        rows.append(row)
     return rows

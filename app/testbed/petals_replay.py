@@ -4,16 +4,35 @@
     PYTHON -P app/testbed/petals_replay.py PLAN.json OUT.json   (PETALS' env has no app)
 
 PLAN: {"model", "coordinator", "initial_peers", "dht_prefix", "servers": {id: [peer, start,
-end]}, "requests": [{"index", "client", "input_tokens", "output_tokens"}], "seed"}.
-First the calibration: for every server, the time of a PETALS inference step on its first
-block alone and on its whole span, for two prompt lengths and for decoding (median of
-``REPEATS``): the per-block compute (the slope) and the per-hop transport (the rest). Then
-the requests one after the other through ``BookedSwarm``: booking, first-token and
-per-token times. Writes OUT: {"servers": {id: speeds}, "requests": [...]}.
+end]}, "rtt_ms": {client id: {server id: RTT}}, "requests": [{"index", "client",
+"client_site", "input_tokens", "output_tokens"}], "seed"}.
+First the calibration, undelayed: for every server, the time of a PETALS inference step on
+its first block alone and on its whole span, for two prompt lengths and for decoding (median
+of ``REPEATS``): the per-block compute (the slope) and PETALS' own per-hop transport on
+loopback (the rest). Then the requests one after the other through ``BookedSwarm``, each
+hop's traffic delayed by the RTT between the request's client and that server
+(``HopDelays``): booking, first-token and per-token times. Writes OUT: {"servers": {id:
+speeds}, "requests": [...]}.
+
+The delays, and why here: the kernel has no netem, and a delaying TCP relay in front of a
+server's libp2p port (the emulated backend's way) cannot give each client site its own delay,
+since a PETALS client's p2p daemon keeps one connection per peer, dialled at whatever address
+the peer announced. So the delay sits where every inference message of a hop passes in this
+process: ``_ServerInferenceSession._step``, the coroutine that puts one step's request on the
+hop's ``rpc_inference`` stream and awaits the server's reply. It holds the request back half
+the RTT before it is sent and the reply half the RTT after it arrived: each exchange with a
+server takes one RTT more than on loopback, as through the emulated backend's relay (half the
+RTT each way, order kept, no bandwidth limit). Server-to-server pushes (``rpc_push``, where a
+server forwards its output to the next server of the chain beside the reply to the client)
+are switched off (``use_server_to_server=False``): that traffic would cross no delay here, and
+the model and the emulated backend route every hop through the client. Left undelayed, off
+the timed path or absent from the model: the DHT's traffic and the opening of a hop's stream
+(libp2p negotiates it on the connection the client already holds).
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import importlib
 import itertools
@@ -28,6 +47,40 @@ from typing import Any
 REPEATS = 5
 _SLICES: dict[tuple[str, int, int], Any] = {}
 PROMPTS = (8, 32)
+
+
+class HopDelays:
+    """The one-way delay (half the RTT) of each server's traffic for the current client;
+    none while no client is set (the calibration)."""
+
+    def __init__(self, rtt_ms: dict[str, dict[str, float]], peers: dict[str, str]) -> None:
+        self.rtt_ms = rtt_ms  # client id -> server id -> RTT
+        self.peers = peers  # server id -> PETALS peer id (base58)
+        self.one_way_s: dict[str, float] = {}  # peer id -> seconds
+
+    def use(self, client: str | None) -> None:
+        rtts = {} if client is None else self.rtt_ms[client]
+        self.one_way_s = {
+            peer: rtts[server] / 2000.0 for server, peer in self.peers.items() if server in rtts
+        }
+
+    def install(self) -> None:
+        """Wrap PETALS' per-hop step (see the module docstring)."""
+        from petals.client.inference_session import _ServerInferenceSession
+
+        step = _ServerInferenceSession._step
+        delays = self
+
+        async def delayed_step(session: Any, request: Any) -> Any:
+            one_way = delays.one_way_s.get(session.span.peer_id.to_base58(), 0.0)
+            if one_way > 0:
+                await asyncio.sleep(one_way)
+            reply = await step(session, request)
+            if one_way > 0:
+                await asyncio.sleep(one_way)
+            return reply
+
+        _ServerInferenceSession._step = delayed_step
 
 
 def _step_ms(manager: Any, peer: Any, start: int, end: int, tokens: int, hidden: int) -> float:
@@ -140,17 +193,25 @@ def main() -> int:
         initial_peers=plan["initial_peers"],
         dht_prefix=plan["dht_prefix"],
         torch_dtype=torch.float32,
+        use_server_to_server=False,  # every hop through the client (the module docstring)
     )
+    delays = HopDelays(plan["rtt_ms"], {sid: peer for sid, (peer, _, _) in plan["servers"].items()})
+    delays.install()
     with RouteClient(plan["coordinator"]) as routes:
         swarm = BookedSwarm(model, routes, request_timeout=30.0)
+        if swarm.manager.config.use_server_to_server:
+            raise RuntimeError("PETALS kept server-to-server pushes on: they would skip the delays")
         with torch.inference_mode():
             speeds = calibrate(swarm.manager, plan["servers"], model.config.hidden_size)
         if plan["requests"]:  # untimed: the first session's connections and caches
-            swarm.client_site = plan["requests"][0]["client_site"]
+            first = plan["requests"][0]
+            swarm.client_site = first["client_site"]
+            delays.use(first["client"])
             replay(swarm, plan["requests"][:1], model.config.vocab_size, plan["seed"] + 1)
         rows = []
         for request in plan["requests"]:
             swarm.client_site = request["client_site"]
+            delays.use(request["client"])
             rows += replay(swarm, [request], model.config.vocab_size, plan["seed"])
     Path(sys.argv[2]).write_text(json.dumps({"servers": speeds, "requests": rows}))
     # Done: leave without interpreter finalization, where a PETALS session finalized after

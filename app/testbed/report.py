@@ -18,8 +18,12 @@ if TYPE_CHECKING:
 POLICIES = {"cg": "cg-wsrr", "petals": "petals"}  # testbed policy -> simulator policy
 
 
-def measured_scenario(scenario: Scenario, measured: dict[str, dict[str, float]]) -> Scenario:
-    """The scenario with every server's speeds replaced by its measured ones."""
+def measured_scenario(
+    scenario: Scenario, measured: dict[str, dict[str, float]], *, overheads: bool = True
+) -> Scenario:
+    """The scenario with every server's speeds replaced by its measured ones; without
+    ``overheads`` also with its per-hop and per-request overheads zeroed (for a system whose
+    own overheads are measured instead, as the PETALS backend's transport calibration)."""
     raw = scenario.model_dump(mode="json", exclude_none=True)
     for server in raw["servers"]:
         m = measured.get(server["id"])
@@ -29,7 +33,46 @@ def measured_scenario(scenario: Scenario, measured: dict[str, dict[str, float]])
                 "fixed": m["prefill_fixed_ms"],
                 "per_token": m["prefill_per_token_ms"],
             }
+    if not overheads:
+        raw.pop("overheads", None)
     return parse_scenario(raw)
+
+
+def compared_row(
+    instance: Instance,
+    request: dict[str, Any],
+    hops: list[Hop],
+    first_transport_ms: float,
+    token_transport_ms: float,
+) -> dict[str, Any]:
+    """One request's measured first-token and per-token times beside the model's
+    (``perf.request_timing`` on its route plus this testbed's transport per step), and the
+    relative errors. ``request`` has client, index, hops, input/output tokens, first_token_ms
+    and token_ms (the gaps between tokens)."""
+    c = instance_client(instance, request)
+    timing = request_timing(instance, c, hops, request["input_tokens"], request["output_tokens"])
+    predicted_first = timing.first_token_ms + first_transport_ms
+    predicted_token = timing.per_token_ms + token_transport_ms
+    gaps = request["token_ms"]
+    measured_token = float(np.mean(gaps)) if gaps else float("nan")
+    return {
+        "index": request["index"],
+        "client": request["client"],
+        "route": [f"{sid}[{s},{e})" for sid, s, e in request["hops"]],
+        "first_token_ms": request["first_token_ms"],
+        "predicted_first_token_ms": predicted_first,
+        "first_token_error": request["first_token_ms"] / predicted_first - 1.0,
+        "per_token_ms": measured_token,
+        "predicted_per_token_ms": predicted_token,
+        "per_token_error": measured_token / predicted_token - 1.0,
+        "transport_ms_per_step": token_transport_ms,
+        "rtt_ms_per_step": float(sum(instance.rtt_ms[c, h.server] for h in hops)),
+        "output_tokens": request["output_tokens"],
+    }
+
+
+def instance_client(instance: Instance, request: dict[str, Any]) -> int:
+    return instance.client_ids.index(request["client"])
 
 
 def predictions(result: TestbedResult, run: PolicyRun) -> list[dict[str, Any]]:
@@ -37,39 +80,38 @@ def predictions(result: TestbedResult, run: PolicyRun) -> list[dict[str, Any]]:
     scenario = measured_scenario(result.scenario, result.measured_speeds)
     instance = Instance.from_scenario(scenario)
     server_index = {s.id: j for j, s in enumerate(scenario.servers)}
-    client_index = {c.id: i for i, c in enumerate(scenario.clients)}
-    rtt = instance.rtt_ms
     rows = []
     for r in run.requests:
-        c = client_index[r["client"]]
+        c = instance_client(instance, r)
         hops = [Hop(server_index[sid], start, end) for sid, start, end in r["hops"]]
-        timing = request_timing(instance, c, hops, r["input_tokens"], r["output_tokens"])
         pings = run.pings[r["client"]]
+        # the calibration's step through the delayed path, less the server's step and the RTT
         transport = sum(
-            max(0.0, pings[scenario.servers[h.server].id] - float(rtt[c, h.server])) for h in hops
+            max(0.0, pings[scenario.servers[h.server].id] - float(instance.rtt_ms[c, h.server]))
+            for h in hops
         )
-        predicted_first = timing.first_token_ms + transport
-        predicted_token = timing.per_token_ms + transport
-        measured_token = float(np.mean(r["token_ms"])) if r["token_ms"] else float("nan")
-        rows.append(
-            {
-                "index": r["index"],
-                "client": r["client"],
-                "route": [f"{sid}[{s},{e})" for sid, s, e in r["hops"]],
-                "wait_ms": r["wait_ms"],
-                "first_token_ms": r["first_token_ms"],
-                "predicted_first_token_ms": predicted_first,
-                "first_token_error": r["first_token_ms"] / predicted_first - 1.0,
-                "per_token_ms": measured_token,
-                "predicted_per_token_ms": predicted_token,
-                "per_token_error": measured_token / predicted_token - 1.0,
-                "transport_ms_per_step": transport,
-                "e2e_ms": r["end_ms"] - r["arrival_ms"],
-                "output_tokens": r["output_tokens"],
-                "checksum": r["checksum"],
-            }
-        )
+        row = compared_row(instance, r, hops, transport, transport)
+        row["wait_ms"] = r["wait_ms"]
+        row["e2e_ms"] = r["end_ms"] - r["arrival_ms"]
+        row["checksum"] = r["checksum"]
+        rows.append(row)
     return rows
+
+
+def policy_report(
+    placement: dict[str, Any], rows: list[dict[str, Any]], failed: list[str]
+) -> dict[str, Any]:
+    """One policy's part of the report: its placement, error summary, metrics and rows."""
+    return {
+        "placement": [
+            {"server": s["server_id"], "start": s["start"], "end": s["end"]}
+            for s in placement["spans"]
+        ],
+        "errors": error_summary(rows) if rows else {},
+        "failed_requests": failed,
+        "testbed": testbed_metrics(rows) if rows else {},
+        "requests": rows,
+    }
 
 
 def error_summary(rows: list[dict[str, Any]]) -> dict[str, float]:

@@ -8,10 +8,14 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from app.allocation.scenario import load_scenario
 from app.cli import main
+from app.testbed.petals_backend import PetalsResult, PetalsRun, petals_predictions
+from app.testbed.petals_replay import HopDelays
 
 TINY = Path(__file__).with_name("tiny-2sites.json")
 CLUSTERED = Path(__file__).parents[2] / "examples" / "paper-clustered-9.json"
@@ -32,15 +36,75 @@ def test_petals_backend_errors_are_one_line(capsys: pytest.CaptureFixture[str]) 
     assert "--backend" in capsys.readouterr().err
 
 
+def test_hop_delays_are_half_the_client_server_rtt_each_way() -> None:
+    rtt = {"ce": {"e0": 4.0, "w0": 30.0}, "cw": {"e0": 30.0, "w0": 4.0}}
+    delays = HopDelays(rtt, {"e0": "PeerE0", "w0": "PeerW0"})
+    assert delays.one_way_s == {}  # no client yet (the calibration): nothing delayed
+    delays.use("cw")
+    assert delays.one_way_s == {"PeerE0": pytest.approx(0.015), "PeerW0": pytest.approx(0.002)}
+    delays.use(None)
+    assert delays.one_way_s == {}
+
+
+def test_petals_prediction_uses_the_scenario_rtts_and_no_scenario_overheads() -> None:
+    scenario = load_scenario(TINY)
+    speed = {
+        "decode_ms_per_block": 0.5,
+        "prefill_fixed_ms": 1.0,
+        "prefill_per_token_ms": 0.1,
+        "transport_decode_ms": 3.0,
+        "transport_prefill_ms": 7.0,
+    }
+    request = {
+        "index": 0,
+        "client": "cw",  # west, on two east servers: 30 ms RTT per hop
+        "hops": [["e0", 0, 4], ["e1", 4, 6]],
+        "input_tokens": 8,
+        "output_tokens": 3,
+        "booking_ms": 2.0,
+        "first_token_ms": 100.0,
+        "token_ms": [80.0, 84.0],
+        "e2e_ms": 270.0,
+    }
+    run = PetalsRun("cg", {}, {"e0": speed, "e1": speed, "w0": speed}, [request])
+    (row,) = petals_predictions(PetalsResult(scenario), run)
+    assert row["rtt_ms_per_step"] == pytest.approx(60.0)
+    # per hop: the RTT, its blocks' compute, PETALS' calibrated transport; nothing else
+    assert row["predicted_per_token_ms"] == pytest.approx(60.0 + 6 * 0.5 + 2 * 3.0)
+    prefill_blocks = 6 * (1.0 + 0.1 * 8)
+    assert row["predicted_first_token_ms"] == pytest.approx(60.0 + prefill_blocks + 2 * 7.0)
+    assert row["per_token_ms"] == pytest.approx(82.0)
+    assert row["per_token_error"] == pytest.approx(82.0 / 69.0 - 1.0)
+    assert row["wait_ms"] == 2.0 and row["route"] == ["e0[0,4)", "e1[4,6)"]
+
+
+# RTTs x10 (40 ms within a site, 300 ms across): the floors below stand well above what a
+# PETALS hop costs on loopback, so a run whose traffic crossed no delay would fall under them.
+TIME_SCALE = 10
+
+
+def rtt_floor_ms(scenario: dict[str, Any], client: str, route: list[str]) -> float:
+    """The RTTs one step of ``route`` crosses for ``client``: one client-server exchange
+    per hop (the scenario's site matrix, scaled), computed here from the scenario file."""
+    sites = {name: i for i, name in enumerate(scenario["sites"])}
+    client_site = next(c["site"] for c in scenario["clients"] if c["id"] == client)
+    server_site = {s["id"]: s["site"] for s in scenario["servers"]}
+    matrix = scenario["site_rtt_ms"]
+    total = 0.0
+    for hop in route:  # "e0[0,3)"
+        server = hop.split("[", 1)[0]
+        total += matrix[sites[client_site]][sites[server_site[server]]] * TIME_SCALE
+    return total
+
+
 @pytest.mark.petals
 @pytest.mark.slow
 @pytest.mark.xdist_group("petals")
-def test_real_petals_run_reports_measured_against_predicted(
-    petals_python: Path, namespaces: None
-) -> None:
+def test_real_petals_run_with_the_scenario_delays(petals_python: Path, namespaces: None) -> None:
     command = (
         f"ip link set lo up && exec {sys.executable} -m app.cli testbed {TINY} "
-        "--backend petals --policy cg --requests 3 --output-tokens 6 --json"
+        f"--backend petals --policy cg --requests 3 --output-tokens 6 --time-scale {TIME_SCALE} "
+        "--json"
     )
     done = subprocess.run(
         ["unshare", "-n", "sh", "-c", command],
@@ -57,8 +121,16 @@ def test_real_petals_run_reports_measured_against_predicted(
     for server_id, speed in entry["measured_speeds"].items():
         assert speed["decode_ms_per_block"] > 0, server_id
         assert speed["transport_decode_ms"] >= 0, server_id
+    scenario = json.loads(TINY.read_text())
     for row in entry["requests"]:
-        assert row["route"] and row["per_token_ms"] > 0 and row["predicted_per_token_ms"] > 0
+        floor = rtt_floor_ms(scenario, row["client"], row["route"])
+        assert floor >= 40.0, row
+        # the delays are applied: every step of the request crossed its route's RTTs...
+        assert row["first_token_ms"] >= floor, (floor, row)
+        assert row["per_token_ms"] >= floor, (floor, row)
+        # ...and the model predicts with them (no RTT zeroed)
+        assert row["rtt_ms_per_step"] == pytest.approx(floor), row
+        assert row["predicted_per_token_ms"] > floor and row["predicted_first_token_ms"] > floor
         assert math.isfinite(row["first_token_error"]) and math.isfinite(row["per_token_error"])
     assert entry["errors"]["requests"] == 3
     leftover = subprocess.run(["pgrep", "-f", "bprr-tbp-"], capture_output=True, text=True)
