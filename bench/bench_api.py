@@ -32,10 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,57 +42,11 @@ from typing import Any
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _wrk import book_and_release_script, free_port, swarm, wait_ready, wrk
+
 ADMIN = "bench-admin"
 PG_URL = "postgresql+psycopg://{user}@127.0.0.1:5432/bprr_bench"
-
-
-def swarm(servers: int = 200, sites: int = 10, seed: int = 7) -> dict[str, Any]:
-    rng = random.Random(seed)
-    names = [f"site{i}" for i in range(sites)]
-    matrix = [
-        [5.0 if i == j else 20.0 + 10.0 * abs(i - j) for j in range(sites)] for i in range(sites)
-    ]
-    gpus = [
-        ("A100-80GB", 80.0, 3.2197, 32.99),
-        ("L40S", 44.0, 5.1, 45.0),
-        ("MIG-1g", 9.1, 16.2, 206.4),
-    ]
-    entries = []
-    for j in range(servers):
-        gpu, memory, tau, fixed = gpus[j % 3]
-        entries.append(
-            {
-                "id": f"srv{j:03d}",
-                "site": names[rng.randrange(sites)],
-                "gpu": gpu,
-                "memory_gb": memory,
-                "decode_ms_per_block": tau * rng.uniform(0.9, 1.1),
-                "prefill_ms_per_block": {"fixed": fixed, "per_token": 0.08},
-                "address": f"127.0.0.1:{40000 + j}",
-            }
-        )
-    return {
-        "name": "bench-200",
-        "model": {
-            "name": "bloom-176b",
-            "num_blocks": 70,
-            "block_memory_gb": 1.3234,
-            "kv_bytes_per_token_per_block": 57344,
-        },
-        "requests": {"max_input_tokens": 20, "max_output_tokens": 128},
-        "sites": names,
-        "site_rtt_ms": matrix,
-        "servers": entries,
-        "clients": [{"id": f"c{i}", "site": s, "share": 1.0} for i, s in enumerate(names)],
-        "overheads": {"per_token_ms": 1, "prefill_fixed_ms": 5},
-    }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def start(url: str, workers: int) -> tuple[subprocess.Popen[bytes], str]:
@@ -115,104 +66,8 @@ def start(url: str, workers: int) -> tuple[subprocess.Popen[bytes], str]:
         stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                return process, base
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline or process.poll() is not None:
-            process.kill()
-            raise SystemExit("the coordinator did not start")
-        time.sleep(0.2)
-
-
-def wrk(
-    base: str, path: str, seconds: float, connections: int, script: str | None = None
-) -> dict[str, float]:
-    duration = max(1, round(seconds))
-    command = ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency"]
-    if script:
-        command += ["-s", script]
-    out = subprocess.run([*command, base + path], capture_output=True, text=True, check=True).stdout
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    elapsed = re.search(r"requests in ([\d.]+)(ms|s|m)", out)
-    wall = float(elapsed.group(1)) if elapsed else float(duration)
-    if elapsed and elapsed.group(2) == "ms":
-        wall /= 1000
-    elif elapsed and elapsed.group(2) == "m":
-        wall *= 60
-    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    non2xx = int(bad.group(1)) if bad else 0
-
-    def percentile(label: str) -> float:
-        match = re.search(rf"\s{label}%\s+([\d.]+)(us|ms|s)", out)
-        if match is None:
-            return float("nan")
-        value, unit = float(match.group(1)), match.group(2)
-        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
-
-    ok_rate = rate * (total - non2xx) / total if total else 0.0
-    result = {
-        "rps": rate,
-        "ok_rps": ok_rate,
-        "p50_ms": percentile("50"),
-        "p99_ms": percentile("99"),
-        "requests": total,
-        "non2xx": non2xx,
-    }
-    # Counters a script prints from done() ("BOOKED n", "RELEASED n", "FULL n").
-    for name, count in re.findall(r"^(BOOKED|RELEASED|FULL) (\d+)$", out, re.MULTILINE):
-        result[name.lower()] = int(count)
-        result[f"{name.lower()}_per_s"] = int(count) / wall
-    return result
-
-
-# Book a session, then release it on the same connection (DELETE), so that the swarm's cache
-# never fills up and the run measures sustainable bookings; done() prints the counts.
-BOOK_AND_RELEASE = """
-local threads = {}
-function setup(thread) table.insert(threads, thread) end
-local sites = {}
-for i = 0, 9 do sites[#sites + 1] = "site" .. i end
-local n, booked, released, full = 0, 0, 0, 0
-local pending = {}
-function init(args) end
-function request()
-  if #pending > 0 then
-    local held = table.remove(pending)
-    return wrk.format("DELETE", "/v1/sessions/" .. held[1],
-      {["Authorization"] = "Bearer " .. held[2]})
-  end
-  n = n + 1
-  local body = '{"client_site": "' .. sites[(n % 10) + 1] ..
-    '", "input_tokens": 20, "output_tokens": 8}'
-  return wrk.format("POST", "/v1/sessions", {["Content-Type"] = "application/json"}, body)
-end
-function response(status, headers, body)
-  if status == 201 then
-    booked = booked + 1
-    local id = string.match(body, '"id":"(%x+)"')
-    local token = string.match(body, '"token":"([%w_%-]+)"')
-    if id and token then table.insert(pending, {id, token}) end
-  elseif status == 204 then
-    released = released + 1
-  elseif status == 503 then
-    full = full + 1
-  end
-  thread_counts = {booked, released, full}
-end
-function done(summary, latency, requests)
-  local b, r, f = 0, 0, 0
-  for _, t in ipairs(threads) do
-    local c = t:get("thread_counts")
-    if c then b, r, f = b + c[1], r + c[2], f + c[3] end
-  end
-  io.write("BOOKED " .. b .. "\\nRELEASED " .. r .. "\\nFULL " .. f .. "\\n")
-end
-"""
+    wait_ready(process, base, "the coordinator")
+    return process, base
 
 
 def lua_post(path_body: str, directory: Path, name: str) -> str:
@@ -242,7 +97,7 @@ def run_backend(
         work = Path(tempfile.mkdtemp(prefix="bprr-bench-"))
         query = "/v1/routes?client_site=site3&input_tokens=20&output_tokens=64"
         assert httpx.get(base + query, timeout=10).status_code == 200
-        booking = lua_post(BOOK_AND_RELEASE, work, "book.lua")
+        booking = lua_post(book_and_release_script(), work, "book.lua")
         rows = []
         for entry in tokens:
             start_end = spans.get(entry["id"])

@@ -23,7 +23,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,64 +38,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_api import swarm, wrk  # noqa: E402
+from _wrk import (  # noqa: E402
+    book_and_release_script,
+    cpu_seconds,
+    free_port,
+    swarm,
+    wait_ready,
+    wrk,
+)
 
 ADMIN = "bench-admin"
 CLIENT = "bench-client"
 # The last commit before the sessions domain changed (session tokens, the queue, units).
 DEFAULT_BASELINE = "9676567"
-
-# POST a booking (with a client token), then DELETE it with the session's token when the
-# reply carries one (the baseline's does not); counts printed from done().
-BOOK_AND_RELEASE = """
-local threads = {}
-function setup(thread) table.insert(threads, thread) end
-local sites = {}
-for i = 0, 9 do sites[#sites + 1] = "site" .. i end
-local n, booked, released, full = 0, 0, 0, 0
-local pending = {}
-function request()
-  if #pending > 0 then
-    local s = table.remove(pending)
-    local headers = {}
-    if s[2] then headers["Authorization"] = "Bearer " .. s[2] end
-    return wrk.format("DELETE", "/v1/sessions/" .. s[1], headers)
-  end
-  n = n + 1
-  local body = '{"client_site": "' .. sites[(n % 10) + 1] ..
-    '", "input_tokens": 20, "output_tokens": 8}'
-  return wrk.format("POST", "/v1/sessions", {["Content-Type"] = "application/json",
-    ["Authorization"] = "Bearer CLIENT"}, body)
-end
-function response(status, headers, body)
-  if status == 201 then
-    booked = booked + 1
-    local id = string.match(body, '"id":"(%x+)"')
-    local token = string.match(body, '"token":"([%w_%-]+)"')
-    if id then table.insert(pending, {id, token}) end
-  elseif status == 204 then
-    released = released + 1
-  elseif status == 503 then
-    full = full + 1
-  end
-  thread_counts = {booked, released, full}
-end
-function done(summary, latency, requests)
-  local b, r, f = 0, 0, 0
-  for _, t in ipairs(threads) do
-    local c = t:get("thread_counts")
-    if c then b, r, f = b + c[1], r + c[2], f + c[3] end
-  end
-  io.write("BOOKED " .. b .. "\\nRELEASED " .. r .. "\\nFULL " .. f .. "\\n")
-end
-""".replace("CLIENT", CLIENT)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def export_tree(revision: str) -> Path:
@@ -128,17 +82,8 @@ def start(tree: Path, database: Path, extra_env: dict[str, str]) -> tuple[Any, s
         command, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                return process, base
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline or process.poll() is not None:
-            process.kill()
-            raise SystemExit(f"the coordinator of {tree} did not start")
-        time.sleep(0.2)
+    wait_ready(process, base, f"the coordinator of {tree}")
+    return process, base
 
 
 def load(base: str, scenario: dict[str, Any]) -> None:
@@ -154,13 +99,20 @@ def load(base: str, scenario: dict[str, Any]) -> None:
 
 
 def bookings_per_s(tree: Path, seconds: float, connections: int, work: Path) -> dict[str, Any]:
+    """wrk's figures, and the coordinator's CPU time per booking (with its release) during
+    the run: on a shared machine the rate moves with the other load, the CPU per booking
+    much less."""
     database = Path(tempfile.mkdtemp(prefix="bprr-db-")) / "bench.db"
     process, base = start(tree, database, {})
     try:
         load(base, swarm())
         script = work / "book.lua"
-        script.write_text(BOOK_AND_RELEASE)
-        return wrk(base, "/v1/sessions", seconds, connections, str(script))
+        script.write_text(book_and_release_script(CLIENT))
+        cpu_before = cpu_seconds(process.pid)
+        result: dict[str, Any] = wrk(base, "/v1/sessions", seconds, connections, str(script))
+        cpu = cpu_seconds(process.pid) - cpu_before
+        result["cpu_ms_per_booking"] = cpu * 1000 / max(1, result.get("booked", 0))
+        return result
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -171,29 +123,46 @@ def part_ab(baseline: str, runs: int, seconds: float, connections: int) -> dict[
     work = Path(tempfile.mkdtemp(prefix="bprr-bench-"))
     old = export_tree(baseline)
     rates: dict[str, list[float]] = {"baseline": [], "current": []}
+    cpu: dict[str, list[float]] = {"baseline": [], "current": []}
     try:
         for run in range(runs):
             for label, tree in (("baseline", old), ("current", ROOT)):
                 result = bookings_per_s(tree, seconds, connections, work)
                 rates[label].append(result.get("booked_per_s", 0.0))
+                cpu[label].append(result["cpu_ms_per_booking"])
                 print(
                     f"  run {run + 1} {label:8s} booked {result.get('booked_per_s', 0):.0f}/s "
                     f"released {result.get('released_per_s', 0):.0f}/s "
                     f"p50 {result['p50_ms']:.2f} ms p99 {result['p99_ms']:.2f} ms "
-                    f"non-2xx {result['non2xx']}",
+                    f"non-2xx {result['non2xx']} "
+                    f"server CPU {result['cpu_ms_per_booking']:.2f} ms/booking",
                     flush=True,
                 )
     finally:
         shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     medians = {label: statistics.median(values) for label, values in rates.items()}
+    cpu_medians = {label: statistics.median(values) for label, values in cpu.items()}
     ratio = medians["current"] / medians["baseline"] if medians["baseline"] else float("nan")
+    cpu_ratio = (
+        cpu_medians["baseline"] / cpu_medians["current"] if cpu_medians["current"] else float("nan")
+    )
     print(
         f"== wait_s=0 bookings/s (wrk -c{connections}, {seconds:g} s, medians of {runs}): "
         f"baseline {baseline} {medians['baseline']:.0f}/s, current {medians['current']:.0f}/s, "
-        f"ratio {ratio:.3f}"
+        f"ratio {ratio:.3f}; server CPU per booking + release: baseline "
+        f"{cpu_medians['baseline']:.2f} ms, current {cpu_medians['current']:.2f} ms "
+        f"(baseline/current {cpu_ratio:.3f})"
     )
-    return {"baseline": baseline, "rates": rates, "medians": medians, "ratio": ratio}
+    return {
+        "baseline": baseline,
+        "rates": rates,
+        "medians": medians,
+        "ratio": ratio,
+        "cpu_ms_per_booking": cpu,
+        "cpu_medians": cpu_medians,
+        "cpu_ratio": cpu_ratio,
+    }
 
 
 # In-process: the sessions service alone (no HTTP, no wrk), book then release, on SQLite.
@@ -205,7 +174,7 @@ from pydantic import SecretStr
 from app.api.app import create_app
 from app.service.schemas import SessionIn
 from app.settings import Settings
-from bench_api import swarm
+from _wrk import swarm
 
 def main():
     url = "sqlite:///" + tempfile.mkdtemp() + "/b.db"

@@ -12,7 +12,7 @@ One queue for every coordinator process, in the database (table ``booking_queue`
   even when a smaller request would fit). Any process may admit any process's ticket: the
   ticket carries the session id and token hash its holder chose, and the admitted reply.
 - **Direct bookings** (wait_s = 0, or the first try of wait_s > 0) book only while no live
-  ticket waits (the EXISTS in the booking statement, app.store.sessions), so they cannot take
+  ticket waits (the EXISTS in the booking statement, app.store.bookings), so they cannot take
   the slot the head waits for.
 - **Wake-ups**: a release, a sweep or an arrival in this process kicks its pump thread; other
   processes' releases are seen by polling every ``queue_poll_s`` while a ticket waits.

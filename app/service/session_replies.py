@@ -8,9 +8,34 @@ import json
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from pydantic import BaseModel
+
 from app.service.routeview import RoutePlan, RouteView
 from app.service.schemas import RouteHop, RouteOut
 from app.service.session_schemas import BookingOut
+
+
+class _StoredReply(BaseModel):
+    """A booking's reply without its token, as stored in its record (and a ticket)."""
+
+    id: str
+    expires_at: float
+    route: RouteOut
+
+
+def stored_reply(session_id: str, expires_at: float, route: RouteOut) -> str:
+    return _StoredReply(id=session_id, expires_at=expires_at, route=route).model_dump_json()
+
+
+@dataclass(frozen=True)
+class Reserved:
+    """What taking a plan's units came to: "booked" (``reply`` is the stored reply), or why
+    not ("full", "queued", "quota")."""
+
+    outcome: str
+    reply: str
+    route: RouteOut
+    expires_at: float
 
 
 @dataclass(frozen=True)

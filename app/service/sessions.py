@@ -42,15 +42,21 @@ from app.service.errors import Conflict, Forbidden, Invalid, NotFound, Unauthori
 from app.service.queue import CentralQueue, HeadRefused, TooManyRequests
 from app.service.routeview import RoutePlan, RouteView
 from app.service.schemas import RouteOut, SessionIn
-from app.service.session_replies import Booked, Pending, reply_out, route_out
+from app.service.session_replies import (
+    Booked,
+    Pending,
+    Reserved,
+    reply_out,
+    route_out,
+    stored_reply,
+)
 from app.service.session_schemas import BookingIn, BookingOut, SessionStatusOut
 from app.service.session_settings import SessionSettings
 from app.service.workload_window import WorkloadWindow
 from app.store.booking_queue import BookingQueue, QueuedRequest, Ticket
-from app.store.bookings import Bookings, Released
+from app.store.bookings import Bookings, NewSession, Released
 from app.store.models import SessionRow
 from app.store.reservations import Held
-from app.store.session_tables import SessionRecordRow
 from app.store.sessions import Sessions
 
 log = get_logger("bprr.sessions")
@@ -193,6 +199,7 @@ class SessionService:
                 retry_after_s=retry_in,
             )
         session_id, token = uuid.uuid4().hex, secrets.token_urlsafe(32)
+        token_hash = hash_token(token)
         wait_ms = self.config.queue_poll_s * 1000
         for _attempt in range(BOOK_ATTEMPTS):
             view = self.core.view()
@@ -210,8 +217,8 @@ class SessionService:
                 wait_ms = plan.wait_ms
                 break
             try:
-                booked, reply = self._reserve(
-                    view, body, plan, now, session_id, token, client, idempotency_key
+                reserved = self._reserve(
+                    view, body, plan, now, session_id, token_hash, client, idempotency_key
                 )
             except IntegrityError:  # the same Idempotency-Key booked concurrently
                 if idempotency_key is None:
@@ -220,8 +227,15 @@ class SessionService:
                 if again is None:
                     raise Conflict("Idempotency-Key: booked concurrently; retry") from None
                 return again
+            booked = reserved.outcome
             if booked == "booked":
-                return self._booked(now, reply_out(reply, token, now))
+                out = BookingOut(
+                    id=session_id,
+                    expires_in_s=max(0.0, reserved.expires_at - now),
+                    route=reserved.route,
+                    token=token,
+                )
+                return self._booked(now, out)
             if booked == "queued":  # tickets wait: they come first
                 self.queue.last_depth = max(1, self.queue.last_depth)
                 self.queue.kick()
@@ -312,75 +326,60 @@ class SessionService:
         plan: RoutePlan,
         now: float,
         session_id: str,
-        token_hash_or_token: str,
+        token_hash: str,
         client: ClientIdentity | str,
         key: str | None,
         db: Session | None = None,
-    ) -> tuple[str, str]:
-        """Take the units of ``plan`` for the request: ("booked", the reply without its
-        token), or why not ("full", "queued", "quota"). ``db``: inside the queue's admission
-        transaction (no queue check; a savepoint rolls a refused SQLite booking back)."""
+    ) -> Reserved:
+        """Take the units of ``plan`` for the request: "booked" (with the reply stored for
+        status and retries), or why not ("full", "queued", "quota"). ``db``: inside the
+        queue's admission transaction (no queue check; a savepoint rolls a refused SQLite
+        booking back)."""
         expires_at = now + plan.timing.total_ms / 1000 + self.settings.session_grace_s
         tokens = dispatch.tokens_of(body.input_tokens, body.output_tokens)
         units = dispatch.units_needed(plan.hops, tokens)
-        holds = sorted((view.entries[s].id, n) for s, n in units.items())
+        holds = tuple(sorted((view.entries[s].id, n) for s, n in units.items()))
         route = route_out(view, body.client_site, plan)
-        reply = json.dumps(
-            {"id": session_id, "expires_at": expires_at, "route": route.model_dump(mode="json")}
-        )
         queued = db is not None
-        token_hash = token_hash_or_token if queued else hash_token(token_hash_or_token)
-        name = client if isinstance(client, str) else client.name
         quota = 0 if queued or isinstance(client, str) else client.max_sessions
-        row = SessionRow(
+        new = NewSession(
             id=session_id,
+            token_hash=token_hash,
+            client=client if isinstance(client, str) else client.name,
+            idempotency_key=key,
             client_site=body.client_site,
             input_tokens=body.input_tokens,
             output_tokens=body.output_tokens,
             generation=view.generation,
+            chain=plan.chain,
             created_at=now,
             expires_at=expires_at,
             first_token_ms=plan.timing.first_token_ms,
             per_token_ms=plan.timing.per_token_ms,
             path=json.dumps([[view.entries[h.server].id, h.start, h.end] for h in plan.hops]),
-        )
-        record = SessionRecordRow(
-            id=session_id,
-            token_hash=token_hash,
-            client=name,
-            idempotency_key=key,
-            client_site=body.client_site,
-            input_tokens=body.input_tokens,
-            output_tokens=body.output_tokens,
-            hops=len(holds),
-            generation=view.generation,
-            chain=plan.chain,
-            created_at=now,
-            ended_at=None,
-            end_reason=None,
-            reply=reply,
+            reply=stored_reply(session_id, expires_at, route),
+            holds=holds,
         )
         stale = None if queued else self.queue.stale_before(now)
         try:
             if db is not None:
                 with db.begin_nested():
-                    check = Bookings(db).book(row, holds, record, now, quota=quota)
+                    check = Bookings(db).book(new, now, quota=quota)
                     if not check.ok:
                         raise _Refused()
             else:
                 with self.core.booking_tx() as tx:
-                    check = Bookings(tx).book(
-                        row, holds, record, now, queue_stale_before=stale, quota=quota
-                    )
+                    check = Bookings(tx).book(new, now, queue_stale_before=stale, quota=quota)
                     if not check.ok:
                         raise _Refused()
         except _Refused:
-            return ("queued" if not check.clear else "quota" if not check.within else "full"), ""
+            why = "queued" if not check.clear else "quota" if not check.within else "full"
+            return Reserved(why, "", route, expires_at)
         with self.core.view_lock:
             for server_id, n in holds:
                 view.add_reservation(server_id, n, expires_at)
             view.chain_started(plan.chain)
-        return "booked", reply
+        return Reserved("booked", new.reply, route, expires_at)
 
     def _replay(self, client: ClientIdentity, key: str, now: float) -> Booked | None:
         """The session booked before with this client's Idempotency-Key, with a new token
@@ -420,7 +419,7 @@ class SessionService:
             )
         if plan.wait_ms > 0:
             return None
-        booked, reply = self._reserve(
+        reserved = self._reserve(
             view,
             request,
             plan,
@@ -431,10 +430,10 @@ class SessionService:
             request.idempotency_key,
             db=db,
         )
-        if booked != "booked":
+        if reserved.outcome != "booked":
             self.core.invalidate()  # the view was stale; the next round looks again
             return None
-        return reply
+        return reserved.reply
 
     def _release_orphan(self, session_id: str) -> None:
         try:

@@ -15,21 +15,29 @@ while the database runs it; rows locked in code-point id order, as everywhere el
 release is one statement too: the record is ended first (only with the session's token
 unless trusted: the admin, the sweep), then the session and its reservations deleted and the
 units given back.
+
+On SQLite (one writer: the caller's BEGIN IMMEDIATE transaction) a booking is one guarded
+update of every hop's units followed by three inserts, and a release four statements, run on
+the driver's connection: there are no round trips to save there, only each statement's cost
+in Python, which SQLAlchemy's execution path multiplied several times over.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, func, insert, select, text, update
+from sqlalchemy import Table, func, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from app.store.models import ReservationRow, ServerRow, SessionRow
 from app.store.reservations import Held
 from app.store.session_tables import QueueRow, SessionRecordRow
-from app.store.sessions import Sessions
 
 UNIT_CAP = 2**31 - 1
 _SESSIONS = cast(Table, SessionRow.__table__)
@@ -151,34 +159,64 @@ FROM (SELECT 1) AS one LEFT JOIN held AS h ON true
 """
 )
 
-# SQLite: one hop at a time inside the caller's (exclusive) transaction.
-_RESERVE_UNITS = text(
-    f"""
-UPDATE servers SET reserved_slots = reserved_slots + :b_units
-WHERE id = :b_id AND lease_expires_at > :b_now AND loaded_start IS NOT NULL
-  AND reserved_slots + :b_units <= (
+
+# SQLite (embedded: no round trips, only each statement's cost in Python) runs these on the
+# driver's connection inside the caller's write transaction (BEGIN IMMEDIATE: this process
+# is the only writer, so a condition checked by a statement still holds at its commit).
+# Every hop's units in ONE update, guarded like PostgreSQL's statement (live lease, units
+# free under the computed capacity, the queue clear, the client within its quota): it
+# updates every hop or the caller rolls back.
+def _sqlite_take_units(queue_check: bool, quota_check: bool) -> str:
+    clear = _QUEUE_CLEAR if queue_check else "1"
+    within = _WITHIN_QUOTA if quota_check else "1"
+    return f"""
+UPDATE servers SET reserved_slots = servers.reserved_slots + w.value
+FROM json_each(:b_want) AS w
+WHERE servers.id = w.key AND servers.lease_expires_at > :b_now
+  AND servers.loaded_start IS NOT NULL
+  AND servers.reserved_slots + w.value <= (
       SELECT {_capacity("servers", "m", postgres=False)} FROM model_spec AS m WHERE m.id = 1
   )
+  AND {clear} AND {within}
 """
-)
 
 
-# The portable path's statements, built once (building one costs more than running it).
-_QUEUE_IS_CLEAR = text(f"SELECT {_QUEUE_CLEAR}")
-_INSERT_RECORD = insert(_RECORDS)
-_END_RECORD = (
-    update(_RECORDS)
-    .where(_RECORDS.c.id == bindparam("b_session"), _RECORDS.c.ended_at.is_(None))
-    .values(ended_at=bindparam("b_now"), end_reason=bindparam("b_reason"))
-    .returning(_RECORDS.c.generation, _RECORDS.c.chain)
+_SQLITE_TAKE_UNITS = {
+    (q, c): _sqlite_take_units(q, c) for q in (False, True) for c in (False, True)
+}
+_SQLITE_CHECKS = f"SELECT {_QUEUE_CLEAR}, {_WITHIN_QUOTA}"
+_SQLITE_INSERT_SESSION = (
+    f"INSERT INTO sessions ({', '.join(_SESSION_COLUMNS)}) "
+    f"VALUES ({', '.join(f':s_{name}' for name in _SESSION_COLUMNS)})"
 )
-_END_OWN_RECORD = _END_RECORD.where(_RECORDS.c.token_hash == bindparam("b_hash"))
+_SQLITE_INSERT_RESERVATIONS = (
+    "INSERT INTO reservations (session_id, server_id, slots, expires_at) "
+    "SELECT :s_id, w.key, w.value, :s_expires_at FROM json_each(:b_want) AS w"
+)
+_SQLITE_INSERT_RECORD = (
+    f"INSERT INTO session_records ({', '.join(_RECORD_COLUMNS)}) "
+    f"VALUES ({', '.join(f':r_{name}' for name in _RECORD_COLUMNS)})"
+)
+_SQLITE_END_RECORD = (
+    "UPDATE session_records SET ended_at = :b_now, end_reason = :b_reason "
+    "WHERE id = :b_session AND ended_at IS NULL AND (:b_trusted OR token_hash = :b_hash) "
+    "RETURNING generation, chain"
+)
+# Reservations first: deleting the session would cascade to them unreturned.
+_SQLITE_DROP_RESERVATIONS = (
+    "DELETE FROM reservations WHERE session_id = :b_session RETURNING server_id, slots, expires_at"
+)
+_SQLITE_DELETE_SESSION = "DELETE FROM sessions WHERE id = :b_session"
+_SQLITE_GIVE_BACK = (
+    "UPDATE servers SET reserved_slots = max(reserved_slots - :slots, 0) WHERE id = :id"
+)
 
 
 @dataclass(frozen=True)
 class BookingCheck:
     """Why a booking went through or not: units free on every hop, the queue clear, the
-    client within its quota."""
+    client within its quota. (On SQLite a refused booking always reads ``free`` False: one
+    statement checks everything, and only the queue and the quota are looked at again.)"""
 
     free: bool
     clear: bool
@@ -199,6 +237,86 @@ class Released:
     chain: int | None = None
 
 
+@dataclass(frozen=True)
+class NewSession:
+    """A session to book: its live row (``sessions``), its record (``session_records``) and
+    the units it takes on each server of its chain (distinct server ids)."""
+
+    id: str
+    token_hash: str
+    client: str
+    idempotency_key: str | None
+    client_site: str
+    input_tokens: int
+    output_tokens: int
+    generation: int
+    chain: int | None
+    created_at: float
+    expires_at: float
+    first_token_ms: float
+    per_token_ms: float
+    path: str  # JSON [[server id, start, end], ...]
+    reply: str  # the booking's reply without its token (JSON)
+    holds: tuple[tuple[str, int], ...]
+
+    def parameters(self) -> dict[str, Any]:
+        """The statements' parameters: s_* the session row, r_* the record."""
+        return {
+            "s_id": self.id,
+            "s_client_site": self.client_site,
+            "s_input_tokens": self.input_tokens,
+            "s_output_tokens": self.output_tokens,
+            "s_generation": self.generation,
+            "s_created_at": self.created_at,
+            "s_expires_at": self.expires_at,
+            "s_first_token_ms": self.first_token_ms,
+            "s_per_token_ms": self.per_token_ms,
+            "s_path": self.path,
+            "r_id": self.id,
+            "r_token_hash": self.token_hash,
+            "r_client": self.client,
+            "r_idempotency_key": self.idempotency_key,
+            "r_client_site": self.client_site,
+            "r_input_tokens": self.input_tokens,
+            "r_output_tokens": self.output_tokens,
+            "r_hops": len(self.holds),
+            "r_generation": self.generation,
+            "r_chain": self.chain,
+            "r_created_at": self.created_at,
+            "r_ended_at": None,
+            "r_end_reason": None,
+            "r_reply": self.reply,
+        }
+
+
+def _check_parameters() -> None:
+    """The parameters name every column of both tables (a column added to a model and not
+    here fails at import, not at the first booking)."""
+    sample = NewSession("", "", "", None, "", 0, 0, 0, None, 0.0, 0.0, 0.0, 0.0, "", "", ())
+    expected = {f"s_{name}" for name in _SESSION_COLUMNS} | {
+        f"r_{name}" for name in _RECORD_COLUMNS
+    }
+    assert set(sample.parameters()) == expected, "NewSession.parameters and the models differ"
+
+
+_check_parameters()
+
+
+def _driver(db: Session) -> Any:
+    """The DBAPI connection of the caller's transaction (SQLite's hot path)."""
+    return db.connection().connection.driver_connection
+
+
+@contextmanager
+def _translated(statement: str, parameters: Any) -> Iterator[None]:
+    """Driver errors as SQLAlchemy's (IntegrityError, OperationalError), as the service
+    expects them from every statement."""
+    try:
+        yield
+    except sqlite3.Error as error:
+        raise DBAPIError.instance(statement, parameters, error, sqlite3.Error) from error
+
+
 class Bookings:
     def __init__(self, db: Session) -> None:
         self.db = db
@@ -208,9 +326,7 @@ class Bookings:
 
     def book(
         self,
-        row: SessionRow,
-        holds: Sequence[tuple[str, int]],
-        record: SessionRecordRow,
+        new: NewSession,
         now: float,
         *,
         queue_stale_before: float | None = None,
@@ -218,70 +334,72 @@ class Bookings:
     ) -> BookingCheck:
         """Book (see the module docstring). ``queue_stale_before``: refuse while a live
         ticket waits (tickets not renewed since then are dead); ``quota`` > 0: refuse when the
-        record's client already holds that many live sessions. After a refusal on SQLite the
-        caller rolls back (hops already taken). A second booking with the client's
+        session's client already holds that many live sessions. After a refusal on SQLite the
+        caller rolls back (units may have been taken). A second booking with the client's
         Idempotency-Key raises IntegrityError."""
-        record_values = {name: getattr(record, name) for name in _RECORD_COLUMNS}
+        if not new.holds:
+            raise ValueError("a session holds units on at least one server")
+        parameters = new.parameters()
+        parameters.update(
+            b_now=now, b_stale=queue_stale_before, b_quota=quota, b_hops=len(new.holds)
+        )
         if self._postgres():
-            parameters: dict[str, Any] = {f"s_{n}": getattr(row, n) for n in _SESSION_COLUMNS}
-            parameters.update({f"r_{n}": v for n, v in record_values.items()})
             parameters.update(
-                b_ids=[server_id for server_id, _ in holds],
-                b_units=[units for _, units in holds],
-                b_hops=len(holds),
-                b_now=now,
-                b_stale=queue_stale_before,
-                b_quota=quota,
+                b_ids=[server_id for server_id, _ in new.holds],
+                b_units=[units for _, units in new.holds],
             )
             statement = _BOOK[(queue_stale_before is not None, quota > 0)]
             free, clear, within = self.db.execute(statement, parameters).one()
             return BookingCheck(bool(free), bool(clear), bool(within))
-        if queue_stale_before is not None and self.db.scalar(
-            _QUEUE_IS_CLEAR, {"b_now": now, "b_stale": queue_stale_before}
-        ) in (0, False):
-            return BookingCheck(True, False, True)
-        if quota > 0 and self.live_for(record.client) >= quota:
-            return BookingCheck(True, True, False)
-        for server_id, units in sorted(holds):
-            result: Any = self.db.execute(
-                _RESERVE_UNITS, {"b_id": server_id, "b_units": units, "b_now": now}
-            )
-            if result.rowcount != 1:
-                return BookingCheck(False, True, True)
-        Sessions(self.db).add(row, holds)
-        self.db.execute(_INSERT_RECORD, record_values)
+        want = dict(new.holds)
+        if len(want) != len(new.holds):
+            raise ValueError("a session holds units once per server")
+        parameters["b_want"] = json.dumps(want)
+        driver = _driver(self.db)
+        take = _SQLITE_TAKE_UNITS[(queue_stale_before is not None, quota > 0)]
+        with _translated(take, parameters):
+            taken = driver.execute(take, parameters).rowcount
+            if taken != len(want):  # why not (the caller rolls back)
+                clear, within = driver.execute(_SQLITE_CHECKS, parameters).fetchone()
+                # Units are not told apart from the other checks here: "free" is False.
+                clear = queue_stale_before is None or bool(clear)
+                within = quota <= 0 or bool(within)
+                return BookingCheck(False, clear, within)
+            driver.execute(_SQLITE_INSERT_SESSION, parameters)
+            driver.execute(_SQLITE_INSERT_RESERVATIONS, parameters)
+            driver.execute(_SQLITE_INSERT_RECORD, parameters)
         return BookingCheck(True, True, True)
 
     def release(self, session_id: str, token_hash: str | None, now: float, reason: str) -> Released:
         """End the record and release the session. ``token_hash`` None: trusted (the admin
         or the sweep); else only a record with that token hash is ended and released."""
         trusted = token_hash is None
+        parameters = {
+            "b_session": session_id,
+            "b_hash": token_hash or "",
+            "b_trusted": trusted,
+            "b_now": now,
+            "b_reason": reason,
+        }
         if self._postgres():
-            rows = self.db.execute(
-                _RELEASE,
-                {
-                    "b_session": session_id,
-                    "b_hash": token_hash or "",
-                    "b_trusted": trusted,
-                    "b_now": now,
-                    "b_reason": reason,
-                },
-            ).all()
+            rows = self.db.execute(_RELEASE, parameters).all()
             first = rows[0]
             held = [Held(r.server_id, r.slots, r.expires_at) for r in rows if r.server_id]
             return Released(
                 bool(first.ended), bool(first.deleted), held, first.generation, first.chain
             )
-        parameters = {"b_session": session_id, "b_now": now, "b_reason": reason}
-        if trusted:
-            ended = self.db.execute(_END_RECORD, parameters).first()
-        else:
-            ended = self.db.execute(_END_OWN_RECORD, {**parameters, "b_hash": token_hash}).first()
-        if ended is None and not trusted:
-            return Released(False, False, [])
-        released = Sessions(self.db).release(session_id)
-        generation, chain = (None, None) if ended is None else (ended.generation, ended.chain)
-        return Released(ended is not None, released is not None, released or [], generation, chain)
+        driver = _driver(self.db)
+        with _translated(_SQLITE_END_RECORD, parameters):
+            ended = driver.execute(_SQLITE_END_RECORD, parameters).fetchone()
+            if ended is None and not trusted:
+                return Released(False, False, [])
+            held = [Held(*row) for row in driver.execute(_SQLITE_DROP_RESERVATIONS, parameters)]
+            deleted = driver.execute(_SQLITE_DELETE_SESSION, parameters).rowcount == 1
+            driver.executemany(
+                _SQLITE_GIVE_BACK, [{"id": h.server_id, "slots": h.slots} for h in held]
+            )
+        generation, chain = (None, None) if ended is None else ended
+        return Released(ended is not None, deleted, held, generation, chain)
 
     # --- records ---------------------------------------------------------------------------
 

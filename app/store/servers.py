@@ -1,5 +1,6 @@
-"""The servers repository: registration rows, leases (renewed in batches), and the
-cache-slot counters that bookings take and give back. Never commits (see app.store.common)."""
+"""The servers repository: registration rows and leases (renewed in batches). The cache units
+that bookings take and give back are app.store.bookings's. Never commits (see
+app.store.common)."""
 
 from __future__ import annotations
 
@@ -14,18 +15,8 @@ from app.store.common import rowcount as _rowcount
 from app.store.models import ServerRow
 from app.store.reservations import Reservations
 
-# The hot paths of bookings and releases, built once: constructing a statement costs more
-# than running it (~0.3 ms of SQLAlchemy work per statement per call otherwise).
+# Built once: constructing a statement costs more than running it.
 _SERVERS = cast(Table, ServerRow.__table__)
-_RESERVE = (
-    update(_SERVERS)
-    .where(
-        _SERVERS.c.id == bindparam("b_id"),
-        _SERVERS.c.reserved_slots + bindparam("b_slots") <= _SERVERS.c.cache_slots,
-        _SERVERS.c.lease_expires_at > bindparam("b_now"),
-    )
-    .values(reserved_slots=_SERVERS.c.reserved_slots + bindparam("b_slots"))
-)
 _UNRESERVE = (
     update(_SERVERS)
     .where(_SERVERS.c.id == bindparam("b_id"))
@@ -147,29 +138,7 @@ class Servers:
         )
         return _rowcount(result)
 
-    def reserve(self, server_id: str, slots: int, now: float) -> bool:
-        """Take ``slots`` cache slots on one server (see ``reserve_all``)."""
-        return self.reserve_all([(server_id, slots)], now)
-
-    def reserve_all(self, holds: Sequence[tuple[str, int]], now: float) -> bool:
-        """Take the slots on every (server id, slots) if all are free and the leases live:
-        one conditional UPDATE per server (not an executemany: psycopg does not report the
-        rows each one matched). The condition is re-checked under each row lock, so
-        concurrent bookings can never over-admit; False when a server refused (the caller
-        rolls the transaction back). Rows are taken in id order, so that two transactions
-        never wait on each other's rows (a deadlock)."""
-        for server_id, slots in sorted(holds):
-            parameters = {"b_id": server_id, "b_slots": slots, "b_now": now}
-            if _rowcount(self.db.execute(_RESERVE, parameters)) != 1:
-                return False
-        return True
-
-    def unreserve(self, server_id: str, slots: int) -> None:
-        self.unreserve_all([(server_id, slots)])
-
-    def unreserve_all(self, holds: Sequence[tuple[str, int]]) -> None:
-        """Give slots back (never below zero), in id order like ``reserve_all``."""
-        if holds:
-            self.db.execute(
-                _UNRESERVE, [{"b_id": sid, "b_slots": slots} for sid, slots in sorted(holds)]
-            )
+    def unreserve(self, server_id: str, units: int) -> None:
+        """Lower the server's reserved units (never below zero): a re-registration gives
+        back what the reservations it dropped held."""
+        self.db.execute(_UNRESERVE, {"b_id": server_id, "b_slots": units})

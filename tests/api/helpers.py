@@ -3,11 +3,13 @@ repository-level tests."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from fastapi.testclient import TestClient
 
-from app.store.models import ServerRow, SessionRow
+from app.store.bookings import NewSession
+from app.store.models import ModelRow, ServerRow
 from tests.api.conftest import JOIN, admin, bearer
 
 SMALL_MODEL: dict[str, Any] = {
@@ -70,13 +72,15 @@ def route_params(site: str = "east", inputs: int = 50, outputs: int = 50) -> dic
     return {"client_site": site, "input_tokens": inputs, "output_tokens": outputs}
 
 
-def server_row(server_id: str, cache_slots: int = 4, boot_epoch: int = 3) -> ServerRow:
+def server_row(
+    server_id: str, cache_slots: int = 4, boot_epoch: int = 3, memory_gb: float = 10.0
+) -> ServerRow:
     """An online server at site "east" serving blocks [0, 2), lease live until t=100."""
     return ServerRow(
         id=server_id,
         site="east",
         gpu=None,
-        memory_gb=10.0,
+        memory_gb=memory_gb,
         decode_ms_per_block=2.0,
         prefill_fixed_ms=1.0,
         prefill_per_token_ms=0.1,
@@ -96,17 +100,49 @@ def server_row(server_id: str, cache_slots: int = 4, boot_epoch: int = 3) -> Ser
     )
 
 
-def session_row(session_id: str, created_at: float = 50.0, expires_at: float = 60.0) -> SessionRow:
-    """A session from site "east" (for ``Sessions.book`` / ``add``)."""
-    return SessionRow(
+def model_row(kv_bytes_per_token_per_block: float = 2e9) -> ModelRow:
+    """A model of 1 GB blocks: a ``server_row`` (10 GB, 2 blocks loaded) holds 8 GB of cache,
+    4 units at the default 2 GB per unit."""
+    return ModelRow(
+        id=1,
+        name="tiny",
+        num_blocks=2,
+        block_memory_gb=1.0,
+        kv_bytes_per_token_per_block=kv_bytes_per_token_per_block,
+        max_input_tokens=100,
+        max_output_tokens=100,
+        updated_at=0.0,
+    )
+
+
+def new_session(
+    session_id: str,
+    holds: list[tuple[str, int]],
+    created_at: float = 50.0,
+    expires_at: float = 60.0,
+    client: str = "token:c",
+) -> NewSession:
+    """A session from site "east" holding ``holds`` (server id, units), for ``Bookings.book``."""
+    return NewSession(
         id=session_id,
+        token_hash=hash_of(session_id),
+        client=client,
+        idempotency_key=None,
         client_site="east",
         input_tokens=1,
         output_tokens=1,
         generation=1,
+        chain=None,
         created_at=created_at,
         expires_at=expires_at,
         first_token_ms=1.0,
         per_token_ms=1.0,
         path="[]",
+        reply="{}",
+        holds=tuple(holds),
     )
+
+
+def hash_of(session_id: str) -> str:
+    """The token hash ``new_session`` gives a session (a release with it is the owner's)."""
+    return hashlib.sha256(session_id.encode()).hexdigest()

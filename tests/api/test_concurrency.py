@@ -24,6 +24,7 @@ from app.service.errors import Unavailable
 from app.service.schemas import SessionIn
 from app.store import db as store_db
 from app.store import repositories as repo
+from app.store.bookings import Bookings
 from app.store.models import LeaderRow, ReservationRow, ServerRow
 from tests.api.conftest import (
     ADMIN,
@@ -34,7 +35,14 @@ from tests.api.conftest import (
     bearer,
     example_scenario,
 )
-from tests.api.helpers import route_params, server_body, server_row, session_row, small_swarm
+from tests.api.helpers import (
+    model_row,
+    new_session,
+    route_params,
+    server_body,
+    server_row,
+    small_swarm,
+)
 from tests.api.test_session_security import units_by_server
 
 
@@ -245,6 +253,7 @@ def test_bookings_lock_rows_in_the_order_python_writes_them_whatever_the_collati
         store_db.upgrade(engine)
         with Session(engine) as db, db.begin():
             repo.Sites(db).add_all(["east"])
+            db.add(model_row())
             for server_id in ("B", "a"):
                 repo.Servers(db).add(server_row(server_id))
         outcome: dict[str, Any] = {}
@@ -252,9 +261,9 @@ def test_bookings_lock_rows_in_the_order_python_writes_them_whatever_the_collati
         def book() -> None:
             with Session(store_db.autocommit(engine)) as db:
                 db.execute(text("SET application_name = 'bprr_booking'"))
-                row = session_row("x", created_at=1.0, expires_at=2.0)
+                new = new_session("x", [("a", 1), ("B", 1)], created_at=1.0, expires_at=2.0)
                 try:
-                    outcome["booked"] = repo.Sessions(db).book(row, [("a", 1), ("B", 1)], 1.0)
+                    outcome["booked"] = Bookings(db).book(new, 1.0).ok
                 except Exception as error:  # a deadlock victim
                     outcome["error"] = repr(error)
 
@@ -300,8 +309,10 @@ def test_reregistration_keeps_a_booking_committed_meanwhile_counted(
 
     def book_elsewhere(session_id: str, server_id: str) -> None:
         with Session(store_db.autocommit(coordinator.engine)) as other:
-            row = session_row(session_id, created_at=clock.now, expires_at=clock.now + 60)
-            assert repo.Sessions(other).book(row, [(server_id, 1)], clock.now)
+            new = new_session(
+                session_id, [(server_id, 1)], created_at=clock.now, expires_at=clock.now + 60
+            )
+            assert Bookings(other).book(new, clock.now).ok
 
     def drop_then_book_elsewhere(self: repo.Reservations, server_id: str) -> int:
         dropped = drop(self, server_id)

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.store import db as store_db
 from app.store import repositories as repo
+from app.store.booking_queue import BookingQueue, QueuedRequest
+from app.store.bookings import BookingCheck, Bookings, Released
 from app.store.models import ReservationRow, ServerRow, SessionRow
-from tests.api.helpers import server_row, session_row
+from app.store.session_tables import SessionRecordRow
+from tests.api.helpers import hash_of, model_row, new_session, server_row
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,8 +33,10 @@ def engine(database_url: str) -> Iterator[Engine]:
 
 
 def _seed(engine: Engine) -> None:
+    """Server a: 4 units of cache (model_row), lease live until t=100."""
     with Session(engine) as db, db.begin():
         repo.Sites(db).add_all(["east"])
+        db.add(model_row())
         repo.Servers(db).add(server_row("a"))
         repo.PlannerState(db).ensure(0.0)
 
@@ -38,9 +45,7 @@ def test_repositories_never_commit(engine: Engine) -> None:
     _seed(engine)
     with Session(engine) as db:
         db.begin()
-        servers = repo.Servers(db)
-        assert servers.reserve("a", 3, now=50.0)
-        repo.Sessions(db).add(session_row("x"), [("a", 3)])
+        assert Bookings(db).book(new_session("x", [("a", 3)]), now=50.0).ok
         repo.PlannerState(db).request("test", 50.0)
         assert repo.Leader(db).acquire("me", 50.0, 60.0)
         repo.Rtts(db).smooth("east", "a", 12.0, 0.5, 50.0)
@@ -49,36 +54,25 @@ def test_repositories_never_commit(engine: Engine) -> None:
         row = db.get(ServerRow, "a")
         assert row is not None and row.reserved_slots == 0
         assert db.scalar(select(func.count()).select_from(SessionRow)) == 0
+        assert db.scalar(select(func.count()).select_from(SessionRecordRow)) == 0
         assert repo.PlannerState(db).requested() is None
         assert repo.Rtts(db).all() == {}
 
 
-def test_reserve_never_exceeds_the_cache_and_release_gives_back(engine: Engine) -> None:
-    _seed(engine)
-    with Session(engine) as db, db.begin():
-        servers = repo.Servers(db)
-        assert servers.reserve("a", 3, now=50.0)
-        assert not servers.reserve("a", 2, now=50.0)  # 3 + 2 > 4
-        assert servers.reserve("a", 1, now=50.0)
-        assert not servers.reserve("a", 1, now=150.0)  # the lease expired at 100
-        servers.unreserve("a", 10)  # never below zero
-    with Session(engine) as db:
-        row = db.get(ServerRow, "a")
-        assert row is not None and row.reserved_slots == 0
-
-
 def _seed_chain(engine: Engine) -> None:
-    """Servers a (4 cache slots) and b (2), leases live until t=100."""
+    """Servers a (4 units) and b (2 units: 6 GB), leases live until t=100."""
     _seed(engine)
     with Session(engine) as db, db.begin():
-        repo.Servers(db).add(server_row("b", cache_slots=2))
+        repo.Servers(db).add(server_row("b", memory_gb=6.0))
 
 
 def _held(engine: Engine) -> tuple[dict[str, int], dict[str, int], int]:
-    """Reserved slots per server, reservation slots per server, number of sessions."""
+    """Reserved units per server, reservation units per server, number of live sessions."""
     with Session(engine) as db:
         reserved = select(ServerRow.id, ServerRow.reserved_slots)
-        held = select(ReservationRow.server_id, ReservationRow.slots)
+        held = select(ReservationRow.server_id, func.sum(ReservationRow.slots)).group_by(
+            ReservationRow.server_id
+        )
         sessions = db.scalar(select(func.count()).select_from(SessionRow)) or 0
         return (
             {server_id: slots for server_id, slots in db.execute(reserved)},
@@ -87,45 +81,113 @@ def _held(engine: Engine) -> tuple[dict[str, int], dict[str, int], int]:
         )
 
 
-def _book(engine: Engine, session_id: str, hops: list[tuple[str, int]], now: float) -> bool:
-    """As the service does on SQLite: a refused booking is rolled back."""
-    with Session(engine) as db:
-        db.begin()
-        booked = repo.Sessions(db).book(session_row(session_id), hops, now)
-        if booked:
-            db.commit()
-        else:
-            db.rollback()
-        return booked
+def _book(
+    engine: Engine,
+    session_id: str,
+    hops: list[tuple[str, int]],
+    now: float,
+    queue_stale_before: float | None = None,
+    quota: int = 0,
+) -> BookingCheck:
+    """As the service does (app.service.sessions): one booking_tx, rolled back when refused
+    (SQLite has taken the units already; PostgreSQL's one statement wrote nothing)."""
+    postgres = engine.dialect.name == "postgresql"
+    with Session(store_db.autocommit(engine) if postgres else engine) as db:
+        if not postgres:
+            db.begin()
+        check = Bookings(db).book(
+            new_session(session_id, hops), now, queue_stale_before=queue_stale_before, quota=quota
+        )
+        if not postgres:
+            db.commit() if check.ok else db.rollback()
+        return check
+
+
+def _release(engine: Engine, session_id: str, token_hash: str | None) -> Released:
+    with Session(engine) as db, db.begin():
+        return Bookings(db).release(session_id, token_hash, 55.0, "released")
 
 
 def test_booking_is_all_or_nothing_and_release_gives_back_once(engine: Engine) -> None:
     _seed_chain(engine)
-    assert not _book(engine, "x", [("b", 3), ("a", 2)], now=50.0)  # b has 2 slots
-    assert not _book(engine, "x", [("a", 2), ("b", 1)], now=150.0)  # the leases expired
-    assert not _book(engine, "x", [("a", 2), ("gone", 1)], now=50.0)  # no such server
+    assert not _book(engine, "x", [("b", 3), ("a", 2)], now=50.0).free  # b has 2 units
+    assert not _book(engine, "x", [("a", 2), ("b", 1)], now=150.0).free  # leases expired
+    assert not _book(engine, "x", [("a", 2), ("gone", 1)], now=50.0).free  # no such server
     assert _held(engine) == ({"a": 0, "b": 0}, {}, 0)
-    assert _book(engine, "y", [("b", 2), ("a", 3)], now=50.0)
+    assert _book(engine, "y", [("b", 2), ("a", 3)], now=50.0).ok
     assert _held(engine) == ({"a": 3, "b": 2}, {"a": 3, "b": 2}, 1)
-    assert not _book(engine, "z", [("a", 1), ("b", 1)], now=50.0)  # b is full now
+    assert not _book(engine, "z", [("a", 1), ("b", 1)], now=50.0).free  # b is full now
     assert _held(engine) == ({"a": 3, "b": 2}, {"a": 3, "b": 2}, 1)
-    with Session(engine) as db, db.begin():
-        released = repo.Sessions(db).release("y")
-    assert released is not None
-    assert sorted((h.server_id, h.slots, h.expires_at) for h in released) == [
+    # Only the session's own token (or trusted: None) ends and releases it.
+    assert _release(engine, "y", hash_of("not y")) == Released(False, False, [])
+    assert _held(engine) == ({"a": 3, "b": 2}, {"a": 3, "b": 2}, 1)
+    released = _release(engine, "y", hash_of("y"))
+    assert (released.ended, released.deleted, released.generation) == (True, True, 1)
+    assert sorted((h.server_id, h.slots, h.expires_at) for h in released.held) == [
         ("a", 3, 60.0),
         ("b", 2, 60.0),
     ]
     assert _held(engine) == ({"a": 0, "b": 0}, {}, 0)
-    with Session(engine) as db, db.begin():
-        assert repo.Sessions(db).release("y") is None  # already released
+    again = _release(engine, "y", None)  # already released: nothing given back twice
+    assert (again.ended, again.deleted, again.held) == (False, False, [])
+    assert _held(engine) == ({"a": 0, "b": 0}, {}, 0)
+    with Session(engine) as db:
+        record = Bookings(db).record("y")
+        assert record is not None and record.end_reason == "released"
     # A session whose reservations are gone (its server re-registered) is still released.
-    assert _book(engine, "z", [("a", 1)], now=50.0)
+    assert _book(engine, "z", [("a", 1)], now=50.0).ok
     with Session(engine) as db, db.begin():
         assert repo.Reservations(db).drop_for_server("a") == 1
+    gone = _release(engine, "z", None)
+    assert (gone.ended, gone.deleted, gone.held) == (True, True, [])
+    assert _release(engine, "z", None).deleted is False
+
+
+def test_unreserve_never_goes_below_zero(engine: Engine) -> None:
+    _seed(engine)
+    assert _book(engine, "x", [("a", 3)], now=50.0).ok
     with Session(engine) as db, db.begin():
-        assert repo.Sessions(db).release("z") == []
-        assert repo.Sessions(db).release("z") is None
+        repo.Servers(db).unreserve("a", 2)
+    assert _held(engine)[0] == {"a": 1}
+    with Session(engine) as db, db.begin():
+        repo.Servers(db).unreserve("a", 10)
+    assert _held(engine)[0] == {"a": 0}
+
+
+def test_booking_waits_behind_a_live_ticket_and_within_the_quota(engine: Engine) -> None:
+    """The queue check and the quota are part of the booking: a direct booking is refused
+    while a live ticket waits (not a dead one: past its deadline or not renewed), and a
+    client at its quota is refused; the check says why, and nothing is taken."""
+    _seed_chain(engine)
+    with Session(engine) as db, db.begin():
+        queue = BookingQueue(db)
+        request = QueuedRequest("t1", "h" * 64, "token:other", None, "east", 1, 1)
+        queue.add(request, holder="elsewhere", now=50.0, deadline=80.0)
+    refused = _book(engine, "x", [("a", 1)], now=55.0, queue_stale_before=45.0)
+    assert (refused.ok, refused.clear, refused.within) == (False, False, True)
+    assert _held(engine) == ({"a": 0, "b": 0}, {}, 0)
+    # The ticket's holder stopped renewing it (seen at 50, stale before 51): not waiting.
+    assert _book(engine, "x", [("a", 1)], now=55.0, queue_stale_before=51.0).ok
+    # Past its deadline (80): not waiting either.
+    assert _book(engine, "y", [("a", 1)], now=85.0, queue_stale_before=45.0).ok
+    over = _book(engine, "z", [("a", 1)], now=85.0, quota=2)  # token:c holds x and y
+    assert (over.ok, over.clear, over.within) == (False, True, False)
+    assert _book(engine, "z", [("a", 1)], now=85.0, quota=3).ok
+    assert _held(engine) == ({"a": 3, "b": 0}, {"a": 3}, 3)
+    # A full chain and a waiting ticket: the queue comes first in the verdict.
+    full = _book(engine, "w", [("b", 3)], now=55.0, queue_stale_before=45.0)
+    assert not full.ok and not full.clear
+
+
+def test_a_second_booking_with_the_same_idempotency_key_raises(engine: Engine) -> None:
+    _seed_chain(engine)
+    first = replace(new_session("k1", [("a", 1)]), idempotency_key="key")
+    second = replace(new_session("k2", [("a", 1)]), idempotency_key="key")
+    with Session(engine) as db, db.begin():
+        assert Bookings(db).book(first, 50.0).ok
+    with pytest.raises(IntegrityError), Session(engine) as db, db.begin():
+        Bookings(db).book(second, 50.0)
+    assert _held(engine) == ({"a": 1, "b": 0}, {"a": 1}, 1)
 
 
 @pytest.mark.postgres
@@ -139,13 +201,13 @@ def test_postgres_books_and_releases_in_one_statement_outside_a_transaction(
         store_db.upgrade(engine)
         _seed_chain(engine)
         with Session(store_db.autocommit(engine)) as db:
-            sessions = repo.Sessions(db)
-            assert not sessions.book(session_row("x"), [("a", 4), ("b", 3)], 50.0)
+            bookings = Bookings(db)
+            assert not bookings.book(new_session("x", [("a", 4), ("b", 3)]), 50.0).ok
             assert _held(engine) == ({"a": 0, "b": 0}, {}, 0)
-            assert sessions.book(session_row("y"), [("a", 4), ("b", 2)], 50.0)
+            assert bookings.book(new_session("y", [("a", 4), ("b", 2)]), 50.0).ok
             assert _held(engine) == ({"a": 4, "b": 2}, {"a": 4, "b": 2}, 1)
-            released = sessions.release("y")
-            assert released is not None and len(released) == 2
+            released = bookings.release("y", hash_of("y"), 55.0, "released")
+            assert released.deleted and len(released.held) == 2
             assert _held(engine) == ({"a": 0, "b": 0}, {}, 0)
     finally:
         engine.dispose()
