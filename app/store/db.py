@@ -56,6 +56,10 @@ def make_engine(url: str, timeout_s: float = 30.0) -> Engine:
             pool_size=20,
             max_overflow=20,
             pool_timeout=timeout_s,
+            # The connection used last first: its page cache is still valid when it made the
+            # last change itself; the least recently used one (the default) has to read
+            # every page that another connection wrote since, again.
+            pool_use_lifo=True,
         )
         _sqlite_setup(engine, int(timeout_s * 1000))
         return engine
