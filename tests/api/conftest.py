@@ -25,6 +25,13 @@ ROOT = Path(__file__).resolve().parents[2]
 PG_ADMIN_DSN = os.environ.get("BPRR_TEST_PG", "host=127.0.0.1 port=5432 dbname=test")
 
 
+def pg_database_url(database: str, user: str = "postgres") -> str:
+    """A SQLAlchemy URL for ``database`` on the server BPRR_TEST_PG names."""
+    server = psycopg.conninfo.conninfo_to_dict(PG_ADMIN_DSN)
+    host, port = server.get("host", "127.0.0.1"), server.get("port", "5432")
+    return f"postgresql+psycopg://{user}@{host}:{port}/{database}"
+
+
 class FakeClock:
     def __init__(self, start: float = 1_000_000.0) -> None:
         self.now = start
@@ -62,7 +69,7 @@ def pg_database() -> Iterator[str]:
     with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as connection:
         connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         connection.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    yield pg_database_url(name)
     with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as connection:
         connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

@@ -34,6 +34,7 @@ from tests.api.conftest import (
     FakeClock,
     bearer,
     example_scenario,
+    pg_database_url,
 )
 from tests.api.helpers import (
     model_row,
@@ -235,7 +236,7 @@ def icu_database() -> Iterator[str]:
             "ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
         )
         user = connection.execute("SELECT current_user").fetchone()
-    yield f"postgresql+psycopg://{user[0] if user else 'postgres'}@127.0.0.1:5432/{name}"
+    yield pg_database_url(name, str(user[0]) if user else "postgres")
     with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as connection:
         connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

@@ -17,7 +17,7 @@ from sqlalchemy import inspect
 
 from app.cli import main
 from app.store import db as store_db
-from tests.api.conftest import PG_ADMIN_DSN, AppFactory, FakeClock, admin, bearer
+from tests.api.conftest import PG_ADMIN_DSN, AppFactory, FakeClock, admin, bearer, pg_database_url
 from tests.api.helpers import heartbeat, register, route_params, server_body, small_swarm
 
 
@@ -205,7 +205,7 @@ def outage_database() -> Iterator[tuple[str, Callable[[bool], None]]]:
                     (name,),
                 )
 
-    yield f"postgresql+psycopg://{user[0] if user else 'postgres'}@127.0.0.1:5432/{name}", reachable
+    yield pg_database_url(name, str(user[0]) if user else "postgres"), reachable
     with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as connection:
         connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
