@@ -9,8 +9,8 @@ Transaction boundaries (every domain service opens its transactions here and now
   Python lock hands over in microseconds, whereas SQLite's busy handler sleeps in steps of up
   to 100 ms, which made heartbeat and booking latencies reach seconds under load.
 - ``read_tx()``: a transaction that only reads (on SQLite it does not take the write lock).
-- ``booking_tx()``: the unit of work of a booking or a release (one autocommitted statement
-  on PostgreSQL, an ordinary write transaction on SQLite).
+- ``booking_tx()``: the unit of work of a booking or a release, on a Core connection (one
+  autocommitted statement on PostgreSQL, an ordinary write transaction on SQLite).
 Every boundary first writes the pending lease renewals of quiet heartbeats
 (``flush_renewals``), so that this process reads its own renewals. A database that cannot be
 reached, or that aborted the work, surfaces as ``Unavailable`` (503 with Retry-After).
@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -105,9 +105,8 @@ class Core:
         self._write_sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._no_wait_sessions = sessionmaker(store_db.no_wait(self.engine), expire_on_commit=False)
         self._read_sessions = sessionmaker(store_db.read_only(self.engine), expire_on_commit=False)
-        self._statement_sessions = sessionmaker(
-            store_db.autocommit(self.engine), expire_on_commit=False
-        )
+        self._no_wait_engine = store_db.no_wait(self.engine)
+        self._statement_engine = store_db.autocommit(self.engine)
         # SQLite: one writer at a time in this process (see the module docstring).
         self.embedded_database = store_db.is_sqlite(self.engine)
         self._write_lock: threading.RLock | None = (
@@ -175,18 +174,22 @@ class Core:
                 yield db
 
     @contextmanager
-    def booking_tx(self) -> Iterator[Session]:
-        """The unit of work of a booking or a release. On PostgreSQL the repository does each
-        in one statement, run in autocommit so that the chain's row locks are held only while
-        the database runs it; on SQLite an ordinary write transaction."""
-        if self.embedded_database:
-            with self.tx() as db:
-                yield db
-            return
+    def booking_tx(self) -> Iterator[Connection]:
+        """The unit of work of a booking or a release, on a Core connection (the ORM's
+        session machinery cost more than the work: app.store.bookings runs its own
+        statements). On PostgreSQL the repository does each in one statement, run in
+        autocommit so that the chain's row locks are held only while the database runs it; on
+        SQLite an ordinary write transaction (BEGIN IMMEDIATE, under this process's writer
+        lock, committed on exit and rolled back on an exception)."""
         with database_errors():
             self.flush_renewals()
-            with self._nested(), self._statement_sessions() as db:
-                yield db
+            if self.embedded_database:
+                engine = self._no_wait_engine if _no_wait.get() else self.engine
+                with self._nested(), self._writer(), engine.begin() as connection:
+                    yield connection
+                return
+            with self._nested(), self._statement_engine.connect() as connection:
+                yield connection
 
     @contextmanager
     def _nested(self) -> Iterator[None]:

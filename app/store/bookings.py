@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Table, func, select, text, update
+from sqlalchemy import Connection, Table, func, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -302,9 +302,10 @@ def _check_parameters() -> None:
 _check_parameters()
 
 
-def _driver(db: Session) -> Any:
+def _driver(db: Session | Connection) -> Any:
     """The DBAPI connection of the caller's transaction (SQLite's hot path)."""
-    return db.connection().connection.driver_connection
+    connection = db if isinstance(db, Connection) else db.connection()
+    return connection.connection.driver_connection
 
 
 @contextmanager
@@ -318,11 +319,21 @@ def _translated(statement: str, parameters: Any) -> Iterator[None]:
 
 
 class Bookings:
-    def __init__(self, db: Session) -> None:
+    """Bookings, releases and the sessions' records. ``db``: the caller's ORM session, or
+    (bookings and releases: ``Core.booking_tx``) a Core connection."""
+
+    def __init__(self, db: Session | Connection) -> None:
         self.db = db
 
     def _postgres(self) -> bool:
+        if isinstance(self.db, Connection):
+            return self.db.dialect.name == "postgresql"
         return self.db.get_bind().dialect.name == "postgresql"
+
+    def _session(self) -> Session:
+        if not isinstance(self.db, Session):
+            raise TypeError("reading records as rows needs an ORM session")
+        return self.db
 
     def book(
         self,
@@ -404,15 +415,19 @@ class Bookings:
     # --- records ---------------------------------------------------------------------------
 
     def record(self, session_id: str) -> SessionRecordRow | None:
-        return self.db.get(SessionRecordRow, session_id)
+        return self._session().get(SessionRecordRow, session_id)
 
     def by_key(self, client: str, idempotency_key: str) -> SessionRecordRow | None:
-        return self.db.scalars(
-            select(SessionRecordRow).where(
-                SessionRecordRow.client == client,
-                SessionRecordRow.idempotency_key == idempotency_key,
+        return (
+            self._session()
+            .scalars(
+                select(SessionRecordRow).where(
+                    SessionRecordRow.client == client,
+                    SessionRecordRow.idempotency_key == idempotency_key,
+                )
             )
-        ).first()
+            .first()
+        )
 
     def rotate_token(self, session_id: str, token_hash: str) -> None:
         self.db.execute(
