@@ -24,8 +24,10 @@ from app.allocation.traces import WorkloadError
 from app.allocation.workload import WorkloadProfile
 from app.cli_style import UserError as UserError  # re-exported: app/api/commands.py raises it
 from app.cli_style import bad_parameter_message, output_console, print_version
+from app.plugins import PluginGroup
 
 cli = typer.Typer(
+    cls=PluginGroup,  # adds the harness's commands (app.plugins), imported only when used
     name="bprr",
     help="Block placement and request routing for geo-distributed LLM inference.",
     no_args_is_help=True,
@@ -225,9 +227,8 @@ from app.profiler.commands import register as register_profiler  # noqa: E402
 
 register_profiler(cli)
 
-from app.testbed.commands import register as register_testbed  # noqa: E402
-
-register_testbed(cli)
+# `bprr testbed` comes from the harness (entry-point group bprr.commands), loaded when used:
+# app.plugins.PluginGroup
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,6 @@
 """``bprr serve``: run the coordinator (uvicorn) on the configured database; ``bprr serve
---demo SCENARIO`` runs it with a simulated swarm and client stream (app.demo)."""
+--demo SCENARIO`` runs it with a simulated swarm and client stream (the harness's demo, found
+through entry point ``bprr.demo``: app/plugins.py)."""
 
 from __future__ import annotations
 
@@ -169,23 +170,11 @@ def _serve_demo(
         raise UserError("--port: must be between 0 and 65535")
     if not speed > 0 or speed == float("inf"):
         raise UserError(f"--demo-speed: must be a positive number, got {speed}")
-    try:
-        from app.demo.runner import Demo, DemoError, DemoOptions
-    except ImportError as error:
-        if (error.name or "").startswith("bprr_client"):
-            raise UserError(
-                "--demo needs the client package bprr_client: pip install -e clients/python"
-            ) from None
-        raise
+    from app.plugins import DEMO_GROUP, load_hook
+
+    serve_demo = load_hook(DEMO_GROUP, "demo", "--demo")  # the harness's, by entry point
     settings = _settings()
-    options = DemoOptions(
-        scenario_path=scenario,
-        host=host or settings.host,
-        port=settings.port if port is None else port,
-        speed=speed,
-        seed=seed,
+    port = settings.port if port is None else port
+    serve_demo(
+        scenario, host=host or settings.host, port=port, speed=speed, seed=seed, settings=settings
     )
-    try:
-        Demo(options, settings).run()
-    except DemoError as error:
-        raise UserError(str(error)) from None

@@ -24,7 +24,7 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
 def test_without_the_client_package_the_demo_says_how_to_install_it(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    for name in ("app.demo.runner", "app.demo.swarm"):
+    for name in ("bprr_harness.demo.runner", "bprr_harness.demo.swarm"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.setitem(sys.modules, "bprr_client", None)  # import bprr_client fails
     code, err = run(["serve", "--demo", EXAMPLE, "--port", "0"], capsys)

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import httpx
+from bprr_harness.demo.runner import Demo, DemoOptions, DemoSummary
 
-from app.demo.runner import Demo, DemoOptions, DemoSummary
 from app.settings import Settings
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "paper-clustered-9.json"

@@ -10,8 +10,7 @@ import threading
 import time
 
 import pytest
-
-from app.demo.stream import Booked, ClientStream, DemoClient, PoissonArrivals
+from bprr_harness.demo.stream import Booked, ClientStream, DemoClient, PoissonArrivals
 
 
 class Recorder:

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 from bprr_client import Span
-
-from app.allocation.scenario import load_scenario, parse_scenario
-from app.demo.swarm import (
+from bprr_harness.demo.swarm import (
     ScenarioProber,
     SimulatedHost,
     make_agents,
     server_address,
     site_address,
 )
+
+from app.allocation.scenario import load_scenario, parse_scenario
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "paper-clustered-9.json"
 

@@ -1,8 +1,7 @@
 from __future__ import annotations
 
 import pytest
-
-from app.testbed import netns
+from bprr_harness.testbed import netns
 
 
 @pytest.fixture(scope="session")

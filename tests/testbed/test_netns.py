@@ -8,9 +8,8 @@ import sys
 import time
 
 import pytest
-
-from app.testbed import netns
-from app.testbed.netns import SiteNetwork
+from bprr_harness.testbed import netns
+from bprr_harness.testbed.netns import SiteNetwork
 
 pytestmark = pytest.mark.usefixtures("namespaces")
 
@@ -73,7 +72,7 @@ def test_sites_on_a_bridge_with_relay_delay_then_everything_gone() -> None:
             *network.exec_prefix("west"),
             sys.executable,
             "-m",
-            "app.testbed.relay",
+            "bprr_harness.testbed.relay",
             f"{west}:7002=127.0.0.1:7001@20",
             f"{west}:7003=127.0.0.1:7001@0",
         ]

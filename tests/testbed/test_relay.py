@@ -6,8 +6,7 @@ import asyncio
 import time
 
 import pytest
-
-from app.testbed.relay import Relay, RelaySpec
+from bprr_harness.testbed.relay import Relay, RelaySpec
 
 
 async def _echo_server() -> tuple[asyncio.Server, int]:

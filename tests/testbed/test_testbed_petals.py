@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bprr_harness.testbed.petals_backend import PetalsResult, PetalsRun, petals_predictions
+from bprr_harness.testbed.petals_replay import HopDelays
 
 from app.allocation.scenario import load_scenario
 from app.cli import main
-from app.testbed.petals_backend import PetalsResult, PetalsRun, petals_predictions
-from app.testbed.petals_replay import HopDelays
 
 TINY = Path(__file__).with_name("tiny-2sites.json")
 CLUSTERED = Path(__file__).parents[2] / "examples" / "paper-clustered-9.json"

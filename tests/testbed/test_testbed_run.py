@@ -10,14 +10,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bprr_client import Span
+from bprr_harness.testbed import netns
+from bprr_harness.testbed.block_server import (
+    BlockHost,
+    BlockService,
+    BlockStore,
+    Emulation,
+    tiny_arch,
+)
+from bprr_harness.testbed.runner import Testbed, TestbedOptions, error_summary, predictions
+from bprr_harness.testbed.runner import testbed_metrics as metrics_of
+from bprr_harness.testbed.scale import scale_scenario
 
 from app.allocation.scenario import load_scenario
 from app.cli import main
-from app.testbed import netns
-from app.testbed.block_server import BlockHost, BlockService, BlockStore, Emulation, tiny_arch
-from app.testbed.runner import Testbed, TestbedOptions, error_summary, predictions
-from app.testbed.runner import testbed_metrics as metrics_of
-from app.testbed.scale import scale_scenario
 
 TINY = Path(__file__).with_name("tiny-2sites.json")
 CLUSTERED = Path(__file__).parents[2] / "examples" / "paper-clustered-9.json"

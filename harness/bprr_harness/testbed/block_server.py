@@ -1,4 +1,4 @@
-"""A small block server for the testbed: ``python -m app.testbed.block_server ...``.
+"""A small block server for the testbed: ``python -m bprr_harness.testbed.block_server ...``.
 
 It hosts the span the coordinator assigns of a model made of random-weight decoder blocks
 (``app.profiler.blocks``, a tiny configuration; block b's weights are seeded by b, so every
@@ -378,7 +378,7 @@ def make_handler(service: BlockService) -> type[BaseHTTPRequestHandler]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m app.testbed.block_server")
+    parser = argparse.ArgumentParser(prog="python -m bprr_harness.testbed.block_server")
     parser.add_argument("--server-id", required=True)
     parser.add_argument("--site", required=True)
     parser.add_argument("--coordinator", required=True, help="coordinator URL")

@@ -10,7 +10,7 @@ process) is reachable from every site at the bridge's address; nothing is routed
 
 Delays: with ``netem`` (where the kernel has it) each site's egress is shaped per destination
 site (half the RTT each way, the site's own RTT on its loopback); without it the testbed puts
-``app.testbed.relay`` on the path instead (the kernel here has no netem).
+``bprr_harness.testbed.relay`` on the path instead (the kernel here has no netem).
 """
 
 from __future__ import annotations

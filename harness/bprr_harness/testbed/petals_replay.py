@@ -1,7 +1,9 @@
 """The client side of ``bprr testbed --backend petals``; runs under the PETALS interpreter
 (``.venv-petals``), never imported by the coordinator's code.
 
-    PYTHON -P app/testbed/petals_replay.py PLAN.json OUT.json   (PETALS' env has no app)
+    PYTHON -P harness/bprr_harness/testbed/petals_replay.py PLAN.json OUT.json
+
+(-P and a file path: PETALS' environment has neither the coordinator nor the harness.)
 
 PLAN: {"model", "coordinator", "initial_peers", "dht_prefix", "servers": {id: [peer, start,
 end]}, "rtt_ms": {client id: {server id: RTT}}, "requests": [{"index", "client",

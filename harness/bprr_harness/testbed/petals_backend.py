@@ -1,6 +1,6 @@
 """``bprr testbed --backend petals``: the scenario's servers as real PETALS 2.2 servers (a tiny
 random-weight Llama with the scenario's number of blocks), steered by the coordinator through
-``bprr-agent --petals-model``, and one PETALS client (``app.testbed.petals_replay``, under
+``bprr-agent --petals-model``, and one PETALS client (``bprr_harness.testbed.petals_replay``, under
 the PETALS interpreter) replaying the scenario's requests through ``bprr_client.swarm``.
 
 Order of a run: the tiny model; the coordinator (``bprr serve`` subprocess, planner off,
@@ -49,9 +49,9 @@ from app.allocation import cg
 from app.allocation.instance import Instance
 from app.allocation.perf import Hop
 from app.allocation.scenario import Scenario
-from app.testbed.report import compared_row, measured_scenario
+from bprr_harness.testbed.report import compared_row, measured_scenario
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]  # the checkout: petals/, .venv-petals
 DEFAULT_PETALS_PYTHON = ROOT / ".venv-petals" / "bin" / "python"
 MAX_SERVERS = 4
 MAX_TOKENS = 200  # the tiny model's 256 positions, prompt + output

@@ -13,7 +13,7 @@ from app.allocation.perf import Hop, request_timing
 from app.allocation.scenario import Scenario, parse_scenario
 
 if TYPE_CHECKING:
-    from app.testbed.runner import PolicyRun, TestbedResult
+    from bprr_harness.testbed.runner import PolicyRun, TestbedResult
 
 POLICIES = {"cg": "cg-wsrr", "petals": "petals"}  # testbed policy -> simulator policy
 

@@ -1,5 +1,5 @@
-"""A testbed client: ``python -m app.testbed.client CONFIG.json OUT.json`` (run in its site's
-namespace).
+"""A testbed client: ``python -m bprr_harness.testbed.client CONFIG.json OUT.json`` (run in
+its site's namespace).
 
 It replays its requests at their arrival times (one thread each). A request books a session
 from the coordinator (``RouteClient``; policy ``cg``: WS-RR on the coordinator, a 503 waits
@@ -244,7 +244,7 @@ class Runner:
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 2:
-        print("usage: python -m app.testbed.client CONFIG.json OUT.json", file=sys.stderr)
+        print("usage: python -m bprr_harness.testbed.client CONFIG.json OUT.json", file=sys.stderr)
         sys.exit(2)
     config = json.loads(Path(args[0]).read_text())
     output = Runner(config).run()

@@ -77,7 +77,7 @@ def testbed_command(
     """Run the scenario on an emulated geo-distributed testbed (one network namespace per
     site, delays on the path, real random-weight block servers, clients relaying activations)
     and compare every request's first-token and per-token time with the performance model."""
-    from app.testbed import netns
+    from bprr_harness.testbed import netns
 
     if cleanup:
         reason = netns.unavailable_reason()
@@ -94,9 +94,9 @@ def testbed_command(
         raise TestbedUserError("--requests: must be at least 1")
     if rate is not None and not rate > 0:
         raise TestbedUserError("--rate: must be positive")
-    from app.testbed.report import policy_report, predictions, simulator_metrics
-    from app.testbed.runner import Testbed, TestbedError, TestbedOptions
-    from app.testbed.scale import scale_scenario
+    from bprr_harness.testbed.report import policy_report, predictions, simulator_metrics
+    from bprr_harness.testbed.runner import Testbed, TestbedError, TestbedOptions
+    from bprr_harness.testbed.scale import scale_scenario
 
     scenario = scale_scenario(
         load_scenario(scenario_path),
@@ -143,13 +143,13 @@ def testbed_command(
 def _run_petals(
     scenario: Any, policies: tuple[str, ...], python: Path | None, seed: int | None, as_json: bool
 ) -> None:
-    from app.testbed.petals_backend import (
+    from bprr_harness.testbed.petals_backend import (
         DEFAULT_PETALS_PYTHON,
         PetalsTestbed,
         PetalsTestbedError,
         petals_predictions,
     )
-    from app.testbed.report import policy_report
+    from bprr_harness.testbed.report import policy_report
 
     try:
         testbed = PetalsTestbed(scenario, policies, python or DEFAULT_PETALS_PYTHON, seed or 0)

@@ -5,7 +5,7 @@ client site and a server: it accepts on ``listen`` and forwards to ``target``; e
 from one side is written to the other ``delay_ms`` later (order kept, no bandwidth limit), so a
 request/response exchange through it takes one RTT = 2 x ``delay_ms`` more than direct.
 
-``python -m app.testbed.relay LISTEN=TARGET@DELAY_MS ...`` runs several listeners in one
+``python -m bprr_harness.testbed.relay LISTEN=TARGET@DELAY_MS ...`` runs several listeners in one
 process until SIGTERM/SIGINT; it prints ``ready`` once all of them accept connections.
 """
 
@@ -166,7 +166,9 @@ async def serve(specs: Sequence[RelaySpec], ready: asyncio.Event | None = None) 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m app.testbed.relay", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bprr_harness.testbed.relay", description=__doc__
+    )
     parser.add_argument("specs", nargs="+", metavar="LISTEN=TARGET@DELAY_MS")
     args = parser.parse_args(argv)
     try:

@@ -34,9 +34,9 @@ from bprr_client import CoordinatorError, RetryPolicy, RouteClient, ServerAgent
 from pydantic import SecretStr
 
 from app.allocation.scenario import PoissonWorkload, Scenario, load_scenario
-from app.demo.stream import Booked, ClientStream, DemoClient
-from app.demo.swarm import make_agents
 from app.settings import Settings
+from bprr_harness.demo.stream import Booked, ClientStream, DemoClient
+from bprr_harness.demo.swarm import make_agents
 
 # Demo pacing when the environment does not set it: fast heartbeats and planner ticks so that
 # servers go joining -> online within a couple of seconds.
@@ -404,3 +404,23 @@ class Demo:
             + ("" if still is None else f", {still} still registered")
         )
         return summary
+
+
+def serve_demo(
+    scenario_path: Path,
+    *,
+    host: str,
+    port: int,
+    speed: float,
+    seed: int | None,
+    settings: Settings,
+) -> None:
+    """``bprr serve --demo``, as the coordinator finds it (entry point ``bprr.demo``: demo):
+    run the demo until stopped; one that cannot start is a ``UserError`` (one error line)."""
+    from app.cli_style import UserError
+
+    options = DemoOptions(scenario_path=scenario_path, host=host, port=port, speed=speed, seed=seed)
+    try:
+        Demo(options, settings).run()
+    except DemoError as error:
+        raise UserError(str(error)) from None

@@ -5,7 +5,7 @@ scenario (``bprr_client.ServerAgent`` on threads, RTTs taken from the scenario, 
 span host that "loads" its assigned blocks after a short delay) and a Poisson stream of
 simulated clients that book and release sessions through ``bprr_client.RouteClient``.
 
-``app.demo.stream`` (the client stream) needs nothing beyond the standard library;
-``app.demo.swarm`` and ``app.demo.runner`` need the client package (``pip install -e
-clients/python``), imported only when the demo runs.
+``bprr_harness.demo.stream`` (the client stream) needs nothing beyond the standard
+library; ``bprr_harness.demo.swarm`` and ``bprr_harness.demo.runner`` need the client package
+(``bprr-client``, a dependency of this distribution).
 """

@@ -43,10 +43,10 @@ from app.allocation import cg, petals
 from app.allocation.instance import Instance
 from app.allocation.scenario import Scenario
 from app.settings import Settings
-from app.testbed import netns
-from app.testbed.processes import Processes, TestbedError, free_port
-from app.testbed.relay import RelaySpec
-from app.testbed.report import (  # the report's functions, for the callers of old
+from bprr_harness.testbed import netns
+from bprr_harness.testbed.processes import Processes, TestbedError, free_port
+from bprr_harness.testbed.relay import RelaySpec
+from bprr_harness.testbed.report import (  # the report's functions, for the callers of old
     POLICIES,
     error_summary,
     measured_scenario,
@@ -267,7 +267,9 @@ class Testbed:
         deadline = time.monotonic() + self.options.start_timeout_s
         for site, specs in by_site.items():
             name = f"relay-{index[site]}"
-            self.procs.start(name, [*self._prefix(site), python, "-m", "app.testbed.relay", *specs])
+            self.procs.start(
+                name, [*self._prefix(site), python, "-m", "bprr_harness.testbed.relay", *specs]
+            )
             self.procs.wait_line(name, "ready", deadline)
         o = self.scenario.overheads
         for j, spec in enumerate(self.scenario.servers):
@@ -276,7 +278,7 @@ class Testbed:
                 *self._prefix(spec.site),
                 python,
                 "-m",
-                "app.testbed.block_server",
+                "bprr_harness.testbed.block_server",
                 "--server-id",
                 spec.id,
                 "--join-token",
@@ -429,7 +431,7 @@ class Testbed:
                     *self._prefix(client.site),
                     sys.executable,
                     "-m",
-                    "app.testbed.client",
+                    "bprr_harness.testbed.client",
                     str(config_path),
                     str(output),
                 ],
