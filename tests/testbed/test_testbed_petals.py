@@ -36,6 +36,20 @@ def test_petals_backend_errors_are_one_line(capsys: pytest.CaptureFixture[str]) 
     assert "--backend" in capsys.readouterr().err
 
 
+def test_an_agent_that_exits_stops_the_run_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """An interpreter without PETALS: the first agent exits (status 2) and the run says so
+    at once, with the agent's own error line, instead of waiting for its server."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["testbed", str(TINY), "--backend", "petals", "--petals-python", sys.executable])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "the first PETALS server: e0 exited with status 2" in err[0]
+    assert "PETALS is not installed" in err[0]
+    leftover = subprocess.run(["pgrep", "-f", "bprr-tbp-"], capture_output=True, text=True)
+    assert leftover.stdout.strip() == ""
+
+
 def test_hop_delays_are_half_the_client_server_rtt_each_way() -> None:
     rtt = {"ce": {"e0": 4.0, "w0": 30.0}, "cw": {"e0": 30.0, "w0": 4.0}}
     delays = HopDelays(rtt, {"e0": "PeerE0", "w0": "PeerW0"})

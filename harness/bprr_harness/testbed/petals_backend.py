@@ -78,17 +78,6 @@ class PetalsResult:
     runs: list[PetalsRun] = field(default_factory=list)
 
 
-def _wait(what: str, check: Callable[[], Any], timeout_s: float) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise PetalsTestbedError(f"{what}: not within {timeout_s:.0f} s")
-        time.sleep(0.2)
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -121,6 +110,7 @@ class PetalsTestbed:
         self.admin = secrets.token_urlsafe(18)
         self.join = secrets.token_urlsafe(18)
         self.processes: list[subprocess.Popen[bytes]] = []
+        self.services: dict[str, subprocess.Popen[bytes]] = {}  # name -> runs until stopped
         self.work = Path(tempfile.mkdtemp(prefix="bprr-tbp-"))
         self.url = ""
         self.first_peer: str | None = None
@@ -134,7 +124,9 @@ class PetalsTestbed:
 
     # --- processes ------------------------------------------------------------------------
 
-    def _start(self, name: str, argv: list[str], **env: str) -> subprocess.Popen[bytes]:
+    def _start(
+        self, name: str, argv: list[str], service: bool = True, **env: str
+    ) -> subprocess.Popen[bytes]:
         with (self.work / f"{name}.log").open("wb") as log:
             process = subprocess.Popen(
                 argv,
@@ -145,7 +137,27 @@ class PetalsTestbed:
                 start_new_session=True,
             )
         self.processes.append(process)
+        if service:
+            self.services[name] = process
         return process
+
+    def _wait(self, what: str, check: Callable[[], Any], timeout_s: float) -> Any:
+        """Poll ``check`` until it returns something true; fail at once when a service
+        (the coordinator, an agent) has exited, with the last line of its log."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for name, process in self.services.items():
+                if process.poll() is not None:
+                    lines = _text(self.work / f"{name}.log").strip().splitlines() or ["-"]
+                    raise PetalsTestbedError(  # its last line: its error, on one line
+                        f"{what}: {name} exited with status {process.returncode}: {lines[-1]}"
+                    )
+            value = check()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise PetalsTestbedError(f"{what}: not within {timeout_s:.0f} s")
+            time.sleep(0.2)
 
     def _http(self) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.admin}"}
@@ -173,7 +185,7 @@ class PetalsTestbed:
             except httpx.TransportError:
                 return False
 
-        _wait("the coordinator", up, 60)
+        self._wait("the coordinator", up, 60)
         raw = self.scenario.model_dump(mode="json", exclude_none=True)
         with self._http() as client:
             reply = client.post("/v1/scenario", params={"online": "false"}, json=raw)
@@ -201,9 +213,9 @@ class PetalsTestbed:
             ],
         )
         if self.first_peer is None:
-            status = _wait("the first PETALS server", lambda: _status(state), START_TIMEOUT_S)
+            status = self._wait("the first PETALS server", lambda: _status(state), START_TIMEOUT_S)
             self.first_peer = status["multiaddrs"][0]
-            _wait(
+            self._wait(
                 "the first PETALS server's DHT",
                 lambda: "Running a server on" in _text(state / "petals.log"),
                 START_TIMEOUT_S,
@@ -218,7 +230,7 @@ class PetalsTestbed:
                 servers = client.get("/v1/servers").json()
                 return wanted <= {s["id"] for s in servers if s["lease"] == "live"}
 
-            _wait("every agent's registration", live, 300)
+            self._wait("every agent's registration", live, 300)
 
     def _place(self, policy: str) -> dict[str, Any]:
         body: dict[str, Any] = {"algorithm": policy}
@@ -240,7 +252,7 @@ class PetalsTestbed:
                 )
                 return servers if ready else None
 
-            servers = _wait(f"the {policy} placement loaded by PETALS", loaded, 300)
+            servers = self._wait(f"the {policy} placement loaded by PETALS", loaded, 300)
         placement["servers"] = {s["id"]: s for s in servers}
         return placement
 
@@ -293,7 +305,8 @@ class PetalsTestbed:
         out = self.work / "replay.json"
         client = self._start(
             "client",
-            [
+            service=False,
+            argv=[
                 str(self.python),
                 "-P",
                 str(Path(__file__).with_name("petals_replay.py")),
