@@ -125,8 +125,10 @@ def part_ab(baseline: str, runs: int, seconds: float, connections: int) -> dict[
     rates: dict[str, list[float]] = {"baseline": [], "current": []}
     cpu: dict[str, list[float]] = {"baseline": [], "current": []}
     try:
+        trees = [("baseline", old), ("current", ROOT)]
         for run in range(runs):
-            for label, tree in (("baseline", old), ("current", ROOT)):
+            # ABBA order: a load that drifts during the session favours neither.
+            for label, tree in trees if run % 2 == 0 else trees[::-1]:
                 result = bookings_per_s(tree, seconds, connections, work)
                 rates[label].append(result.get("booked_per_s", 0.0))
                 cpu[label].append(result["cpu_ms_per_booking"])
