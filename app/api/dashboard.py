@@ -22,6 +22,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
+from app.api.routers.params import UNAVAILABLE
 from app.logging import get_logger
 from app.service.activity import History, HistoryOut, RecentRouteOut
 from app.service.coordinator import Coordinator
@@ -67,7 +68,7 @@ def _history(request: Request) -> History:
 
 def get_overview(coordinator: CoordinatorDep) -> OverviewOut:
     """The swarm at a glance: sites and their RTTs, per-block live coverage, sessions and
-    this process's booking counters. Public: no token."""
+    this process's booking counters. Public: no token; 503: the database is unreachable."""
     return overview(coordinator)
 
 
@@ -153,6 +154,7 @@ def install(app: FastAPI, history: History | None = None) -> None:
         summary="The swarm at a glance",
         response_description="Counts, coverage, sites, their RTTs and the bottleneck",
         response_model=OverviewOut,
+        responses={503: UNAVAILABLE},
     )
     app.add_api_route(
         "/v1/routes/recent",

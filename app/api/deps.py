@@ -1,6 +1,7 @@
-"""What the routers share: the coordinator of the app, the bearer token, who may call a route
+"""What the routers share: the coordinator of the app, the bearer tokens, who may call a route
 (as FastAPI dependencies, so that a caller without the right token gets its 401/403 before the
-body is validated), the declared error responses and the id path parameter."""
+body is validated; app.api.routing runs them before a body that does not even decode), the
+declared error responses and the id path parameter."""
 
 from __future__ import annotations
 
@@ -13,11 +14,29 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.service.coordinator import Coordinator
 from app.service.core import WouldBlock
-from app.service.errors import Unauthorized
 from app.service.schemas import ErrorOut, ValidationErrorOut
 
 _T = TypeVar("_T")
-bearer = HTTPBearer(auto_error=False, description="Admin, join or per-server token")
+bearer = HTTPBearer(
+    auto_error=False,
+    description=(
+        "The admin token (the operator's routes, any session), the join token (registering "
+        "a new server), a server's own token (its heartbeats, re-registration, leaving, its "
+        "RTTs) or a session's token (reading and releasing that session; returned by the "
+        "booking). A client token, for bookings, goes in `ClientBearer`."
+    ),
+)
+# Bookings: optional (anonymous clients, when allowed), so the booking route declares it
+# next to an empty security requirement; a scheme of its own keeps Swagger UI's client token
+# apart from the admin or server token entered for the other routes.
+client_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ClientBearer",
+    description=(
+        "A client token (`BPRR_CLIENT_TOKENS`) for POST /v1/sessions: the client's identity "
+        "and quotas (optional while anonymous clients are allowed)"
+    ),
+)
 IdPath = Annotated[str, Path(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:@-]+$")]
 
 
@@ -47,25 +66,25 @@ def require_measurer(coordinator: CoordinatorDep, token: Token) -> str | None:
     return coordinator.check_measurer(token)
 
 
-async def require_token_unless_open(coordinator: CoordinatorDep, token: Token) -> None:
-    """Registration: a bearer token (the join token or the server's own) unless the
-    coordinator runs in dev mode without a join token; which token may do what is decided by
-    the service, which knows whether the id exists and its lease is live."""
-    settings = coordinator.settings
-    if token is None and not (settings.dev_mode and settings.join_token is None):
-        raise Unauthorized("missing bearer token (the join token or the server's own token)")
+def require_registrant(coordinator: CoordinatorDep, token: Token) -> None:
+    """Registration: the join token or a registered server's own token (none in dev mode
+    without a join token); what that token may do with the body's id (a new one, a live or
+    an expired one) is decided by the service once the body is read."""
+    coordinator.servers.check_registrant(token)
 
 
 AdminOnly = Depends(require_admin)
 Measurer = Annotated[str | None, Depends(require_measurer)]
-RegistrationAuth = Depends(require_token_unless_open)
+RegistrationAuth = Depends(require_registrant)
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """The error responses of a /v1 route: ``codes``, 422 for a malformed request, and 503
-    (every route needs the database; an unreachable one is a 503 with Retry-After)."""
-    declared: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in codes}
-    declared[422] = {"model": ValidationErrorOut}
+    """The error responses of a /v1 route: ``codes`` (422 in them for a route with a body or
+    parameters that can fail validation, in the validation error's shape) and 503 (these
+    routes need the database; an unreachable one is a 503 with Retry-After)."""
+    declared: dict[int | str, dict[str, Any]] = {
+        code: {"model": ValidationErrorOut if code == 422 else ErrorOut} for code in codes
+    }
     declared[503] = {"model": ErrorOut}
     return declared
 

@@ -207,20 +207,26 @@ class SpanModel(Body):
         return self
 
 
+# One server in the examples: what it registers with, and then how it is listed.
+_SERVER_EXAMPLE: dict[str, Any] = {
+    "id": "a100-0",
+    "site": "cluster1",
+    "gpu": "A100-80GB",
+    "memory_gb": 86.13,
+    "decode_ms_per_block": 3.2197,
+    "prefill_ms_per_block": {"fixed": 32.99, "per_token": 0.0743},
+    "network_mbps": 10000.0,
+    "address": "10.0.1.5:31337",
+    "boot_epoch": 1764530000000,
+}
+
+
 class ServerRegistration(Body):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
                 {
-                    "id": "a100-0",
-                    "site": "cluster1",
-                    "gpu": "A100-80GB",
-                    "memory_gb": 86.13,
-                    "decode_ms_per_block": 3.2197,
-                    "prefill_ms_per_block": {"fixed": 32.99, "per_token": 0.0743},
-                    "network_mbps": 10000,
-                    "address": "10.0.1.5:31337",
-                    "boot_epoch": 1764530000000,
+                    **_SERVER_EXAMPLE,
                     "peer_id": "12D3KooWQp7xmnWy3dE7oDphP1HKvv9J6CqKv5Wq5z3gQ3N1nMaZ",
                     "multiaddrs": ["/ip4/10.0.1.5/tcp/31337"],
                 }
@@ -330,15 +336,7 @@ class ServerOut(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "id": "a100-0",
-                    "site": "cluster1",
-                    "gpu": "A100-80GB",
-                    "memory_gb": 86.13,
-                    "decode_ms_per_block": 3.2197,
-                    "prefill_ms_per_block": {"fixed": 32.99, "per_token": 0.0743},
-                    "network_mbps": 10000.0,
-                    "address": "10.0.1.5:31337",
-                    "boot_epoch": 1764530000000,
+                    **_SERVER_EXAMPLE,
                     "state": "online",
                     "lease": "live",
                     "lease_expires_in_s": 12.5,

@@ -10,7 +10,8 @@ Transaction boundaries:
   transaction (server row, RTTs, the re-plan request when it starts draining).
 - ``leave``: one write transaction (the row, its reservations, the re-plan request).
 - ``put_rtts``: one write transaction for the whole batch (all or nothing).
-- ``list``/``get``/``check_measurer``: one read transaction each.
+- ``list``/``get``/``check_measurer``/``check_own_token``: one read transaction each;
+  ``check_registrant`` one unless the token is the join token.
 Writes that change what routes depend on ``invalidate()`` the route view after the commit.
 """
 
@@ -151,6 +152,33 @@ class ServerService:
             )
         return False
 
+    def check_registrant(self, token: str | None) -> None:
+        """Registration's token, checked before the body (which names the id) is read: none
+        only when registration is open (dev mode without a join token: 401 otherwise); a
+        token must be the join token or a registered server's own (one read; 403 otherwise).
+        ``register`` then decides what that token may do with the body's id."""
+        expected = self.settings.join_token
+        open_registration = self.settings.dev_mode and expected is None
+        if token is None:
+            if open_registration:
+                return
+            raise Unauthorized(
+                "missing bearer token (the join token, or the server's own token to re-register it)"
+            )
+        if open_registration or (expected is not None and auth.same_secret(token, expected)):
+            return
+        with self.core.read_tx() as db:
+            owner = repo.Servers(db).id_with_token_hash(auth.hash_token(token))
+        if owner is not None:
+            return
+        if expected is None:
+            raise Forbidden(
+                "registration is closed: set BPRR_JOIN_TOKEN on the coordinator (or "
+                "BPRR_DEV_MODE=true for an open development swarm); the bearer token is not "
+                "a registered server's token"
+            )
+        raise Forbidden("the bearer token is neither the join token nor a server's own token")
+
     # --- heartbeats -------------------------------------------------------------------------
 
     def heartbeat(self, server_id: str, token: str | None, body: Heartbeat) -> HeartbeatOut:
@@ -172,6 +200,22 @@ class ServerService:
             with self.core.view_lock:
                 view.renew(server_id, now + self.settings.lease_ttl_s)
         return self._heartbeat_out(view, server_id, self.settings.lease_ttl_s)
+
+    def vouches_for(self, server_id: str, token: str) -> bool:
+        """Whether the route view (no database) knows ``token`` as the server's own; False
+        also when the view is not built or is older than a re-registration."""
+        view = self.core.current_view()
+        key = None if view is None else view.heartbeat_keys.get(server_id)
+        return key is not None and hmac.compare_digest(key[0], auth.hash_token(token))
+
+    def check_own_token(self, server_id: str, token: str) -> None:
+        """The server's own token, from its row (one read): 404 for an unknown id, 403 for
+        another token. A heartbeat's check before its body when the view cannot vouch."""
+        with self.core.read_tx() as db:
+            row = repo.Servers(db).get(server_id)
+            if row is None:
+                raise NotFound(f"server {server_id!r} is not registered")
+            auth.check_server_token(row, token)
 
     def quiet_heartbeat(
         self, server_id: str, token: str | None, body: Heartbeat

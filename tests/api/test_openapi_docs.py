@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,12 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import BaseModel, Field
+from sqlalchemy import event
+from sqlalchemy.pool import Pool
 
 from app.api.app import create_app
 from app.service import schemas, session_schemas
-from tests.api.conftest import AppFactory, admin, make_settings
+from tests.api.conftest import ADMIN, JOIN, AppFactory, FakeClock, admin, bearer, make_settings
 
 METHODS = {"get", "put", "post", "delete", "patch"}
 Schema = dict[str, Any]
@@ -220,3 +223,129 @@ def test_the_documented_examples_work_against_the_app(
     for model in body_examples(openapi, paths["/v1/model"]["put"]):
         reply = client.put("/v1/model", json=model, headers=admin())
         assert reply.status_code == 200, reply.text
+
+
+def test_only_operations_that_validate_input_declare_422(openapi: Schema) -> None:
+    """422 is declared by the operations with a request body or parameters (those that can
+    fail validation), and by no other: GET /v1/model cannot answer it."""
+    without_input = []
+    for method, path, operation in _operations(openapi):
+        where = f"{method.upper()} {path}"
+        takes_input = "requestBody" in operation or bool(operation.get("parameters"))
+        assert ("422" in operation["responses"]) == takes_input, where
+        if not takes_input:
+            without_input.append(where)
+    assert {"GET /v1/model", "GET /v1/servers", "GET /v1/overview"} <= set(without_input)
+
+
+def test_tokens_are_declared_as_security_schemes_not_header_parameters(openapi: Schema) -> None:
+    """Swagger UI sends a token only through a security scheme (OpenAPI ignores a header
+    parameter named Authorization): every operation whose description asks for a token
+    declares a scheme; the booking's client token is optional (an empty requirement too)."""
+    schemes = openapi["components"]["securitySchemes"]
+    assert {"HTTPBearer", "ClientBearer"} <= set(schemes)
+    for scheme in schemes.values():
+        assert scheme["type"] == "http" and scheme["scheme"] == "bearer"
+    text = schemes["HTTPBearer"]["description"]
+    for token in ("admin token", "join token", "server's own token", "session's token"):
+        assert token in text, token
+    secured = 0
+    for method, path, operation in _operations(openapi):
+        where = f"{method.upper()} {path}"
+        headers = {
+            p["name"].lower() for p in operation.get("parameters", []) if p["in"] == "header"
+        }
+        assert "authorization" not in headers, where
+        if "**Token**:" in operation["description"]:
+            assert operation.get("security"), f"{where}: asks for a token, declares no scheme"
+            secured += 1
+    assert secured >= 10
+    booking = openapi["paths"]["/v1/sessions"]["post"]["security"]
+    assert {} in booking and {"ClientBearer": []} in booking
+
+
+_IN_REQUEST: ContextVar[bool] = ContextVar("in_request", default=False)
+
+
+def _example_request(
+    method: str, path: str, operation: Schema, spec: Schema, ids: dict[str, str]
+) -> dict[str, Any]:
+    """A request to an operation from its documentation: path ids that exist, the required
+    query parameters' examples, the request body's first example."""
+    query = {
+        p["name"]: (p.get("examples") or p["schema"]["examples"])[0]
+        for p in operation.get("parameters", [])
+        if p["in"] == "query" and p.get("required")
+    }
+    request: dict[str, Any] = {
+        "method": method.upper(),
+        "url": re.sub(r"\{([a-z_]+)\}", lambda m: ids[m.group(1)], path),
+        "params": query,
+    }
+    if "requestBody" in operation:
+        request["json"] = body_examples(spec, operation)[0]
+    return request
+
+
+def test_every_operation_that_opens_the_database_declares_503(
+    make_client: AppFactory, clock: FakeClock, tmp_path: Path
+) -> None:
+    """An unreachable database is a 503 with Retry-After: every operation that takes a
+    database connection while it is served (recorded at the connection pool, for this
+    request only, not the app's background threads) declares that 503. Each operation is
+    called as its documentation shows (its examples, ids that exist, the token it asks for)."""
+    clock.now = 1_764_530_000.0  # the examples' boot epochs (ms) are not ahead of it
+    client = make_client(f"sqlite:///{tmp_path / 'db.db'}")
+    spec: Schema = client.app.openapi()  # type: ignore[attr-defined]
+    (scenario,) = body_examples(spec, spec["paths"]["/v1/scenario"]["post"])
+    loaded = client.post("/v1/scenario", json=scenario, headers=admin())
+    assert loaded.status_code == 201, loaded.text
+    server_tokens = {s["id"]: s["token"] for s in loaded.json()["servers"]}
+    server_id = next(iter(server_tokens))
+    booking = body_examples(spec, spec["paths"]["/v1/sessions"]["post"])[0]
+    booked = client.post("/v1/sessions", json=booking)
+    assert booked.status_code == 201, booked.text
+    ids = {"server_id": server_id, "session_id": booked.json()["id"], "generation": "1"}
+    tokens = {
+        "/v1/servers/{server_id}/heartbeat": server_tokens[server_id],
+        "/v1/servers": JOIN,
+    }
+
+    async def recording(scope: Any, receive: Any, send: Any) -> None:
+        marked = _IN_REQUEST.set(True)
+        try:
+            await client.app(scope, receive, send)
+        finally:
+            _IN_REQUEST.reset(marked)
+
+    opened: list[bool] = []
+
+    def checkout(*_: Any) -> None:
+        if _IN_REQUEST.get():
+            opened.append(True)
+
+    # Destructive operations last: the swarm's servers and session must exist until then.
+    def order(item: tuple[str, str, Schema]) -> tuple[bool, bool]:
+        method, path, _ = item
+        return method == "delete", (method, path) == ("post", "/v1/scenario")
+
+    recorder = TestClient(recording)
+    event.listen(Pool, "checkout", checkout)
+    try:
+        found = {}
+        for method, path, operation in sorted(_operations(spec), key=order):
+            request = _example_request(method, path, operation, spec, ids)
+            token = tokens.get(path, ADMIN) if operation.get("security") else None
+            if token is not None and "ClientBearer" not in json.dumps(operation["security"]):
+                request["headers"] = bearer(token)
+            opened.clear()
+            reply = recorder.request(**request)
+            assert reply.status_code != 500, (method, path, reply.text)
+            found[f"{method.upper()} {path}"] = (bool(opened), operation)
+    finally:
+        event.remove(Pool, "checkout", checkout)
+    reading = {where for where, (used, _) in found.items() if used}
+    assert {"GET /v1/model", "GET /v1/overview", "PUT /v1/model", "POST /v1/servers"} <= reading
+    assert {"GET /livez", "GET /v1/routes/recent"}.isdisjoint(reading)
+    for where in sorted(reading):
+        assert "503" in found[where][1]["responses"], f"{where} opens the database"

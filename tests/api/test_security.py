@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.api.conftest import ADMIN, JOIN, AppFactory, FakeClock, admin, bearer
-from tests.api.helpers import SMALL_MODEL, register, server_body, small_swarm
+from tests.api.helpers import SMALL_MODEL, register, route_params, server_body, small_swarm
 
 
 def _servers(client: TestClient) -> dict[str, dict[str, Any]]:
@@ -87,49 +87,126 @@ WRITE_METHODS = {"post", "put", "delete", "patch"}
 ADMIN_ONLY = "**Token**: the admin token."  # how an admin-only operation's description says so
 
 
-def _secured_writes(client: TestClient) -> list[tuple[str, str, str]]:
-    """Every write operation of the OpenAPI schema that declares a security scheme: its
-    method, its path (parameters filled with well-formed values) and its description."""
+def _secured_writes(client: TestClient, ids: dict[str, str]) -> list[tuple[str, str, str, bool]]:
+    """Every write operation of the OpenAPI schema that requires a security scheme (not the
+    booking, whose client token is optional): its method, its path (parameters filled from
+    ``ids``), its description and whether it takes a request body."""
     schema: dict[str, Any] = client.app.openapi()  # type: ignore[attr-defined]
     found = []
     for path, operations in schema["paths"].items():
         for method, operation in operations.items():
-            if method in WRITE_METHODS and operation.get("security"):
-                concrete = re.sub(r"\{[a-z_]+\}", "s0", path.replace("{generation}", "1"))
-                found.append((method.upper(), concrete, operation.get("description", "")))
+            security = operation.get("security")
+            if method in WRITE_METHODS and security and {} not in security:
+                concrete = re.sub(r"\{([a-z_]+)\}", lambda m: ids[m.group(1)], path)
+                description = operation.get("description", "")
+                found.append((method.upper(), concrete, description, "requestBody" in operation))
     return found
 
 
+MALFORMED = b'{"entries": [1, 2'  # not JSON: FastAPI fails to decode it before any dependency
+JSON = {"Content-Type": "application/json"}
+
+
 def test_authentication_comes_before_the_body(client: TestClient) -> None:
-    """Every write route that needs a token answers a bad body sent without one with 401,
-    never 422 (nobody learns the body's shape without a token); the admin routes (as their
-    documentation says) answer it with a wrong token with 403. The routes come from the
-    OpenAPI schema, so a new secured write route is covered without editing this test."""
-    routes = _secured_writes(client)
-    assert {("PUT", "/v1/model"), ("POST", "/v1/servers/s0/heartbeat")} <= {
-        (method, path) for method, path, _ in routes
-    }
-    assert len(routes) >= 7, routes
-    bad_body = {"not": "valid", "num_blocks": True, "boot_epoch": "x"}
-    for method, path, _ in routes:
-        missing = client.request(method, path, json=bad_body)
-        assert missing.status_code == 401, (method, path, missing.text)
-    admin_routes = [(method, path) for method, path, text in routes if ADMIN_ONLY in text]
+    """Every write route that needs a token answers a bad body (schema-invalid or not even
+    JSON) sent without one with 401, and with a wrong token with 403, never 422 (nobody
+    learns the body's shape without the right token); with the right token the 422 stands.
+    The routes come from the OpenAPI schema, so a new secured write route is covered without
+    editing this test; the ids in their paths exist, so a wrong token is not a 404."""
+    tokens = small_swarm(client, count=2)
+    booked = client.post("/v1/sessions", json=route_params())
+    assert booked.status_code == 201, booked.text
+    ids = {"server_id": "s0", "session_id": booked.json()["id"], "generation": "1"}
+    routes = _secured_writes(client, ids)
+    assert {
+        ("PUT", "/v1/model"),
+        ("POST", "/v1/servers"),
+        ("POST", "/v1/servers/s0/heartbeat"),
+        ("PUT", "/v1/rtts"),
+        ("POST", "/v1/placements"),
+        ("POST", "/v1/scenario"),
+    } <= {(method, path) for method, path, _, has_body in routes if has_body}
+    assert len(routes) >= 8, routes
+    bad_body = {"not": "valid", "num_blocks": True, "boot_epoch": "x", "entries": 3}
+    for method, path, _, _ in routes:
+        for headers, status in (({}, 401), (bearer("wrong-token"), 403)):
+            schema_invalid = client.request(method, path, json=bad_body, headers=headers)
+            assert schema_invalid.status_code == status, (method, path, schema_invalid.text)
+            malformed = client.request(method, path, content=MALFORMED, headers=JSON | headers)
+            assert malformed.status_code == status, (method, path, malformed.text)
+    # The right token gets past authentication: then the body's 422 (the field named).
+    right = {"/v1/servers": JOIN, "/v1/servers/s0/heartbeat": tokens["s0"]}
+    for method, path, _, has_body in routes:
+        if has_body:
+            headers = JSON | bearer(right.get(path, ADMIN))
+            reply = client.request(method, path, content=MALFORMED, headers=headers)
+            assert reply.status_code == 422, (method, path, reply.text)
+            assert reply.json()["detail"][0]["type"] == "json_invalid", (method, path)
+    admin_routes = [(method, path) for method, path, text, _ in routes if ADMIN_ONLY in text]
     assert ("POST", "/v1/placements") in admin_routes and len(admin_routes) >= 3
-    for method, path in admin_routes:
-        wrong = client.request(method, path, json=bad_body, headers=bearer("wrong-token"))
-        assert wrong.status_code == 403, (method, path, wrong.text)
+
+
+def test_registration_checks_the_token_before_the_body_by_its_rules(
+    client: TestClient, make_client: AppFactory, tmp_path: Any
+) -> None:
+    """Before the body (which names the id), registration takes the join token or any
+    registered server's own token (the service then applies its id rules); in dev mode
+    without a join token, any token or none."""
+    token = register(client, server_body(0))
+    bad_body = {"site": 3}
+    for headers in (bearer(JOIN), bearer(token)):
+        reply = client.post("/v1/servers", json=bad_body, headers=headers)
+        assert reply.status_code == 422, reply.text
+    # A server's own token passes the check before the body, but takes no other live id.
+    other = client.post("/v1/servers", json=server_body(1), headers=bearer(token))
+    assert other.status_code == 403, other.text
+    assert client.post("/v1/servers", json=bad_body, headers=bearer(ADMIN)).status_code == 403
+    dev = make_client(f"sqlite:///{tmp_path / 'dev.db'}", join_token=None, dev_mode=True)
+    for number, headers in enumerate(({}, bearer("anything"))):
+        malformed = dev.post("/v1/servers", content=MALFORMED, headers=JSON | headers)
+        assert malformed.status_code == 422, malformed.text
+        joined = dev.post("/v1/servers", json=server_body(number), headers=headers)
+        assert joined.status_code == 201, joined.text
+
+
+def test_a_heartbeat_token_is_checked_before_the_body_by_the_view_or_the_row(
+    client: TestClient,
+) -> None:
+    """A heartbeat's token is checked before its body: against the server's row while no
+    route view vouches for it (right after a re-registration), then by the view; the old
+    token is refused either way, and an unknown id is a 404 before the body."""
+    old = small_swarm(client, count=2)["s0"]
+    again = client.post("/v1/servers", json=server_body(0, boot_epoch=2), headers=bearer(old))
+    assert again.status_code == 201, again.text
+    new = again.json()["token"]
+    servers = client.app.state.coordinator.servers  # type: ignore[attr-defined]
+    for vouched in (False, True):
+        assert servers.vouches_for("s0", new) is vouched
+        for token, status in ((new, 422), (old, 403)):
+            headers = JSON | bearer(token)
+            reply = client.post("/v1/servers/s0/heartbeat", content=MALFORMED, headers=headers)
+            assert reply.status_code == status, reply.text
+        assert client.get("/v1/overview").status_code == 200  # builds the route view
+    unknown = client.post("/v1/servers/s9/heartbeat", json={}, headers=bearer(new))
+    assert unknown.status_code == 404, unknown.text
 
 
 def test_a_closed_booking_route_asks_for_the_client_token_before_the_body(
     make_client: AppFactory, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Bookings declare no security scheme (anonymous clients may book when allowed); with
-    anonymous clients refused, a bad body without a client token is a 401, not a 422."""
+    """Bookings' client token is optional (anonymous clients may book when allowed); with
+    anonymous clients refused, a bad body without a client token is a 401 and with an unknown
+    one a 403, not a 422, even when the body is not JSON."""
     monkeypatch.setenv("BPRR_ANONYMOUS_CLIENTS", "false")
     closed = make_client(sqlite_url)
-    reply = closed.post("/v1/sessions", json={"client_site": 3})
-    assert reply.status_code == 401, reply.text
+    for headers, status in (({}, 401), (bearer("unknown-client"), 403)):
+        reply = closed.post("/v1/sessions", json={"client_site": 3}, headers=headers)
+        assert reply.status_code == status, reply.text
+        malformed = closed.post("/v1/sessions", content=MALFORMED, headers=JSON | headers)
+        assert malformed.status_code == status, malformed.text
+    # An Authorization header that is not a bearer token is refused, not taken as anonymous.
+    basic = closed.post("/v1/sessions", json=route_params(), headers={"Authorization": "Basic x"})
+    assert basic.status_code == 401 and "Bearer" in basic.json()["detail"]
 
 
 def test_security_events_leave_one_audit_line_each(

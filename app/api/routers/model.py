@@ -5,9 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.api.deps import AdminOnly, CoordinatorDep, errors
+from app.api.routing import AuthBeforeBodyRoute
 from app.service.schemas import ModelIn, ModelOut
 
-router = APIRouter(tags=["model"])
+router = APIRouter(tags=["model"], route_class=AuthBeforeBodyRoute)
 
 
 @router.get(
@@ -37,7 +38,7 @@ def get_model(coordinator: CoordinatorDep) -> ModelOut:
     ),
     response_description="The model as stored",
     response_model=ModelOut,
-    responses=errors(401, 403),
+    responses=errors(401, 403, 422),
     dependencies=[AdminOnly],
 )
 def put_model(coordinator: CoordinatorDep, body: ModelIn) -> ModelOut:

@@ -8,9 +8,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Header, Path, Response
 
 from app.api.deps import AdminOnly, CoordinatorDep, errors
+from app.api.routing import AuthBeforeBodyRoute
 from app.service.schemas import PlacementOut, PlacementRequest
 
-router = APIRouter(tags=["placements"])
+router = APIRouter(tags=["placements"], route_class=AuthBeforeBodyRoute)
 
 
 @router.post(
@@ -28,7 +29,7 @@ router = APIRouter(tags=["placements"])
     response_description="The published placement (its generation, spans and solve figures)",
     status_code=201,
     response_model=PlacementOut,
-    responses=errors(401, 403, 409),
+    responses=errors(401, 403, 409, 422),
     dependencies=[AdminOnly],
 )
 def post_placement(
@@ -52,7 +53,7 @@ def post_placement(
     ),
     response_description="The placement (with its ETag)",
     response_model=PlacementOut,
-    responses={304: {"description": "Not modified (ETag matches)"}, **errors(404)},
+    responses={304: {"description": "Not modified (ETag matches)"}, **errors(404, 422)},
 )
 def current_placement(
     coordinator: CoordinatorDep,
@@ -84,7 +85,7 @@ def current_placement(
     ),
     response_description="The placement",
     response_model=PlacementOut,
-    responses=errors(404),
+    responses=errors(404, 422),
 )
 def get_placement(
     coordinator: CoordinatorDep,

@@ -7,9 +7,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query
 
 from app.api.deps import AdminOnly, CoordinatorDep, errors
+from app.api.routing import AuthBeforeBodyRoute
 from app.service.schemas import ScenarioLoadOut
 
-router = APIRouter(tags=["scenario"])
+router = APIRouter(tags=["scenario"], route_class=AuthBeforeBodyRoute)
 
 # A small swarm in the scenario format (docs/SCENARIO.md): 2 sites, 3 servers, one client site.
 EXAMPLE_SCENARIO: dict[str, Any] = {
@@ -64,7 +65,7 @@ EXAMPLE_SCENARIO: dict[str, Any] = {
     ),
     response_description="A scenario (docs/SCENARIO.md)",
     response_model=dict[str, Any],
-    responses=errors(409),
+    responses=errors(409, 422),
 )
 def get_scenario(
     coordinator: CoordinatorDep,
@@ -96,7 +97,7 @@ def get_scenario(
     response_description="The servers' ids and tokens, and the published generation",
     status_code=201,
     response_model=ScenarioLoadOut,
-    responses=errors(401, 403, 409),
+    responses=errors(401, 403, 409, 422),
     dependencies=[AdminOnly],
 )
 def post_scenario(

@@ -8,6 +8,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from app.api.deps import CoordinatorDep, Measurer, RegistrationAuth, Token, errors
 from app.api.routers.params import UNAVAILABLE, ServerIdPath
+from app.api.routing import AuthBeforeBodyRoute
 from app.service.errors import Unauthorized
 from app.service.schemas import (
     Heartbeat,
@@ -19,17 +20,29 @@ from app.service.schemas import (
     ServerRegistration,
 )
 
-router = APIRouter()
+router = APIRouter(route_class=AuthBeforeBodyRoute)
 
 
 async def _token_present(token: Token) -> None:
-    """A route that always needs some bearer token says so (401) before reading the body;
-    which token is right is the service's decision (it knows the server's token hash)."""
+    """Leaving: some bearer token (401 without one); whether it is the server's own or the
+    admin token is the service's decision, in the same transaction as the removal."""
     if token is None:
         raise Unauthorized("missing bearer token (the server's own token or the admin token)")
 
 
+async def _own_token(coordinator: CoordinatorDep, server_id: ServerIdPath, token: Token) -> None:
+    """A heartbeat: the server's own token (401 without one, 403 for another, 404 for an
+    unknown id) before the body is read; the route view vouches for it without a database
+    read on the usual path (the full heartbeat checks it again against the row)."""
+    if token is None:
+        raise Unauthorized("missing bearer token (the server's own token is required)")
+    servers = coordinator.servers
+    if not servers.vouches_for(server_id, token):
+        await run_in_threadpool(servers.check_own_token, server_id, token)
+
+
 TokenPresent = Depends(_token_present)
+OwnToken = Depends(_own_token)
 
 
 @router.post(
@@ -44,12 +57,14 @@ TokenPresent = Depends(_token_present)
         "**Token**: the join token (`BPRR_JOIN_TOKEN`) for a new id, or the server's own "
         "token to re-register it; none in dev mode without a join token. A live server's id "
         "cannot be taken over with the join token (403); an expired one can, with a larger "
-        "`boot_epoch` (409 otherwise). 401 without a token, 422 for a malformed body."
+        "`boot_epoch` (409 otherwise). 401 without a token, 403 with a token that is "
+        "neither the join token nor a registered server's own (checked before the body), "
+        "422 for a malformed body."
     ),
     response_description="The server's id, its own token, its lease and heartbeat interval",
     status_code=201,
     response_model=RegistrationOut,
-    responses=errors(401, 403, 409),
+    responses=errors(401, 403, 409, 422),
     dependencies=[RegistrationAuth],
 )
 def register_server(
@@ -81,7 +96,7 @@ def list_servers(coordinator: CoordinatorDep) -> list[ServerOut]:
     description="One registered server, as in the list. Public: no token. 404: unknown id.",
     response_description="The server",
     response_model=ServerOut,
-    responses=errors(404),
+    responses=errors(404, 422),
 )
 def get_server(coordinator: CoordinatorDep, server_id: ServerIdPath) -> ServerOut:
     return coordinator.get_server(server_id)
@@ -100,7 +115,7 @@ def get_server(coordinator: CoordinatorDep, server_id: ServerIdPath) -> ServerOu
     response_description="Removed (no body)",
     status_code=204,
     response_class=Response,
-    responses=errors(401, 403, 404),
+    responses=errors(401, 403, 404, 422),
     dependencies=[TokenPresent],
 )
 def leave(coordinator: CoordinatorDep, server_id: ServerIdPath, token: Token) -> Response:
@@ -123,8 +138,8 @@ def leave(coordinator: CoordinatorDep, server_id: ServerIdPath, token: Token) ->
     ),
     response_description="The assigned span, the lease's remaining time and the interval",
     response_model=HeartbeatOut,
-    responses=errors(401, 403, 404, 409),
-    dependencies=[TokenPresent],
+    responses=errors(401, 403, 404, 409, 422),
+    dependencies=[OwnToken],
 )
 async def heartbeat(
     coordinator: CoordinatorDep, server_id: ServerIdPath, body: Heartbeat, token: Token
@@ -151,7 +166,7 @@ async def heartbeat(
     ),
     response_description="How many pairs were written",
     response_model=RttsOut,
-    responses=errors(401, 403),
+    responses=errors(401, 403, 422),
 )
 def put_rtts(coordinator: CoordinatorDep, writer: Measurer, body: RttsIn) -> RttsOut:
     return RttsOut(updated=coordinator.put_rtts(body.entries, writer))

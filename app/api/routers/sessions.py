@@ -8,12 +8,14 @@ released only with its own token (returned at booking) or the admin token.
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials
 
-from app.api.deps import CoordinatorDep, Token, errors, run_write
+from app.api.deps import CoordinatorDep, Token, client_bearer, errors, run_write
 from app.api.routers.params import SessionIdPath
+from app.api.routing import AuthBeforeBodyRoute
 from app.service.clients import ClientIdentity
 from app.service.errors import Unauthorized
 from app.service.schemas import ErrorOut, RouteOut
@@ -21,7 +23,7 @@ from app.service.session_replies import Booked, Pending
 from app.service.session_schemas import BookingIn, BookingOut, SessionStatusOut
 from app.service.sessions import SessionService
 
-router = APIRouter(tags=["routes"])
+router = APIRouter(tags=["routes"], route_class=AuthBeforeBodyRoute)
 # While a booking waits in the queue, how often the connection is checked for a client that
 # went away (it then leaves the queue).
 DISCONNECT_POLL_S = 0.25
@@ -37,25 +39,21 @@ IdempotencyKey = Annotated[
 ]
 
 
-# Optional on bookings (anonymous clients, when allowed), so a plain header rather than a
-# security scheme, which OpenAPI would declare as required.
-ClientAuthorization = Annotated[
-    str | None,
-    Header(
-        alias="Authorization",
-        max_length=1000,
-        description="`Bearer <client token>`: the client's identity (optional in anonymous mode)",
-    ),
-]
+ClientCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(client_bearer)]
+# The client token is optional (anonymous clients, when allowed): the booking's security
+# requirements are the ClientBearer scheme or none (an empty requirement, appended here to
+# the scheme FastAPI declares for the dependency).
+OPTIONAL_CLIENT_TOKEN: dict[str, Any] = {"security": [{}]}
 
 
-def _bearer(authorization: str | None) -> str | None:
-    if authorization is None:
-        return None
-    scheme, _, credentials = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not credentials.strip():
+def _client_token(request: Request, credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    """The client token; an Authorization header that is not `Bearer <token>` is refused
+    rather than taken for an anonymous client."""
+    if credentials is not None:
+        return credentials.credentials.strip()
+    if request.headers.get("Authorization") is not None:
         raise Unauthorized("Authorization: expected 'Bearer <client token>'")
-    return credentials.strip()
+    return None
 
 
 def _sessions(coordinator: CoordinatorDep) -> SessionService:
@@ -64,12 +62,12 @@ def _sessions(coordinator: CoordinatorDep) -> SessionService:
 
 
 async def _client(
-    coordinator: CoordinatorDep, request: Request, authorization: ClientAuthorization = None
+    coordinator: CoordinatorDep, request: Request, credentials: ClientCredentials
 ) -> ClientIdentity:
     """Who books, decided before the body is read: a bad or missing client token is a
     401/403 before any 422."""
     address = request.client.host if request.client is not None else None
-    return _sessions(coordinator).identify(_bearer(authorization), address)
+    return _sessions(coordinator).identify(_client_token(request, credentials), address)
 
 
 @router.get(
@@ -85,7 +83,7 @@ async def _client(
     response_description="The chain of hops and the predicted times (ms)",
     response_model=RouteOut,
     responses={
-        **errors(409),
+        **errors(409, 422),
         503: {"model": ErrorOut, "description": "No chain covers every block (Retry-After)"},
     },
 )
@@ -135,10 +133,11 @@ async def get_route(
     status_code=201,
     response_model=BookingOut,
     responses={
-        **errors(401, 403, 409, 429),
+        **errors(401, 403, 409, 422, 429),
         200: {"model": BookingOut, "description": "A retry (same Idempotency-Key)"},
         503: {"model": ErrorOut, "description": "Every chain is full (Retry-After)"},
     },
+    openapi_extra=OPTIONAL_CLIENT_TOKEN,
 )
 async def book(
     coordinator: CoordinatorDep,
@@ -195,7 +194,7 @@ async def _wait(
     ),
     response_description="The session's state and route",
     response_model=SessionStatusOut,
-    responses=errors(401, 403, 404),
+    responses=errors(401, 403, 404, 422),
 )
 def get_session(
     coordinator: CoordinatorDep, session_id: SessionIdPath, token: Token
@@ -215,7 +214,7 @@ def get_session(
     response_description="Released (no body)",
     status_code=204,
     response_class=Response,
-    responses=errors(401, 403, 404),
+    responses=errors(401, 403, 404, 422),
 )
 async def release(coordinator: CoordinatorDep, session_id: SessionIdPath, token: Token) -> Response:
     await run_write(coordinator, _sessions(coordinator).release, session_id, token)
