@@ -301,14 +301,14 @@ def predicted(
     scenario: dict[str, Any],
     database: Path,
     rate: float,
-    seconds: float,
+    requests: int,
     inputs: int,
     outputs: int,
     seed: int,
 ) -> dict[str, Any]:
-    """The simulator on the same swarm, the same load and the coordinator's OWN published
-    plan (its spans, and its chains when it dispatches with JFFC; else WS-RR on its spans),
-    read from the coordinator's database."""
+    """The simulator on the same swarm, the same load (as many requests as the coordinator
+    was sent) and the coordinator's OWN published plan (its spans, and its chains when it
+    dispatches with JFFC; else WS-RR on its spans), read from the coordinator's database."""
     import sqlite3
 
     from app.allocation.chains import Chain
@@ -328,7 +328,7 @@ def predicted(
     data["workload"] = {
         "arrival": "poisson",
         "rate_per_s": rate,
-        "num_requests": max(50, int(rate * seconds)),
+        "num_requests": max(1, requests),
         "seed": seed,
         **lengths,
     }
@@ -377,7 +377,7 @@ def part_saturation(
         load(base, scenario)
         placement = httpx.get(f"{base}/v1/placements/current", timeout=30).json()
         measured = asyncio.run(offered_load(base, rate, seconds, wait_s, inputs, outputs, seed))
-        model = predicted(scenario, database, rate, seconds, inputs, outputs, seed)
+        model = predicted(scenario, database, rate, measured["requests"], inputs, outputs, seed)
     finally:
         process.terminate()
         process.wait(timeout=30)
