@@ -5,6 +5,8 @@ on 127.0.0.1 (``coordinator``) for the tests that run ``bprr-agent`` as a proces
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import random
 import socket
@@ -18,9 +20,11 @@ from typing import Any
 import httpx
 import pytest
 from bprr_client import PrefillSpeed, ServerAgent, ServerInfo
+from bprr_client._cli_style import _CurrentStderr
 from bprr_client.probes import Prober
 from fastapi.testclient import TestClient
 
+import app.logging as app_logging
 from app.api.app import create_app
 
 # The coordinator suite's tokens, clock, settings and model: one definition for both suites.
@@ -57,6 +61,29 @@ class Forward(httpx.BaseTransport):
             request.method, request.url.raw_path.decode(), headers=headers, content=request.content
         )
         return httpx.Response(reply.status_code, headers=reply.headers, content=reply.content)
+
+
+@pytest.fixture(autouse=True)
+def app_log(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
+    """The in-process coordinator's structlog lines (its audit log), kept apart from the
+    stderr that the tests read for bprr-agent's own lines: app.logging writes to whatever
+    sys.stderr is at each write, which is pytest's capture of the CLI's stderr."""
+    stream = io.StringIO()
+    monkeypatch.setattr(app_logging._CurrentStderr, "write", lambda _self, text: stream.write(text))
+    monkeypatch.setattr(app_logging._CurrentStderr, "flush", lambda _self: None)
+    return stream
+
+
+@pytest.fixture(autouse=True)
+def cli_logging_undone() -> Iterator[None]:
+    """bprr-agent's log handlers (installed by main()) removed after each test: the agents a
+    later test drives in-process must not write to that test's stderr."""
+    yield
+    for name in ("bprr_client", "httpx"):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if isinstance(h, _CurrentStderr)]:
+            logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
 
 
 def make_app(url: str, clock: FakeClock, **overrides: Any) -> TestClient:

@@ -4,6 +4,7 @@ simulates. Its state changes are one line each on stderr without ``-v``."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import signal
@@ -21,7 +22,7 @@ from bprr_client._agent_cli import (
     RunOptions,
     build_agent,
 )
-from bprr_client.agent import NOTICE
+from bprr_client.agent import NOTICE, NoHost
 from fastapi.testclient import TestClient
 
 from tests.api.conftest import ADMIN, JOIN, admin
@@ -157,9 +158,8 @@ def stop(process: subprocess.Popen[bytes]) -> int:
 
 
 def messages(log: Path) -> list[str]:
-    """Each stderr line without its time stamp: ``LEVEL logger: message``."""
-    stamp = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
-    return [stamp.sub("", line) for line in log.read_text().splitlines()]
+    """Each stderr line: ``bprr-agent: level: message``."""
+    return log.read_text().splitlines()
 
 
 def test_agent_processes_log_each_state_change_in_one_line(
@@ -197,18 +197,19 @@ def test_agent_processes_log_each_state_change_in_one_line(
         codes = [stop(process) for process in (ghost, demo) if process is not None]
     assert codes == [0, 0]
     ghost_lines, demo_lines = messages(ghost_log), messages(demo_log)
-    assert not any(line.startswith("INFO ") for line in ghost_lines + demo_lines)
+    assert not any(line.startswith("bprr-agent: info:") for line in ghost_lines + demo_lines)
+    # Registered, then draining: in the order the coordinator hears it.
     assert ghost_lines == [
-        f"WARNING bprr_client.cli: {NO_HOST_WARNING}",
-        "NOTICE bprr_client.agent: draining: the coordinator re-plans without this server",
-        ghost_lines[2],
-        "NOTICE bprr_client.agent: left the swarm as ghost",
+        f"bprr-agent: warning: {NO_HOST_WARNING}",
+        ghost_lines[1],
+        "bprr-agent: notice: draining: the coordinator re-plans without this server",
+        "bprr-agent: notice: left the swarm as ghost",
     ]
     assert re.fullmatch(
-        r"NOTICE bprr_client.agent: registered as ghost \(boot epoch \d+\)", ghost_lines[2]
+        r"bprr-agent: notice: registered as ghost \(boot epoch \d+\)", ghost_lines[1]
     )
-    notices = [line.removeprefix("NOTICE bprr_client.agent: ") for line in demo_lines[1:]]
-    assert demo_lines[0] == f"WARNING bprr_client.cli: {SIMULATED_HOST_WARNING}"
+    notices = [line.removeprefix("bprr-agent: notice: ") for line in demo_lines[1:]]
+    assert demo_lines[0] == f"bprr-agent: warning: {SIMULATED_HOST_WARNING}"
     assert re.fullmatch(r"registered as demo \(boot epoch \d+\)", notices[0])
     assert notices[1:] == [
         "assigned span 0:8",
@@ -263,3 +264,25 @@ def test_each_state_change_is_one_notice_line(
         "NOTICE left the swarm as s0",
     ]
     other.stop()
+
+
+def test_an_agent_without_a_host_is_draining_from_its_first_heartbeat(
+    app: TestClient, forward: Forward, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The registration cannot carry a state: the heartbeat that says draining goes out in
+    the same step, right after it, and the notice follows the registration's."""
+    caplog.set_level(NOTICE, logger="bprr_client.agent")
+    put_model(app)
+    ghost = make_agent(forward, 0, host=NoHost(), draining=True)
+    assert caplog.records == []  # nothing said before the coordinator is told
+    ghost.tick()
+    sent = [(request.method, request.url.path) for request in forward.requests]
+    assert sent == [("POST", "/v1/servers"), ("POST", "/v1/servers/s0/heartbeat")]
+    assert json.loads(forward.requests[1].content)["state"] == "draining"
+    said = [record.getMessage() for record in caplog.records]
+    assert re.fullmatch(r"registered as s0 \(boot epoch \d+\)", said[0])
+    assert said[1:] == ["draining: the coordinator re-plans without this server"]
+    assert app.get("/v1/servers/s0").json()["state"] == "draining"
+    ghost.drain()  # said once
+    assert len(caplog.records) == 2
+    ghost.stop()

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
+from collections.abc import Callable
 from importlib import metadata
 
 import httpx
 import pytest
 import typer
+from bprr_client._cli_style import QUEUE_NOTICE_AFTER_S, exit_status
 from bprr_client.cli import app, main
 from fastapi.testclient import TestClient
 
+from tests.api.conftest import JOIN
 from tests.clients.conftest import BASE, Forward, make_agent, publish, put_model
 
 ROUTE = ["--client-site", "east", "--input-tokens", "10", "--output-tokens", "5"]
@@ -56,6 +60,20 @@ def run(
         (["run", "--site", "bad site", *RUN[3:]], "--site"),
         ([*RUN, "--probe", "udp"], "--probe: 'udp' is not one of tcp, http"),
         ([*RUN, "--site-target", "nohost"], "--site-target: 'nohost' is not SITE=HOST:PORT"),
+        ([*RUN, "--site-target", "w=h"], "--site-target: w='h' is not HOST:PORT"),
+        ([*RUN, "--site-target", "w=[::1]:0"], "port '0' is not 1..65535"),
+        ([*RUN[:-1], "nocolon"], "--address: 'nocolon' is not HOST:PORT"),
+        ([*RUN[:-1], ":80"], "--address: ':80' is not HOST:PORT (no host)"),
+        ([*RUN[:-1], "h:65536"], "port '65536' is not 1..65535"),
+        ([*RUN[:-1], "::1:80"], "an IPv6 host goes in brackets"),
+        (["--timeout", "1e10", "servers"], "--timeout: 10000000000.0 must be <= 3600"),
+        (["book", *ROUTE, "--wait-s", "500e10"], "--wait-s: 5000000000000.0 must be <= 3600"),
+        ([*RUN, "--probe-interval", "1e308"], "--probe-interval: 1e+308 must be <= 86400"),
+        ([*RUN, "--petals-ready-after", "1e9"], "--petals-ready-after: 1000000000.0 must be <="),
+        (["run", "--site", "e", "--memory-gb", "1e300", *RUN[4:]], "--memory-gb: 1e+300 must"),
+        ([*RUN, "--network-mbps", "1e13"], "--network-mbps: 10000000000000.0 must be <="),
+        (["servers", "--coordinator", "localhost:99999"], "port 99999 is not 1..65535"),
+        (["book", "--client-site", "bad site!", *ROUTE[2:]], "--client-site: string does not"),
         ([*RUN, "--", "--torch_dtype", "float16"], "--petals-model"),
         ([*RUN, "--petals-cli"], "--petals-cli: give --petals-model too"),
         ([*RUN, "--simulate-host", "--petals-model", "m"], "--simulate-host"),
@@ -70,6 +88,12 @@ def test_bad_arguments_are_one_error_line_and_exit_2(
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith("bprr-agent: error:") and needle in err
+
+
+def test_bracketed_ipv6_addresses_are_taken(capsys: pytest.CaptureFixture[str]) -> None:
+    # Checked, then refused further on for another reason: the address itself passed.
+    code, _, err = run(capsys, None, *RUN[:-1], "[::1]:31337", "--petals-cli")
+    assert code == 2 and "--address" not in err and "--petals-cli" in err
 
 
 def test_no_command_prints_the_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -99,8 +123,13 @@ def test_every_option_of_every_command_has_help() -> None:
     assert {"--version", "--install-completion", "--show-completion"} <= completion
 
 
-def test_shell_completion_script(capsys: pytest.CaptureFixture[str]) -> None:
-    # typer's --show-completion: the script for the named shell, naming this program.
+def test_shell_completion_script(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # typer's --show-completion: the script for the named shell, naming this program. With
+    # shellingham installed typer would detect the shell from the process tree instead (and
+    # find none under some parents): the named shell makes the test independent of that.
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
     with pytest.raises(SystemExit) as done:
         main(["--show-completion", "bash"])
     assert done.value.code == 0
@@ -155,15 +184,22 @@ def test_route_book_release_and_servers(
     assert sum(held.values()) > 0
     code, out, _ = run(capsys, forward, "servers")
     assert code == 0 and {s["id"] for s in json.loads(out)} == {"s0", "s1", "s2"}
-    # The session's token (returned once) authorises its release.
+    # The session's token (returned once) authorises its release: without it (401) or with
+    # another (403) the request is wrong, exit 2.
     code, _, err = run(capsys, forward, "release", session["id"])
-    assert code == 1 and "token" in err
+    assert code == 2 and err.startswith("bprr-agent: error: ") and "token" in err
+    code, _, err = run(capsys, forward, "release", session["id"], "--token", "not-it")
+    assert code == 2 and err.startswith("bprr-agent: error: ") and len(err.splitlines()) == 1
     release = ("release", session["id"], "--token", session["token"])
     code, out, _ = run(capsys, forward, *release)
     assert code == 0 and json.loads(out) == {"released": session["id"]}
     assert all(s["reserved_slots"] == 0 for s in app.get("/v1/servers").json())
+    # Released twice: the coordinator's reason, not a guess.
     code, _, err = run(capsys, forward, *release)
-    assert code == 1 and "does not exist" in err
+    assert code == 2
+    assert (
+        err == f"bprr-agent: error: session {session['id']!r} does not exist (it ended: released)\n"
+    )
 
 
 def fill(app: TestClient, forward: Forward, capsys: pytest.CaptureFixture[str]) -> int:
@@ -188,7 +224,22 @@ def test_a_booking_that_waits_says_so(
     assert lines[:-1] == [
         f"bprr-agent: waiting for a free chain (retry in {pause:.1f} s)" for pause in pauses
     ]
-    assert lines[-1].startswith("error: ") and "full" in lines[-1]
+    assert lines[-1].startswith("bprr-agent: error: ") and "full" in lines[-1]
+
+
+class FiredAtOnce:
+    """A timer that fires when it is started (each request a booking sends): no wall clock."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    def __call__(self, delay_s: float, action: Callable[[], None]) -> FiredAtOnce:
+        self.delays.append(delay_s)
+        action()
+        return self
+
+    def cancel(self) -> None:
+        return None
 
 
 def test_a_booking_in_the_coordinators_queue_says_so_once(
@@ -196,12 +247,18 @@ def test_a_booking_in_the_coordinators_queue_says_so_once(
 ) -> None:
     online_swarm(app, forward)
     fill(app, forward, capsys)
-    # The coordinator holds each attempt for --wait-s (1.5 s > the 1 s before the notice).
-    code, _, err = run(capsys, forward, "book", *ROUTE, "--wait-s", "1.5", sleep=lambda _s: None)
+    timer = FiredAtOnce()
+    forward.requests.clear()
+    code, _, err = run(
+        capsys, forward, "book", *ROUTE, "--wait-s", "0.2", sleep=lambda _s: None, timer=timer
+    )
     queued = [line for line in err.splitlines() if "in the coordinator's queue" in line]
     assert code == 1
+    # The refusals were retried; once said, the notice is not started again.
+    assert sum(request.method == "POST" for request in forward.requests) > 1
+    assert timer.delays == [QUEUE_NOTICE_AFTER_S]
     assert queued == [
-        "bprr-agent: waiting for a free chain (in the coordinator's queue, up to 1.5 s)"
+        "bprr-agent: waiting for a free chain (in the coordinator's queue, up to 0.2 s)"
     ]
 
 
@@ -210,8 +267,51 @@ def test_a_request_the_coordinator_rejects_is_exit_2(
 ) -> None:
     online_swarm(app, forward)
     code, _, err = run(capsys, forward, "route", *ROUTE[:1], "mars", *ROUTE[2:])
-    assert code == 2 and err.startswith("error:") and "client_site" in err
-    assert len(err.strip().splitlines()) == 1
+    assert err == "bprr-agent: error: client_site: unknown site 'mars'\n" and code == 2
+
+
+def test_the_coordinators_log_lines_are_kept_apart(
+    app: TestClient, forward: Forward, capsys: pytest.CaptureFixture[str], app_log: io.StringIO
+) -> None:
+    online_swarm(app, forward)  # the model change is audited: a structlog line
+    code, out, err = run(capsys, forward, "servers")
+    assert code == 0 and err == "" and len(json.loads(out)) == 3
+    assert "audit" in app_log.getvalue() and "model_changed" in app_log.getvalue()
+
+
+def test_a_url_that_is_not_a_bprr_coordinator_says_so(
+    app: TestClient, forward: Forward, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The in-process app serves nothing under /elsewhere: FastAPI's bare 404 Not Found.
+    code = main(["--coordinator", f"{BASE}/elsewhere", "servers"], transport=forward)
+    _, err = capsys.readouterr()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"bprr-agent: error: {BASE}/elsewhere answered 404 Not Found")
+    assert "does not look like a bprr coordinator (check --coordinator)" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "said"),
+    [
+        (["servers"], 2, "BPRR_COORDINATOR: 'ftp://nowhere' is not an http(s) URL"),
+        (["servers", "--coordinator", BASE], 0, ""),
+        (["--coordinator", BASE, "servers"], 0, ""),
+        (["--help"], 0, ""),
+        (["servers", "--help"], 0, ""),
+    ],
+)
+def test_a_bad_coordinator_variable_spoils_only_what_uses_it(
+    forward: Forward,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    code: int,
+    said: str,
+) -> None:
+    monkeypatch.setenv("BPRR_COORDINATOR", "ftp://nowhere")
+    assert main(argv, transport=forward) == code
+    _, err = capsys.readouterr()
+    assert err == (f"bprr-agent: error: {said} (e.g. 127.0.0.1:8080)\n" if said else "")
 
 
 def test_an_unreachable_coordinator_is_exit_1(
@@ -223,7 +323,60 @@ def test_an_unreachable_coordinator_is_exit_1(
     forward.fail = [httpx.ConnectError("refused")] * 10
     code, _, err = run(capsys, forward, "route", *ROUTE, sleep=lambda _s: None)
     lines = err.strip().splitlines()
-    assert code == 1 and lines[-1].startswith("error: coordinator unreachable")
+    assert code == 1 and lines[-1].startswith("bprr-agent: error: coordinator unreachable")
     assert all(
         line.startswith("bprr-agent: coordinator unreachable (retry in") for line in lines[:-1]
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--join-token", "wrong"], "registration refused (join token?): "),
+        (["--id", "bad id!!", "--join-token", JOIN], "registration refused (422): id: "),
+    ],
+)
+def test_a_registration_the_coordinator_refuses_is_one_error_line_and_exit_2(
+    app: TestClient,
+    forward: Forward,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    said: str,
+) -> None:
+    code, out, err = run(capsys, forward, *RUN, "--no-peers", "--simulate-host", *argv)
+    lines = err.splitlines()
+    assert code == 2 and out == ""
+    # The simulated host's warning, then the refusal said once (not logged, then printed).
+    assert len(lines) == 2 and lines[0].startswith("bprr-agent: warning: --simulate-host")
+    assert lines[1].startswith(f"bprr-agent: error: agent stopped: {said}"), lines
+
+
+def test_a_registration_is_retried_after_a_500_then_refused(
+    app: TestClient, forward: Forward, capsys: pytest.CaptureFixture[str]
+) -> None:
+    forward.fail = [(500, {})]
+    code, _, err = run(
+        capsys, forward, *RUN, "--no-peers", "--simulate-host", "--join-token", "wrong"
+    )
+    lines = err.splitlines()
+    assert code == 2 and lines[1] == "bprr-agent: warning: coordinator unavailable: 500: injected"
+    assert lines[2].startswith("bprr-agent: error: agent stopped: registration refused")
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [(400, 2), (401, 2), (403, 2), (404, 2), (409, 2), (422, 2), (408, 1), (429, 1), (500, 1)],
+)
+def test_exit_status_of_a_coordinator_answer(status: int, code: int) -> None:
+    # 4xx: the request (the options) is wrong; 5xx, over quota, timed out: try later.
+    assert exit_status(status) == code
+
+
+def test_a_wait_over_the_coordinators_limit_is_its_422(
+    app: TestClient, forward: Forward, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The client allows the coordinator's hard ceiling (3600 s); this one is set to 300.
+    online_swarm(app, forward)
+    code, out, err = run(capsys, forward, "book", *ROUTE, "--wait-s", "500")
+    assert code == 2 and out == "" and len(err.splitlines()) == 1
+    assert err.startswith("bprr-agent: error: wait_s: ") and "300" in err

@@ -91,4 +91,4 @@ def test_a_simulated_host_joins_and_logs_its_state_changes(
     assert code == 0
     text = log.read_text()
     for notice in ("registered as p0", "assigned span 0:8", "loaded 0:8", "left the swarm as p0"):
-        assert f"NOTICE bprr_client.agent: {notice}" in text
+        assert f"bprr-agent: notice: {notice}" in text

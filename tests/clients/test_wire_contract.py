@@ -1,7 +1,8 @@
 """The client package's wire models (bprr_client.models, on the pydantic.v1 API) against the
 coordinator's OpenAPI schema (issue 13): the same field names, compatible JSON types,
-nullability and enumerations, and the required fields sent. A field added to either side
-without the other fails here.
+nullability and enumerations, the required fields sent, and no bound of the client's tighter
+than the app's (numbers' minimum/maximum, strings' lengths and patterns). A field added to
+either side without the other fails here.
 
 Replies (the client parses them): whatever the coordinator may send, the client accepts.
 Requests (the client sends them): whatever the client may send, the coordinator accepts, and
@@ -144,6 +145,59 @@ def _items(schema: Schema) -> Schema | None:
     return None
 
 
+_BOUNDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
+_STRINGS = ("minLength", "maxLength", "pattern")
+
+
+def _constraints(schema: Schema) -> Schema:
+    """A field's bounds, from its schema or the non-null part of a union (an optional field:
+    pydantic 1 writes the bounds on the field, pydantic 2 inside ``anyOf``)."""
+    found: Schema = {}
+    parts = [schema]
+    while parts:
+        part = parts.pop()
+        for key in ("anyOf", "oneOf", "allOf"):
+            parts.extend(part.get(key, []))
+        found.update({key: part[key] for key in (*_BOUNDS, *_STRINGS) if key in part})
+    return found
+
+
+def _end(bounds: Schema, inclusive: str, exclusive: str) -> tuple[float, bool] | None:
+    """One end of a number's range as (value, exclusive), the tighter when both are given."""
+    ends = [
+        (float(bounds[key]), key == exclusive) for key in (inclusive, exclusive) if key in bounds
+    ]
+    if not ends:
+        return None
+    if inclusive == "minimum":  # the largest lower end; exclusive wins a tie
+        return max(ends, key=lambda end: (end[0], end[1]))
+    return min(ends, key=lambda end: (end[0], not end[1]))
+
+
+def bound_problems(client: Schema, app: Schema) -> list[str]:
+    """Where the client declares a bound tighter than the app's: it would refuse a value the
+    app accepts (a request the coordinator would serve, a reply it may send)."""
+    c, a = _constraints(client), _constraints(app)
+    problems = []
+    c_low, a_low = _end(c, "minimum", "exclusiveMinimum"), _end(a, "minimum", "exclusiveMinimum")
+    if c_low is not None and (
+        a_low is None or c_low[0] > a_low[0] or (c_low == (a_low[0], True) and not a_low[1])
+    ):
+        problems.append(f"lower bound {c_low} is tighter than the app's {a_low}")
+    c_high, a_high = _end(c, "maximum", "exclusiveMaximum"), _end(a, "maximum", "exclusiveMaximum")
+    if c_high is not None and (
+        a_high is None or c_high[0] < a_high[0] or (c_high == (a_high[0], True) and not a_high[1])
+    ):
+        problems.append(f"upper bound {c_high} is tighter than the app's {a_high}")
+    if c.get("minLength", 0) > a.get("minLength", 0):
+        problems.append(f"minLength {c['minLength']} > the app's {a.get('minLength', 0)}")
+    if "maxLength" in c and c["maxLength"] < a.get("maxLength", float("inf")):
+        problems.append(f"maxLength {c['maxLength']} < the app's {a.get('maxLength')}")
+    if "pattern" in c and c["pattern"] != a.get("pattern"):
+        problems.append(f"pattern {c['pattern']!r} is not the app's {a.get('pattern')!r}")
+    return problems
+
+
 def contract_problems(
     spec: Schema, client_name: str, model: type[V1Model], contract: Contract
 ) -> list[str]:
@@ -178,6 +232,8 @@ def contract_problems(
                     f"{where}.{name} ({direction}): values {sorted(narrow_enum - wide_enum)} "
                     "not accepted"
                 )
+        for problem in bound_problems(client_fields[name], app_fields[name]):
+            problems.append(f"{where}.{name}: {problem}")
         client_items, app_items = _items(client_fields[name]), _items(app_fields[name])
         if client_items is not None and app_items is not None:
             item_kinds = {
@@ -247,6 +303,45 @@ def test_the_contract_check_finds_drift(openapi: Schema) -> None:
     )
     assert "SessionRequest ~ BookingIn: the client has 'site', the app does not" in renamed
     assert any("requires 'client_site'" in p for p in renamed), renamed
+
+
+def test_the_contract_check_finds_tighter_bounds(openapi: Schema) -> None:
+    """A client bound tighter than the app's is reported (the wait_s <= 300 the client had
+    while the coordinator takes up to 3600); looser ones are not."""
+
+    class TightRequest(models._Request):
+        client_site: str = Field(..., max_length=100, regex=r"^[a-z]+$")
+        input_tokens: int = Field(..., ge=1)  # the app: >= 0
+        output_tokens: int = Field(..., gt=0)  # the app: >= 1; looser, not reported
+        wait_s: float = Field(0.0, ge=-1, le=300)
+
+    problems = contract_problems(
+        openapi, "SessionRequest", TightRequest, CONTRACTS["SessionRequest"]
+    )
+    where = "SessionRequest ~ BookingIn"
+    assert problems == [
+        f"{where}.client_site: maxLength 100 < the app's 200",
+        f"{where}.client_site: pattern '^[a-z]+$' is not the app's '^[A-Za-z0-9._:@-]+$'",
+        f"{where}.input_tokens: lower bound (1.0, False) is tighter than the app's (0.0, False)",
+        f"{where}.wait_s: upper bound (300.0, False) is tighter than the app's (3600.0, False)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("client", "app", "tighter"),
+    [
+        ({"exclusiveMinimum": 0}, {"minimum": 1e-9}, False),
+        ({"minimum": 0}, {"exclusiveMinimum": 0}, False),
+        ({"exclusiveMinimum": 0}, {"minimum": 0}, True),
+        ({"maximum": 10}, {}, True),
+        ({"anyOf": [{"maximum": 10}, {"type": "null"}]}, {"maximum": 10}, False),
+        ({"maximum": 10}, {"anyOf": [{"maximum": 20}, {"type": "null"}]}, True),
+        ({"minLength": 1}, {"minLength": 1, "maxLength": 5}, False),
+        ({"maxLength": 9}, {"maxLength": 5}, False),
+    ],
+)
+def test_bound_comparison(client: Schema, app: Schema, tighter: bool) -> None:
+    assert bool(bound_problems(client, app)) is tighter
 
 
 def test_the_client_parses_a_real_server_listing(tmp_path: Path) -> None:

@@ -19,14 +19,14 @@ import httpx
 import typer
 
 from bprr_client._cli_style import (
-    CoordinatorOption,
+    MAX_INTERVAL_S,
+    MAX_MEASURE,
+    Invocation,
     Probe,
-    TimeoutOption,
     UsageError,
-    VerboseOption,
-    invocation_of,
-    non_negative,
-    positive,
+    bounded,
+    exit_status,
+    host_port,
     site_target,
 )
 from bprr_client.agent import Identity, NoHost, ServerAgent, SpanHost
@@ -42,6 +42,10 @@ from bprr_client.petals import (
 from bprr_client.probes import HttpProber, Prober, TcpProber
 
 log = logging.getLogger("bprr_client.cli")
+positive = bounded(0.0, strict=True, high=MAX_MEASURE)
+non_negative = bounded(0.0, high=MAX_MEASURE)
+MAX_MEMORY_GB = 1e6  # a petabyte: more is a typo
+interval = bounded(0.0, strict=True, high=MAX_INTERVAL_S)
 
 NO_HOST_WARNING = (
     "no host: this agent serves no blocks (give --petals-model to run PETALS, or "
@@ -193,11 +197,11 @@ def build_agent(
         timeout=httpx.Timeout(options.timeout_s, connect=min(options.timeout_s, 3.0)),
         transport=transport,
         identity=identity,
-    )
-    if hosts_nothing:
         # Draining keeps the planner from placing blocks on a server that would never load
-        # them (a "joining" one would hold its span and leave those blocks uncovered).
-        agent.drain()
+        # them (a "joining" one would hold its span and leave those blocks uncovered); the
+        # first heartbeat says so right after the registration.
+        draining=hosts_nothing,
+    )
     return agent
 
 
@@ -286,18 +290,24 @@ def _petals_cli_host(options: RunOptions, extra: Sequence[str]) -> ProcessSuperv
 
 
 def run_command(
-    ctx: typer.Context,
+    invocation: Invocation,
     site: Annotated[str, typer.Option("--site", help="The site (region) of this server.")],
     memory_gb: Annotated[
         float,
-        typer.Option("--memory-gb", callback=positive, help="GPU memory for blocks and cache, GB."),
+        typer.Option(
+            "--memory-gb",
+            callback=bounded(0.0, strict=True, high=MAX_MEMORY_GB),
+            help=f"GPU memory for blocks and cache, GB (at most {MAX_MEMORY_GB:g}).",
+        ),
     ],
     address: Annotated[
         str,
         typer.Option(
             "--address",
             metavar="HOST:PORT",
-            help="Public HOST:PORT of this server (its peers and clients probe it).",
+            callback=host_port,
+            help="Public HOST:PORT of this server (its peers and clients probe it; an IPv6 "
+            "host in brackets).",
         ),
     ],
     decode_ms_per_block: Annotated[
@@ -371,7 +381,9 @@ def run_command(
     probe_interval: Annotated[
         float,
         typer.Option(
-            "--probe-interval", callback=positive, help="Seconds between two probe rounds."
+            "--probe-interval",
+            callback=interval,
+            help=f"Seconds between two probe rounds (at most {MAX_INTERVAL_S:g}).",
         ),
     ] = 30.0,
     simulate_host: Annotated[
@@ -463,18 +475,15 @@ def run_command(
         float,
         typer.Option(
             "--petals-ready-after",
-            callback=non_negative,
-            help="With --petals-cli: seconds PETALS takes to load blocks.",
+            callback=bounded(0.0, high=MAX_INTERVAL_S),
+            help="With --petals-cli: seconds PETALS takes to load blocks "
+            f"(at most {MAX_INTERVAL_S:g}).",
         ),
     ] = 60.0,
-    coordinator: CoordinatorOption = None,
-    timeout: TimeoutOption = None,
-    verbose: VerboseOption = False,
 ) -> None:
     """Run a server agent until SIGTERM: register, heartbeat, host the assigned span, leave.
 
     Hosts: PETALS (--petals-model), none (the agent stays unroutable), or --simulate-host."""
-    invocation = invocation_of(ctx, coordinator, timeout, verbose)
     options = RunOptions(
         coordinator=invocation.coordinator,
         site=site,
@@ -512,5 +521,7 @@ def run_command(
     agent.install_signal_handlers()
     agent.run()
     if agent.error is not None:
-        print(f"error: {agent.error}", file=sys.stderr)
-        raise typer.Exit(1)
+        # Already said, once: the agent logs "agent stopped: ..." at ERROR
+        # (``bprr-agent: error: agent stopped: ...``). A refusal (4xx) is the options' fault.
+        status = agent.error.status_code
+        raise typer.Exit(1 if status is None else exit_status(status))

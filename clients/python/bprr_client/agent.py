@@ -97,7 +97,12 @@ def span_text(span: Span | None) -> str:
 
 class AgentError(Exception):
     """A condition retrying cannot fix: a wrong join token, invalid registration data, or
-    another process now registered under this server's id (403/409)."""
+    another process now registered under this server's id (403/409). ``status_code``: the
+    coordinator's refusal, None when the host failed."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
 class _Transient(Exception):
@@ -131,6 +136,8 @@ class ServerAgent:
     with a ``host``, when ``host.loaded_span()`` says so). ``identity`` gives the PETALS
     peer id and multiaddrs sent with the registration; the agent waits for it before it
     registers. A host whose ``poll()`` raises ``HostFailed`` stops the agent (AgentError).
+    ``draining``: report ``draining`` from the first heartbeat (sent right after the
+    registration), for an agent that will never load a span.
     """
 
     def __init__(
@@ -155,6 +162,7 @@ class ServerAgent:
         http_client: httpx.Client | None = None,
         epoch_source: Callable[[], int] = default_epoch,
         rng: random.Random | None = None,
+        draining: bool = False,
     ) -> None:
         if probe_interval_s <= 0:
             raise ValueError("probe_interval_s: must be positive")
@@ -191,7 +199,8 @@ class ServerAgent:
         self._applied: Span | None = None
         self._reported_loaded: Span | None = None
         self._hide_loaded = False
-        self._draining = False
+        self._draining = draining
+        self._drain_said = False
         self._interval = 5.0
         self._lock = threading.Lock()
         self._pending_rtts: dict[str, float] = {}
@@ -223,9 +232,15 @@ class ServerAgent:
 
     def drain(self) -> None:
         """Report ``draining`` from now on: the coordinator re-plans without this server."""
-        if not self._draining:
-            log.log(NOTICE, "draining: the coordinator re-plans without this server")
         self._draining = True
+        if self.registration is not None:
+            self._say_draining()
+
+    def _say_draining(self) -> None:
+        """Once, when the coordinator is told (said after "registered", not before)."""
+        if self._draining and not self._drain_said:
+            self._drain_said = True
+            log.log(NOTICE, "draining: the coordinator re-plans without this server")
 
     # --- protocol steps ----------------------------------------------------------------------
 
@@ -257,10 +272,10 @@ class ServerAgent:
             self._send_identity = False
             return self.register()
         if response.status_code != 201:
-            detail = error_detail(response)
-            if response.status_code == 401 or ("token" in detail and "join" in detail):
-                raise AgentError(f"registration refused (join token?): {detail}")
-            raise AgentError(f"registration refused ({response.status_code}): {detail}")
+            detail, status = error_detail(response), response.status_code
+            if status == 401 or ("token" in detail and "join" in detail):
+                raise AgentError(f"registration refused (join token?): {detail}", status)
+            raise AgentError(f"registration refused ({status}): {detail}", status)
         registration = Registration.parse(response.json())
         self.registration = registration
         self.server_id = registration.id
@@ -270,6 +285,7 @@ class ServerAgent:
         self._set_interval(registration.heartbeat_interval_s, registration.lease_ttl_s)
         again = "re-registered" if self.registrations > 1 else "registered"
         log.log(NOTICE, "%s as %s (boot epoch %d)", again, registration.id, self.boot_epoch)
+        self._say_draining()
         return registration
 
     def heartbeat(self) -> HeartbeatReply:
@@ -304,13 +320,14 @@ class ServerAgent:
         if status in (403, 409):
             raise AgentError(
                 f"heartbeat refused ({status}): {error_detail(response)}; "
-                "another process registered as this server"
+                "another process registered as this server",
+                status,
             )
         if status == 422:
             self._rejected_heartbeat(error_detail(response), rtts)
             raise _Transient(f"422: {error_detail(response)}", hint_s=0.0)
         if status != 200:
-            raise AgentError(f"heartbeat refused ({status}): {error_detail(response)}")
+            raise AgentError(f"heartbeat refused ({status}): {error_detail(response)}", status)
         reply = HeartbeatReply.parse(response.json())
         with self._lock:  # sent: forget what was reported (unless re-measured meanwhile)
             for key, value in rtts.items():
@@ -342,7 +359,7 @@ class ServerAgent:
             # assignment changes and the new span is loaded.
             self._hide_loaded = True
             return
-        raise AgentError(f"heartbeat rejected (422): {detail}")
+        raise AgentError(f"heartbeat rejected (422): {detail}", 422)
 
     def tick(self) -> float:
         """One step: keep the host's process alive, (re-)register if needed, heartbeat,

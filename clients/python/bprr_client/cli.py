@@ -13,8 +13,10 @@
 The same style as ``bprr`` (typer): ``--version``, shell completion, help on every option,
 fixed choices as enums. ``--coordinator`` (or BPRR_COORDINATOR), ``--timeout`` and ``-v`` go
 before or after the command; a URL without a scheme is taken as ``http://``. Replies are
-printed as JSON. Bad arguments or a request the coordinator rejects as invalid: one ``error:``
-line, exit 2; the coordinator unreachable or unable to serve: exit 1.
+printed as JSON. Bad arguments or a request the coordinator rejects (4xx: invalid, unknown,
+unauthorised, in conflict): one ``bprr-agent: error:`` line, exit 2; the coordinator
+unreachable or unable to serve (5xx, over quota): exit 1. The coordinator's URL (and
+BPRR_COORDINATOR) is checked when a command runs, so ``--help`` works with any.
 
 This package must not import the coordinator (``app``): the style is copied, not shared. It
 runs under PETALS' interpreter too (pydantic 1.10), hence typer 0.28 there (see pyproject).
@@ -25,8 +27,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from typing import Annotated, Any
 
@@ -35,23 +36,25 @@ import typer
 
 from bprr_client._agent_cli import RunOptions, SpeedsFile, read_speeds, run_command
 from bprr_client._cli_style import (
+    COORDINATOR_ENV,
     DEFAULT_COORDINATOR,
+    MAX_TIMEOUT_S,
+    MAX_WAIT_S,
     PROG,
     BookingNotices,
-    CoordinatorOption,
     Invocation,
-    TimeoutOption,
+    TimerFactory,
     UsageError,
-    VerboseOption,
     bad_parameter_message,
-    coordinator_url,
+    bounded,
     count_at_least,
-    invocation_of,
-    non_negative,
-    positive,
+    exit_status,
+    thread_timer,
+    timeout_seconds,
+    with_connection_options,
 )
 from bprr_client.http import CoordinatorError, CoordinatorUnreachable, raise_for_status
-from bprr_client.models import Server, WireModel
+from bprr_client.models import Server, ValidationError, WireModel
 from bprr_client.routes import RouteClient
 
 __all__ = ["PROG", "RunOptions", "SpeedsFile", "UsageError", "app", "main", "read_speeds"]
@@ -62,7 +65,6 @@ app = typer.Typer(
     name=PROG,
     help="bprr's server agent and route client: run a GPU server's agent, or ask the "
     "coordinator for routes and sessions.",
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=True,
 )
@@ -86,7 +88,7 @@ def _group(
         typer.Option(
             "--coordinator",
             metavar="URL",
-            envvar="BPRR_COORDINATOR",
+            envvar=COORDINATOR_ENV,
             help="Coordinator URL; http:// is assumed without a scheme. "
             "May also follow the command.",
         ),
@@ -96,8 +98,9 @@ def _group(
         typer.Option(
             "--timeout",
             metavar="SECONDS",
-            callback=positive,
-            help="HTTP timeout in seconds (connecting: at most 3 s). May also follow the command.",
+            callback=timeout_seconds,
+            help=f"HTTP timeout in seconds (connecting: at most 3 s; at most {MAX_TIMEOUT_S:g}). "
+            "May also follow the command.",
         ),
     ] = 10.0,
     verbose: Annotated[
@@ -118,18 +121,12 @@ def _group(
 ) -> None:
     """bprr's server agent and route client."""
     invocation = ctx.ensure_object(Invocation)
-    invocation.coordinator = coordinator_url(coordinator, "--coordinator")
+    source = ctx.get_parameter_source("coordinator")
+    from_environment = source is not None and source.name == "ENVIRONMENT"
+    invocation.coordinator_text = coordinator
+    invocation.coordinator_source = COORDINATOR_ENV if from_environment else "--coordinator"
     invocation.timeout_s = timeout
     invocation.verbose = verbose
-
-
-def _no_extra(invocation: Invocation) -> None:
-    if invocation.extra:
-        raise UsageError(f"unexpected arguments after --: {' '.join(invocation.extra)}")
-
-
-def _timeout(invocation: Invocation) -> httpx.Timeout:
-    return httpx.Timeout(invocation.timeout_s, connect=min(invocation.timeout_s, 3.0))
 
 
 def _print(model: WireModel | list[Server]) -> None:
@@ -142,7 +139,7 @@ def _print(model: WireModel | list[Server]) -> None:
 app.command(
     "run",
     epilog="Arguments after `--` are passed to PETALS verbatim (with --petals-model).",
-)(run_command)
+)(with_connection_options(run_command, takes_extra=True))
 
 
 # --- route, book, release, servers ----------------------------------------------------------
@@ -162,42 +159,29 @@ OutputTokens = Annotated[
 ]
 
 
-@contextmanager
-def _route_client(invocation: Invocation, notices: BookingNotices) -> Iterator[RouteClient]:
+def _route_client(
+    invocation: Invocation, http: httpx.Client, notices: BookingNotices
+) -> RouteClient:
     """A RouteClient whose waits are said on stderr (``notices``)."""
-    with httpx.Client(
-        base_url=invocation.coordinator,
-        timeout=_timeout(invocation),
-        transport=invocation.transport,
-        event_hooks=notices.event_hooks(),
-    ) as http:
-        try:
-            yield RouteClient(http_client=http, timeout=_timeout(invocation), sleep=notices.sleep)
-        finally:
-            notices.cancel()
+    return RouteClient(http_client=http, timeout=invocation.timeout, sleep=notices.sleep)
 
 
-@app.command("route")
 def route_command(
-    ctx: typer.Context,
+    invocation: Invocation,
     client_site: ClientSite,
     input_tokens: InputTokens,
     output_tokens: OutputTokens,
-    coordinator: CoordinatorOption = None,
-    timeout: TimeoutOption = None,
-    verbose: VerboseOption = False,
 ) -> None:
     """The best route right now (nothing is reserved)."""
-    invocation = invocation_of(ctx, coordinator, timeout, verbose)
-    _no_extra(invocation)
     notices = BookingNotices("waiting for a route", invocation.sleep)
-    with _route_client(invocation, notices) as client:
-        _print(client.route(input_tokens, output_tokens, client_site))
+    with invocation.http_client(notices) as http:
+        _print(
+            _route_client(invocation, http, notices).route(input_tokens, output_tokens, client_site)
+        )
 
 
-@app.command("book")
 def book_command(
-    ctx: typer.Context,
+    invocation: Invocation,
     client_site: ClientSite,
     input_tokens: InputTokens,
     output_tokens: OutputTokens,
@@ -205,28 +189,29 @@ def book_command(
         float,
         typer.Option(
             "--wait-s",
-            callback=non_negative,
+            callback=bounded(0.0, high=MAX_WAIT_S),
             help="Wait up to this long in the coordinator's queue when every chain is full "
-            "(0: refused at once, then retried after the coordinator's Retry-After).",
+            "(0: refused at once, then retried after the coordinator's Retry-After; at most "
+            f"{MAX_WAIT_S:g}, or the coordinator's BPRR_QUEUE_MAX_WAIT_S).",
         ),
     ] = 0.0,
-    coordinator: CoordinatorOption = None,
-    timeout: TimeoutOption = None,
-    verbose: VerboseOption = False,
 ) -> None:
     """Book a session: the coordinator reserves cache on every hop of the route.
 
     A booking that waits (after a refusal, or in the coordinator's queue) says so on stderr."""
-    invocation = invocation_of(ctx, coordinator, timeout, verbose)
-    _no_extra(invocation)
-    notices = BookingNotices("waiting for a free chain", invocation.sleep, queue_wait_s=wait_s)
-    with _route_client(invocation, notices) as client:
-        _print(client.book(input_tokens, output_tokens, client_site, wait_s=wait_s))
+    notices = BookingNotices(
+        "waiting for a free chain", invocation.sleep, queue_wait_s=wait_s, timer=invocation.timer
+    )
+    with invocation.http_client(notices) as http:
+        client = _route_client(invocation, http, notices)
+        try:
+            _print(client.book(input_tokens, output_tokens, client_site, wait_s=wait_s))
+        finally:
+            notices.cancel()
 
 
-@app.command("release")
 def release_command(
-    ctx: typer.Context,
+    invocation: Invocation,
     session_id: Annotated[
         str, typer.Argument(metavar="SESSION_ID", help="The session to release.")
     ],
@@ -239,36 +224,18 @@ def release_command(
             show_default=False,
         ),
     ] = None,
-    coordinator: CoordinatorOption = None,
-    timeout: TimeoutOption = None,
-    verbose: VerboseOption = False,
 ) -> None:
     """Release a session (its cache on every hop)."""
-    invocation = invocation_of(ctx, coordinator, timeout, verbose)
-    _no_extra(invocation)
     notices = BookingNotices("coordinator busy", invocation.sleep)
-    with _route_client(invocation, notices) as client:
-        if not client.release(session_id, token=token):
-            print(f"error: session {session_id!r} does not exist", file=sys.stderr)
-            raise typer.Exit(1)
+    with invocation.http_client(notices) as http:
+        # A session already gone is an error here, with the coordinator's reason.
+        _route_client(invocation, http, notices).release(session_id, token=token, missing_ok=False)
     print(json.dumps({"released": session_id}))
 
 
-@app.command("servers")
-def servers_command(
-    ctx: typer.Context,
-    coordinator: CoordinatorOption = None,
-    timeout: TimeoutOption = None,
-    verbose: VerboseOption = False,
-) -> None:
+def servers_command(invocation: Invocation) -> None:
     """List the registered servers."""
-    invocation = invocation_of(ctx, coordinator, timeout, verbose)
-    _no_extra(invocation)
-    with httpx.Client(
-        base_url=invocation.coordinator,
-        timeout=_timeout(invocation),
-        transport=invocation.transport,
-    ) as http:
+    with invocation.http_client() as http:
         try:
             response = http.get("/v1/servers")
         except httpx.TransportError as error:
@@ -277,7 +244,36 @@ def servers_command(
         _print([Server.parse(item) for item in response.json()])
 
 
+for _name, _command in (
+    ("route", route_command),
+    ("book", book_command),
+    ("release", release_command),
+    ("servers", servers_command),
+):
+    app.command(_name)(with_connection_options(_command))
+
+
 # --- entry point -------------------------------------------------------------------------------
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:500]
+
+
+def _coordinator_error(error: CoordinatorError, invocation: Invocation) -> str:
+    """The coordinator's reason; a 404 without one (a path it does not serve) says the URL
+    is probably not a bprr coordinator."""
+    detail = _one_line(error.detail)
+    if error.status_code == 404 and (detail in ("", "Not Found") or detail.startswith("<")):
+        return (
+            f"{invocation.coordinator} answered 404 Not Found: it does not look like a bprr "
+            f"coordinator (check {invocation.coordinator_source})"
+        )
+    return detail
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
 
 
 def main(
@@ -285,44 +281,49 @@ def main(
     *,
     transport: httpx.BaseTransport | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    timer: TimerFactory = thread_timer,
 ) -> int:
     """Entry point; ``transport`` lets tests talk to an in-process coordinator, ``sleep``
-    replaces the pauses between retries."""
+    replaces the pauses between retries, ``timer`` the one before a queue notice."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
     if "--" in arguments:  # PETALS' own arguments, passed through by `run`
         cut = arguments.index("--")
         arguments, extra = arguments[:cut], arguments[cut + 1 :]
-    invocation = Invocation(extra=extra, transport=transport, sleep=sleep)
+    invocation = Invocation(extra=extra, transport=transport, sleep=sleep, timer=timer)
     command = typer.main.get_command(app)
+    no_command = not arguments and not extra
     try:
         result: Any = command.main(
-            args=arguments, prog_name=PROG, standalone_mode=False, obj=invocation
+            args=arguments or ["--help"], prog_name=PROG, standalone_mode=False, obj=invocation
         )
     except typer.Exit as done:
-        return int(done.exit_code)
+        return 2 if no_command else int(done.exit_code)
     except typer.Abort:
-        print("error: aborted", file=sys.stderr)
+        _error("aborted")
         return 130
     except typer.BadParameter as error:
-        print(f"{PROG}: error: {bad_parameter_message(error)}", file=sys.stderr)
+        _error(bad_parameter_message(error))
         return 2
     except typer.TyperException as error:
-        message = getattr(error, "format_message", error.__str__)()
-        if type(error).__name__ == "NoArgsIsHelpError":
-            print(message)  # the help, as `bprr` prints it
-            return 2
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        _error(getattr(error, "format_message", error.__str__)())
         return 2
     except UsageError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        _error(str(error))
+        return 2
+    except ValidationError as error:  # a value the wire models refuse
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]).replace("_", "-")
+        _error(f"--{where}: {first['msg']}")
         return 2
     except CoordinatorError as error:
-        print(f"error: {error.detail}", file=sys.stderr)
-        return 2 if error.status_code in (400, 404, 409, 422) else 1
+        _error(_coordinator_error(error, invocation))
+        return exit_status(error.status_code)
     except CoordinatorUnreachable as error:
-        print(f"error: coordinator unreachable: {error}", file=sys.stderr)
+        _error(f"coordinator unreachable: {_one_line(str(error))}")
         return 1
+    if no_command:
+        return 2  # the help, as `bprr` prints it
     return result if isinstance(result, int) else 0
 
 

@@ -133,9 +133,12 @@ class RouteClient:
             self._session_tokens[session.id] = session.token
         return session
 
-    def release(self, session: Session | str, token: str | None = None) -> bool:
+    def release(
+        self, session: Session | str, token: str | None = None, *, missing_ok: bool = True
+    ) -> bool:
         """Release a session, with its token (kept from the booking, or ``token``); False
-        when it was already gone (released or expired)."""
+        when it was already gone (released or expired), or with ``missing_ok=False``
+        ``CoordinatorError`` (404) with the coordinator's reason."""
         session_id = session if isinstance(session, str) else session.id
         token = token or self._session_tokens.get(session_id)
         if token is None and isinstance(session, Session):
@@ -146,6 +149,8 @@ class RouteClient:
         response = self._send("DELETE", f"/v1/sessions/{session_id}", idempotent=True, **kwargs)
         if response.status_code == 404:
             self._session_tokens.pop(session_id, None)
+            if not missing_ok:
+                raise_for_status(response)
             return False
         raise_for_status(response)
         self._session_tokens.pop(session_id, None)
