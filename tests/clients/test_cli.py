@@ -123,6 +123,14 @@ def test_every_option_of_every_command_has_help() -> None:
     assert {"--version", "--install-completion", "--show-completion"} <= completion
 
 
+def test_every_command_takes_the_connection_options_after_it() -> None:
+    # Declared once (with_connection_options), not per command.
+    group = typer.main.get_command(app)
+    for name, command in getattr(group, "commands", {}).items():
+        names = {opt for param in command.params for opt in param.opts}
+        assert {"--coordinator", "--timeout", "--verbose", "-v"} <= names, name
+
+
 def test_shell_completion_script(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
