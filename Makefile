@@ -26,7 +26,6 @@ $(STAMP): $(RUNTIME)
 # simulated server agent per server of $(SCENARIO) and a Poisson stream of clients booking
 # sessions. PORT and DEMO_SPEED (time compression) can be set: make run DEMO_SPEED=10.
 run: $(RUNTIME)
-	@echo "bprr live demo on $(SCENARIO): dashboard http://127.0.0.1:$(PORT)/  API docs http://127.0.0.1:$(PORT)/docs  (Ctrl-C stops)"
 	$(BIN)/bprr serve --demo $(SCENARIO) --port $(PORT) --demo-speed $(DEMO_SPEED)
 
 lint: $(STAMP)

@@ -5,6 +5,7 @@ through entry point ``bprr.demo``: app/plugins.py)."""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -12,8 +13,6 @@ import typer
 import uvicorn
 
 if TYPE_CHECKING:
-    import socket
-
     from app.settings import Settings
 
 
@@ -92,15 +91,34 @@ def register(cli: typer.Typer) -> None:
             **uvicorn_options(settings),
         )
         database = make_engine(settings.database_url).url.render_as_string(hide_password=True)
+        # bound here (not by uvicorn) so that a busy port is one error line, not a log record
+        sock = _bind(config.host, config.port)
         if workers == 1:
-            _AnnouncingServer(config, database).run()
+            _AnnouncingServer(config, database).run(sockets=[sock])
             return
-        # several workers: uvicorn binds the socket here, before forking them
         from uvicorn.supervisors import Multiprocess
 
-        sock = config.bind_socket()
         _announce(f"http://{_url_host(config.host)}:{sock.getsockname()[1]}", database, workers)
         Multiprocess(config, sockets=[sock]).run()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket on ``host:port`` (as uvicorn binds: SO_REUSEADDR)."""
+    from app.cli_style import UserError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise UserError(f"--host: cannot resolve {host!r}: {error.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as error:
+        sock.close()
+        raise UserError(f"--port: cannot listen on {host}:{port}: {error.strerror}") from None
+    sock.set_inheritable(True)  # the workers (Multiprocess) inherit it
+    return sock
 
 
 def _url_host(host: str) -> str:
@@ -127,7 +145,7 @@ class _AnnouncingServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        if self.should_exit:  # the bind failed; uvicorn has said why
+        if self.should_exit:  # start-up failed; uvicorn has said why
             return
         for server in self.servers:
             for bound in server.sockets:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -90,6 +91,23 @@ def test_serve_says_where_it_listens(sqlite_url: str) -> None:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_serve_on_a_busy_port_is_one_error_line(
+    sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_info:
+            main(
+                ["serve", "--database-url", sqlite_url, "--host", "127.0.0.1", "--port", str(port)]
+            )
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: --port: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert not any("Traceback" in line for line in err)
 
 
 def test_readyz_and_livez(client: TestClient) -> None:
