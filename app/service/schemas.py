@@ -265,6 +265,11 @@ class ServerRegistration(Body):
     multiaddrs: Multiaddrs = Field(
         [], description="The PETALS server's libp2p multiaddrs (at most 16)"
     )
+    state: Literal["joining", "draining"] = Field(
+        "joining",
+        description="`draining`: a server that hosts nothing (an agent without a host) is never "
+        "placed, not even for the moment before its first heartbeat",
+    )
 
 
 class RegistrationOut(BaseModel):

@@ -459,7 +459,7 @@ def _apply_registration(
     row.peer_id = body.peer_id
     row.multiaddrs = json.dumps(body.multiaddrs) if body.multiaddrs else None
     row.token_hash = token_hash
-    row.state = "joining"
+    row.state = body.state
     row.loaded_start = None
     row.loaded_end = None
     row.free_cache_slots = None

@@ -269,8 +269,9 @@ def test_each_state_change_is_one_notice_line(
 def test_an_agent_without_a_host_is_draining_from_its_first_heartbeat(
     app: TestClient, forward: Forward, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The registration cannot carry a state: the heartbeat that says draining goes out in
-    the same step, right after it, and the notice follows the registration's."""
+    """The registration itself says draining (the planner never places it, not even before
+    the first heartbeat); the heartbeat in the same step says so again, and the notice
+    follows the registration's."""
     caplog.set_level(NOTICE, logger="bprr_client.agent")
     put_model(app)
     ghost = make_agent(forward, 0, host=NoHost(), draining=True)
@@ -278,11 +279,19 @@ def test_an_agent_without_a_host_is_draining_from_its_first_heartbeat(
     ghost.tick()
     sent = [(request.method, request.url.path) for request in forward.requests]
     assert sent == [("POST", "/v1/servers"), ("POST", "/v1/servers/s0/heartbeat")]
+    assert json.loads(forward.requests[0].content)["state"] == "draining"
     assert json.loads(forward.requests[1].content)["state"] == "draining"
     said = [record.getMessage() for record in caplog.records]
     assert re.fullmatch(r"registered as s0 \(boot epoch \d+\)", said[0])
     assert said[1:] == ["draining: the coordinator re-plans without this server"]
     assert app.get("/v1/servers/s0").json()["state"] == "draining"
+    registration = {"site": "east", "memory_gb": 40, "decode_ms_per_block": 2.0}
+    with_host = app.post(
+        "/v1/servers",
+        json={**registration, "id": "s9", "address": "10.0.0.9:1", "boot_epoch": 1},
+        headers={"Authorization": f"Bearer {JOIN}"},
+    )
+    assert with_host.status_code == 201 and app.get("/v1/servers/s9").json()["state"] == "joining"
     ghost.drain()  # said once
     assert len(caplog.records) == 2
     ghost.stop()

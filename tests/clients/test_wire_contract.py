@@ -55,7 +55,7 @@ CONTRACTS: dict[str, Contract] = {
     "Route": Contract("RouteOut", "reply"),
     "Session": Contract("BookingOut", "reply"),
     "ServerInfo": Contract(
-        "ServerRegistration", "request", added=frozenset({"boot_epoch"}), omits_none=True
+        "ServerRegistration", "request", added=frozenset({"boot_epoch", "state"}), omits_none=True
     ),
     "Heartbeat": Contract("Heartbeat", "request", omits_none=True),
     "RttEntry": Contract("RttEntry", "request"),

@@ -258,6 +258,8 @@ class ServerAgent:
         body["boot_epoch"] = self.boot_epoch
         if identity is not None and self._send_identity:
             body["peer_id"], body["multiaddrs"] = identity
+        if self._draining:  # never placed, not even before the first heartbeat
+            body["state"] = "draining"
         kwargs: dict[str, Any] = {"json": body}
         if self._server_auth.token:
             kwargs["auth"] = BearerAuth(self._server_auth.token)
