@@ -52,6 +52,13 @@ Clock = Callable[[], float]
 LEASE_FLUSH_S = 0.1
 # How often the offset to the database's clock is measured again.
 CLOCK_SYNC_S = 5.0
+# How long a write on the event loop waits for this process's writer lock before it moves to
+# a worker thread. A booking, a release or a lease batch holds it well under a millisecond:
+# failing at once sent every booking that arrived during one to the thread pool, where it
+# held the lock in turn and sent the next ones there too (under load most bookings ran in
+# threads: a thread hop each and the GIL contended). A lock held longer (a long write, another
+# process's: SQLite's own lock is never waited for on the loop) still moves the call off it.
+LOOP_LOCK_WAIT_S = 0.005
 
 
 class WouldBlock(Exception):
@@ -142,11 +149,17 @@ class Core:
 
     @contextmanager
     def _writer(self) -> Iterator[None]:
-        """This process's SQLite writer lock; on the event loop only if it is free at once."""
+        """This process's SQLite writer lock; on the event loop only if it frees within
+        LOOP_LOCK_WAIT_S (held by one of this process's short transactions)."""
         if self._write_lock is None:
             yield
             return
-        if not self._write_lock.acquire(blocking=not _no_wait.get()):
+        acquired = (
+            self._write_lock.acquire(timeout=LOOP_LOCK_WAIT_S)
+            if _no_wait.get()
+            else self._write_lock.acquire()
+        )
+        if not acquired:
             raise WouldBlock()
         try:
             yield
@@ -155,10 +168,11 @@ class Core:
 
     @contextmanager
     def without_waiting(self) -> Iterator[None]:
-        """Run SQLite writes on the event loop: a transaction that would wait for a lock
-        raises WouldBlock before it begins (the caller then runs it in a worker thread), so
-        that a writer holding the lock (another process, a long transaction) never stalls
-        the loop, /livez included."""
+        """Run SQLite writes on the event loop: a transaction that would wait for SQLite's
+        lock, or more than LOOP_LOCK_WAIT_S for this process's writer lock, raises WouldBlock
+        before it begins (the caller then runs it in a worker thread), so that a writer
+        holding the lock (another process, a long transaction) never stalls the loop, /livez
+        included."""
         reset = _no_wait.set(True)
         try:
             yield
