@@ -10,11 +10,11 @@ DEMO_SPEED ?= 1
 
 .PHONY: run test lint typecheck chromium bench clean petals test-petals
 
-# The runtime (the coordinator, the client package for the demo's agents): all `make run` needs.
-$(RUNTIME): pyproject.toml clients/python/pyproject.toml
+# The runtime (coordinator, client package, harness with the demo): all `make run` needs.
+$(RUNTIME): pyproject.toml clients/python/pyproject.toml harness/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e . -e clients/python
+	$(BIN)/pip install --quiet -e . -e clients/python -e harness
 	touch $(RUNTIME)
 
 # What the tests need on top: the dev tools and the profiler's torch/transformers.
@@ -29,12 +29,13 @@ run: $(RUNTIME)
 	$(BIN)/bprr serve --demo $(SCENARIO) --port $(PORT) --demo-speed $(DEMO_SPEED)
 
 lint: $(STAMP)
-	$(BIN)/ruff check app tests bench clients
-	$(BIN)/ruff format --check app tests bench clients
+	$(BIN)/ruff check app tests bench clients harness
+	$(BIN)/ruff format --check app tests bench clients harness
 
 typecheck: $(STAMP)
 	$(BIN)/mypy app
 	$(BIN)/mypy --strict clients/python/bprr_client
+	$(BIN)/mypy --strict harness/bprr_harness
 
 # Headless Chromium for the dashboard test (tests/dashboard): installed with apt-get when it is
 # missing and we are root (CI's fresh machine); otherwise that test says how to install it.
