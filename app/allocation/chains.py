@@ -67,12 +67,27 @@ class Chain:
         """mu_k: jobs per second one slot completes."""
         return 1000.0 / self.service_ms if self.service_ms > 0 else math.inf
 
-    def to_json(self, server_ids: Sequence[str] | None = None) -> dict[str, object]:
+    def to_json(
+        self, server_ids: Sequence[str] | None = None, client_sites: Sequence[str] | None = None
+    ) -> dict[str, object]:
+        """Hops by server id; with ``client_sites`` (the clients' sites, in client order) also
+        the service time of each site's requests, so that a reader with another client list
+        (the coordinator's route view, by site) orders the chains for its own clients."""
         hops = [
             [server_ids[h.server] if server_ids is not None else h.server, h.start, h.end]
             for h in self.hops
         ]
-        return {"hops": hops, "capacity": self.capacity, "service_ms": round(self.service_ms, 6)}
+        data: dict[str, object] = {
+            "hops": hops,
+            "capacity": self.capacity,
+            "service_ms": round(self.service_ms, 6),
+        }
+        if client_sites is not None and len(self.client_ms) == len(client_sites):
+            by_site: dict[str, float] = {}
+            for site, ms in zip(client_sites, self.client_ms, strict=True):
+                by_site.setdefault(site, round(ms, 6))  # a site's clients share its times
+            data["client_ms"] = by_site
+        return data
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,7 @@ class PlacementService:
             inputs=scenario.model_dump(mode="json", exclude_none=True),
             reason=reason,
             status=solution.status,
-            chains=chains_json(solution, instance.server_ids),
+            chains=chains_json_of(solution.chains, instance.server_ids, client_sites(scenario)),
             dispatcher=solution.dispatcher,
         )
 
@@ -380,7 +380,7 @@ class PlacementService:
             from app.allocation.chains import chains_for_placement
 
             fresh_chains, _ = chains_for_placement(instance, profile, chosen)
-            chains = chains_json_of(fresh_chains, instance.server_ids)
+            chains = chains_json_of(fresh_chains, instance.server_ids, client_sites(scenario))
         if chosen != solution.placement and not solution.chains:
             evaluated = replan.evaluate(instance, chosen, counts)
             objective = evaluated if evaluated is not None else objective
@@ -427,22 +427,18 @@ def _with_new_servers(current: Placement, fresh: Placement) -> Placement | None:
     return None if result == current else result
 
 
-def chains_json_of(chains: Any, server_ids: tuple[str, ...]) -> list[dict[str, Any]] | None:
+def chains_json_of(
+    chains: Any, server_ids: tuple[str, ...], client_sites: tuple[str, ...]
+) -> list[dict[str, Any]] | None:
+    """A chain plan's chains with server ids and per-site service times (PlacementRow.chains,
+    read back by the route view); None for other plans."""
     if not chains:
         return None
-    return [
-        {
-            "hops": [[server_ids[h.server], h.start, h.end] for h in chain.hops],
-            "capacity": int(chain.capacity),
-            "service_ms": float(chain.service_ms),
-        }
-        for chain in chains
-    ]
+    return [chain.to_json(server_ids, client_sites) for chain in chains]
 
 
-def chains_json(solution: Solution, server_ids: tuple[str, ...]) -> list[dict[str, Any]] | None:
-    """A chain plan's chains with server ids (PlacementRow.chains); None for other plans."""
-    return chains_json_of(solution.chains, server_ids)
+def client_sites(scenario: Scenario) -> tuple[str, ...]:
+    return tuple(client.site for client in scenario.clients)
 
 
 def placement_out(row: PlacementRow) -> PlacementOut:

@@ -144,7 +144,7 @@ class RouteView:
         ]
         # The routable chains, and each one's index in the published plan (what session
         # records keep: stable across rebuilds of one generation).
-        self.chain_ids, self.chains = _chains(state, self.position)
+        self.chain_ids, self.chains = _chains(state, self.position, self.sites)
         self.chain_position = {k: i for i, k in enumerate(self.chain_ids)}
         self._orders: dict[int, list[int]] = {}
         # Jobs in service per chain (JFFC's slots): filled by the sessions service from the
@@ -318,11 +318,15 @@ class RouteView:
         return min(firsts) if firsts else math.inf
 
 
-def _chains(state: LiveState, position: dict[str, int]) -> tuple[list[int], list[Chain]]:
+def _chains(
+    state: LiveState, position: dict[str, int], sites: list[str]
+) -> tuple[list[int], list[Chain]]:
     """The published plan's chains (fastest first, as published) in view positions, with
     their indices in the plan, when its dispatcher is JFFC. A chain through a server the view
     cannot route (not online with its span loaded) is left out: JFFC uses the rest, and none
-    left means WS-RR until the next plan."""
+    left means WS-RR until the next plan. Each chain's per-client times are the plan's
+    per-site ones in the view's site order (none when a site is missing: then every client
+    takes the chains in the plan's order)."""
     placement = state.placement
     if placement is None or getattr(placement, "dispatcher", None) != "jffc":
         return [], []
@@ -336,7 +340,10 @@ def _chains(state: LiveState, position: dict[str, int]) -> tuple[list[int], list
     for k, spec in enumerate(specs or []):
         try:
             hops = tuple(Hop(position[str(s)], int(a), int(b)) for s, a, b in spec["hops"])
-            per_client = tuple(float(ms) for ms in spec.get("client_ms", ()))
+            by_site = spec.get("client_ms")
+            per_client: tuple[float, ...] = ()
+            if isinstance(by_site, dict) and all(site in by_site for site in sites):
+                per_client = tuple(float(by_site[site]) for site in sites)
             chain = Chain(hops, int(spec["capacity"]), float(spec["service_ms"]), per_client)
         except (KeyError, TypeError, ValueError):
             continue  # a hop on a server not routable now

@@ -51,6 +51,8 @@ def test_a_chain_plan_is_stored_with_its_chains_and_dispatcher(
             blocks = [b for _, start, end in chain["hops"] for b in range(start, end)]
             assert blocks == list(range(SMALL_MODEL["num_blocks"]))
             assert {sid for sid, _, _ in chain["hops"]} <= set(tokens)
+            # each client site's service time, for the route view's per-client order
+            assert set(chain["client_ms"]) == {"east"} and chain["client_ms"]["east"] > 0
     spans = {s["server_id"]: {"start": s["start"], "end": s["end"]} for s in out["spans"]}
     for sid, token in tokens.items():
         assert heartbeat(client, sid, token, spans.get(sid)).status_code == 200

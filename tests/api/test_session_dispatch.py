@@ -123,3 +123,38 @@ def test_jffc_same_decision_in_the_simulator_and_the_coordinator(
     again = view.query("east", 10, 10, coordinator.clock())
     assert again is not None and again.chain == 0 and again.wait_ms == 0
     assert np.all(view.reserved <= view.capacity)
+
+
+@pytest.mark.parametrize("per_site", [True, False])
+def test_jffc_takes_the_chains_fastest_for_the_clients_site(
+    client: TestClient, database_url: str, per_site: bool
+) -> None:
+    """The plan's per-site service times order the chains for each site's requests (as the
+    simulator orders them per client); without them, the plan's order."""
+    small_swarm(client, count=4, memory_gb=6.0)
+    coordinator = client.app.state.coordinator  # type: ignore[attr-defined]
+    view = coordinator.view()
+    path = view.query("east", 10, 10, coordinator.clock())
+    assert path is not None
+    hops = [[view.entries[h.server].id, h.start, h.end] for h in path.hops]
+    # fastest on the clients' mean first; but for east the second chain is the faster one
+    chains = [
+        {"hops": hops, "capacity": 2, "service_ms": 100.0, "client_ms": {"east": 300.0}},
+        {"hops": hops, "capacity": 2, "service_ms": 150.0, "client_ms": {"east": 120.0}},
+    ]
+    if not per_site:
+        for chain in chains:
+            chain["client_ms"] = {"elsewhere": 1.0}  # no time for this view's sites
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                update(PlacementRow).values(dispatcher="jffc", chains=json.dumps(chains))
+            )
+    finally:
+        engine.dispose()
+    coordinator.invalidate()
+    view = coordinator.view()
+    assert [c.client_ms for c in view.chains] == ([(300.0,), (120.0,)] if per_site else [(), ()])
+    picked = view.query("east", 10, 10, coordinator.clock())
+    assert picked is not None and picked.chain == (1 if per_site else 0)
