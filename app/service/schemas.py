@@ -6,6 +6,7 @@ reaches the database as NaN, infinity or an integer that overflows a column.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -23,8 +24,15 @@ def _tenth_ms(value: float) -> float:
     return round(value, 1)
 
 
+def _tenth_ms_in_s(value: float) -> float:
+    # down, never up: a lease or a session is never promised longer than it lasts
+    return math.floor(value * 1e4) / 1e4 if math.isfinite(value) else value
+
+
 # A time in a reply: rounded to 0.1 ms (the model's precision; no 2198.2799999999997).
 Millis = Annotated[float, PlainSerializer(_tenth_ms, return_type=float)]
+# A duration in seconds in a reply, to the same 0.1 ms, rounded down (no 14.81291651725769).
+Seconds = Annotated[float, PlainSerializer(_tenth_ms_in_s, return_type=float)]
 
 
 def _integral(value: Any) -> Any:
@@ -332,7 +340,7 @@ class HeartbeatOut(BaseModel):
     assigned_span: SpanModel | None = Field(
         description="The blocks that placement assigns this server (load them); null: none"
     )
-    lease_expires_in_s: float = Field(description="Time left on the renewed lease (s)")
+    lease_expires_in_s: Seconds = Field(description="Time left on the renewed lease (s)")
     heartbeat_interval_s: float = Field(description="When to send the next heartbeat (s)")
 
 
@@ -367,7 +375,7 @@ class ServerOut(BaseModel):
     boot_epoch: int = Field(description="The epoch of its current run")
     state: str = Field(description="joining, online or draining, as last reported")
     lease: Literal["live", "expired"] = Field(description="Whether its lease is live")
-    lease_expires_in_s: float = Field(description="Time left on its lease (s; 0 if expired)")
+    lease_expires_in_s: Seconds = Field(description="Time left on its lease (s; 0 if expired)")
     loaded_span: SpanModel | None = Field(description="The blocks it reports loaded")
     assigned_span: SpanModel | None = Field(
         description="The blocks the published placement assigns it"
@@ -450,7 +458,7 @@ class PlacementOut(BaseModel):
         description="The solver's lower bound on it (ms), when it proves one"
     )
     status: str = Field(description="The solver's status: optimal, feasible or heuristic")
-    solve_seconds: float = Field(description="Time the solver took (s)")
+    solve_seconds: Seconds = Field(description="Time the solver took (s)")
     reason: str = Field(description="Why it was planned (a server joined, the model changed, …)")
     created_at: float = Field(description="When it was published (Unix time, s)")
     spans: list[PlacedSpan] = Field(description="Each placed server's span")
@@ -519,7 +527,7 @@ class SessionIn(Body):
 
 class SessionOut(BaseModel):
     id: str = Field(description="The session's id")
-    expires_in_s: float = Field(
+    expires_in_s: Seconds = Field(
         description="Until the reservation ends by itself: the predicted end plus a grace "
         "period (s)"
     )

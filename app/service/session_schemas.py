@@ -15,6 +15,7 @@ from app.service.schemas import (
     Body,
     Name,
     RouteOut,
+    Seconds,
     SessionOut,
     Tokens,
     _integral,
@@ -84,5 +85,5 @@ class SessionStatusOut(BaseModel):
     )
     created_at: float = Field(description="When it was booked (Unix time, s)")
     ended_at: float | None = Field(description="When it ended (Unix time, s); null: active")
-    expires_in_s: float | None = Field(description="Until it ends by itself (s); null once ended")
+    expires_in_s: Seconds | None = Field(description="Until it ends by itself (s); null once ended")
     route: RouteOut = Field(description="Its route, as booked")

@@ -5,6 +5,7 @@ and a scenario load that fails changes nothing."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pytest
@@ -12,8 +13,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.api.conftest import JOIN, admin, bearer, example_scenario
-from tests.api.helpers import SMALL_MODEL, server_body
+from tests.api.conftest import JOIN, FakeClock, admin, bearer, example_scenario
+from tests.api.helpers import SMALL_MODEL, register, server_body
 
 BAD_TEXT = ["\ud800", "a\udfffb", "nul\x00byte"]
 
@@ -103,3 +104,15 @@ def test_the_model_on_postgres_refuses_nul(client: TestClient) -> None:
     reply = _post_json(client, "/v1/servers", server_body(0, gpu="A\x00100"), bearer(JOIN))
     assert reply.status_code == 422 and "gpu" in reply.text
     assert client.put("/v1/model", json=SMALL_MODEL, headers=admin()).status_code == 200
+
+
+def test_durations_in_replies_are_whole_tenths_of_a_millisecond(
+    client: TestClient, clock: FakeClock
+) -> None:
+    """Leases come back to 0.1 ms, rounded down (never promised longer than they last):
+    no 14.81291651725769."""
+    register(client, server_body(0))
+    lease = client.get("/v1/servers/s0").json()["lease_expires_in_s"]
+    clock.advance(0.123456789)
+    later = client.get("/v1/servers/s0").json()["lease_expires_in_s"]
+    assert later == math.floor((lease - 0.123456789) * 1e4) / 1e4  # 0.1 ms, down
