@@ -101,3 +101,14 @@ class RateLimiter:
             while len(self._buckets) > self.max_clients:
                 self._buckets.popitem(last=False)
         return wait if math.isfinite(wait) else 1.0
+
+    def give_back(self, client: ClientIdentity) -> None:
+        """Return the token a booking took when it could not run here after all (it is
+        retried, and charged, elsewhere)."""
+        if client.rate_per_s <= 0:
+            return
+        with self._lock:
+            found = self._buckets.get(client.name)
+            if found is not None:
+                tokens, at = found
+                self._buckets[client.name] = (min(float(client.burst), tokens + 1.0), at)

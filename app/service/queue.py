@@ -37,7 +37,15 @@ from sqlalchemy.orm import Session
 from app.logging import get_logger
 from app.service.errors import ServiceError, Unavailable
 from app.service.session_settings import SessionSettings
-from app.store.booking_queue import ADMITTED, REFUSED, BookingQueue, QueuedRequest, Ticket
+from app.store.booking_queue import (
+    ADMITTED,
+    OVER_QUOTA,
+    REFUSED,
+    BookingQueue,
+    QueuedRequest,
+    Ticket,
+)
+from app.store.bookings import Bookings
 
 log = get_logger("bprr.queue")
 
@@ -63,8 +71,20 @@ class TooManyRequests(ServiceError):
         self.retry_after_s = retry_after_s
 
 
+class QuotaHeld(TooManyRequests):
+    """429: the client's live sessions and waiting tickets already fill its quota."""
+
+
 class HeadRefused(Exception):
     """The head can never be served as asked; its client gets a 503 with this reason."""
+
+    state = REFUSED
+
+
+class HeadOverQuota(HeadRefused):
+    """The head's client holds its quota of live sessions; its client gets a 429."""
+
+    state = OVER_QUOTA
 
 
 class CentralQueue:
@@ -119,6 +139,15 @@ class CentralQueue:
                         f"the booking queue is full ({depth} waiting); retry later",
                         retry_after_s=max(1.0, self.settings.queue_poll_s * 5),
                     )
+                quota = request.max_sessions
+                if quota > 0:
+                    held = Bookings(db).live_for(request.client) + queue.waiting_for(request.client)
+                    if held >= quota:
+                        raise QuotaHeld(
+                            f"client {request.client!r} holds its quota of {quota} live "
+                            "sessions (waiting bookings included); release one",
+                            retry_after_s=max(1.0, self.settings.queue_poll_s * 5),
+                        )
                 queue.add(request, self.holder, now, now + wait_s)
         except BaseException:
             with self._lock:
@@ -139,12 +168,20 @@ class CentralQueue:
                 return future.result()
             with self.write_tx() as db:
                 answer = BookingQueue(db).withdraw(session_id)
-        if answer is None:
-            return None
-        state, reply = answer
-        if state == REFUSED:
-            raise Unavailable(reply, retry_after_s=self.settings.queue_poll_s)
-        return reply
+            if answer is None:
+                return None
+            # Kept on the future: a caller retrying after a failure (a release that would
+            # block on the event loop) gets the same answer, not a ticket already gone.
+            self._answer(future, *answer)
+        return future.result()
+
+    def _answer(self, future: Future[str], state: str, reply: str) -> None:
+        if state == ADMITTED:
+            future.set_result(reply)
+        elif state == OVER_QUOTA:
+            future.set_exception(TooManyRequests(reply, retry_after_s=self.settings.queue_poll_s))
+        else:
+            future.set_exception(Unavailable(reply, retry_after_s=self.settings.queue_poll_s))
 
     def wait(self, request: QueuedRequest, wait_s: float) -> str | None:
         """Enqueue and block until admitted (the reply) or ``wait_s`` ran out (None)."""
@@ -187,7 +224,7 @@ class CentralQueue:
                 try:
                     reply = self.admit(db, head, now)
                 except HeadRefused as refused:
-                    queue.refuse(head.seq, str(refused))
+                    queue.refuse(head.seq, str(refused), refused.state)
                     continue
                 if reply is None:
                     depth = queue.depth(now, stale)
@@ -214,12 +251,8 @@ class CentralQueue:
                 if future is None:
                     if state == ADMITTED and self.on_orphan is not None:
                         self.on_orphan(session_id)
-                elif state == ADMITTED:
-                    future.set_result(reply)
                 else:
-                    future.set_exception(
-                        Unavailable(reply, retry_after_s=self.settings.queue_poll_s)
-                    )
+                    self._answer(future, state, reply)
 
     # --- the pump thread -----------------------------------------------------------------------
 

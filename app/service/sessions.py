@@ -37,9 +37,15 @@ from app.service import telemetry
 from app.service.audit import audit
 from app.service.auth import hash_token, is_admin
 from app.service.clients import ClientDirectory, ClientIdentity, RateLimiter
-from app.service.core import Core
+from app.service.core import Core, WouldBlock
 from app.service.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized, Unavailable
-from app.service.queue import CentralQueue, HeadRefused, TooManyRequests
+from app.service.queue import (
+    CentralQueue,
+    HeadOverQuota,
+    HeadRefused,
+    QuotaHeld,
+    TooManyRequests,
+)
 from app.service.routeview import RoutePlan, RouteView
 from app.service.schemas import RouteOut, SessionIn
 from app.service.session_replies import (
@@ -185,7 +191,26 @@ class SessionService:
         site, inputs, outputs = body.client_site, body.input_tokens, body.output_tokens
         self._check_route_args(view, site, inputs, outputs)
         now = self.core.clock()
-        self.window.add(now, inputs, outputs)
+        blocked = False
+        try:
+            return self._start(body, client, idempotency_key, wait_s, now)
+        except WouldBlock:
+            # Nothing was booked on the event loop: the retry in a thread counts it once.
+            blocked = True
+            raise
+        finally:
+            if not blocked:
+                self.window.add(now, inputs, outputs)
+
+    def _start(
+        self,
+        body: BookingIn | SessionIn,
+        client: ClientIdentity,
+        idempotency_key: str | None,
+        wait_s: float,
+        now: float,
+    ) -> Booked | Pending:
+        site = body.client_site
         if idempotency_key is not None:
             again = self._replay(client, idempotency_key, now)
             if again is not None:
@@ -198,6 +223,20 @@ class SessionService:
                 f"({client.rate_per_s:g}/s, burst {client.burst})",
                 retry_after_s=retry_in,
             )
+        try:
+            return self._book_or_enqueue(body, client, idempotency_key, wait_s)
+        except WouldBlock:
+            self.limiter.give_back(client)  # the retry in a thread takes it again
+            raise
+
+    def _book_or_enqueue(
+        self,
+        body: BookingIn | SessionIn,
+        client: ClientIdentity,
+        idempotency_key: str | None,
+        wait_s: float,
+    ) -> Booked | Pending:
+        site, inputs, outputs = body.client_site, body.input_tokens, body.output_tokens
         session_id, token = uuid.uuid4().hex, secrets.token_urlsafe(32)
         token_hash = hash_token(token)
         wait_ms = self.config.queue_poll_s * 1000
@@ -218,7 +257,15 @@ class SessionService:
                 break
             try:
                 reserved = self._reserve(
-                    view, body, plan, now, session_id, token_hash, client, idempotency_key
+                    view,
+                    body,
+                    plan,
+                    now,
+                    session_id,
+                    token_hash,
+                    client.name,
+                    client.max_sessions,
+                    idempotency_key,
                 )
             except IntegrityError:  # the same Idempotency-Key booked concurrently
                 if idempotency_key is None:
@@ -265,7 +312,7 @@ class SessionService:
         session_id: str,
         token: str,
         wait_s: float,
-    ) -> Pending:
+    ) -> Booked | Pending:
         request = QueuedRequest(
             session_id,
             hash_token(token),
@@ -274,12 +321,23 @@ class SessionService:
             body.client_site,
             body.input_tokens,
             body.output_tokens,
+            client.max_sessions,
         )
         try:
             future = self.queue.enqueue(request, wait_s)
+        except QuotaHeld:
+            self._refused(body.client_site, "rate_limited", None, "client at its session quota")
+            raise
         except TooManyRequests:
             self._refused(body.client_site, "queue_full", None, "the queue is full")
             raise
+        except IntegrityError:  # a ticket with this Idempotency-Key was enqueued meanwhile
+            if key is None:
+                raise
+            again = self._replay(client, key, self.core.clock())  # 409 while it waits
+            if again is None:
+                raise Conflict("Idempotency-Key: booked concurrently; retry") from None
+            return again
         return Pending(session_id, token, future, body.client_site, wait_s, self.core.clock())
 
     def finish(self, pending: Pending, reply: str) -> BookingOut:
@@ -327,25 +385,25 @@ class SessionService:
         now: float,
         session_id: str,
         token_hash: str,
-        client: ClientIdentity | str,
+        client: str,
+        quota: int,
         key: str | None,
         db: Session | None = None,
     ) -> Reserved:
         """Take the units of ``plan`` for the request: "booked" (with the reply stored for
         status and retries), or why not ("full", "queued", "quota"). ``db``: inside the
         queue's admission transaction (no queue check; a savepoint rolls a refused SQLite
-        booking back)."""
+        booking back). ``quota``: the client's live sessions at most (0: no limit)."""
         expires_at = now + plan.timing.total_ms / 1000 + self.settings.session_grace_s
         tokens = dispatch.tokens_of(body.input_tokens, body.output_tokens)
         units = dispatch.units_needed(plan.hops, tokens)
         holds = tuple(sorted((view.entries[s].id, n) for s, n in units.items()))
         route = route_out(view, body.client_site, plan)
         queued = db is not None
-        quota = 0 if queued or isinstance(client, str) else client.max_sessions
         new = NewSession(
             id=session_id,
             token_hash=token_hash,
-            client=client if isinstance(client, str) else client.name,
+            client=client,
             idempotency_key=key,
             client_site=body.client_site,
             input_tokens=body.input_tokens,
@@ -419,25 +477,48 @@ class SessionService:
             )
         if plan.wait_ms > 0:
             return None
-        reserved = self._reserve(
-            view,
-            request,
-            plan,
-            now,
-            request.session_id,
-            request.token_hash,
-            request.client,
-            request.idempotency_key,
-            db=db,
-        )
+        try:
+            reserved = self._reserve(
+                view,
+                request,
+                plan,
+                now,
+                request.session_id,
+                request.token_hash,
+                request.client,
+                request.max_sessions,
+                request.idempotency_key,
+                db=db,
+            )
+        except IntegrityError:  # a session was booked with this Idempotency-Key meanwhile
+            return self._replay_ticket(db, request)
+        if reserved.outcome == "quota":
+            raise HeadOverQuota(
+                f"client {request.client!r} holds its quota of {request.max_sessions} live "
+                "sessions; release one"
+            )
         if reserved.outcome != "booked":
             self.core.invalidate()  # the view was stale; the next round looks again
             return None
         return reserved.reply
 
+    def _replay_ticket(self, db: Session, request: QueuedRequest) -> str:
+        """The ticket's answer when its Idempotency-Key already booked a session (two
+        requests with one key raced): that session's reply, with the ticket's token (as a
+        retried booking gets it); the queue moves on."""
+        key = request.idempotency_key
+        bookings = Bookings(db)
+        record = None if key is None else bookings.by_key(request.client, key)
+        if record is None:
+            raise HeadRefused("the booking conflicts with another session; retry")
+        bookings.rotate_token(record.id, request.token_hash)
+        return record.reply
+
     def _release_orphan(self, session_id: str) -> None:
         try:
             self._release(session_id, None, "abandoned")
+        except WouldBlock:  # on the event loop: run_write retries in a thread
+            raise
         except Exception as error:  # it expires by itself
             log.warning("orphan not released", session=session_id, error=str(error))
 

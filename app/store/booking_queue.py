@@ -18,6 +18,8 @@ from app.store.session_tables import QueueRow
 WAITING = "waiting"
 ADMITTED = "admitted"
 REFUSED = "refused"
+# Refused at the head because its client held its quota of live sessions then (a 429).
+OVER_QUOTA = "quota"
 # Any constant works; it only has to be the same for every coordinator process.
 QUEUE_LOCK_ID = 0x62717565
 _QUEUE = cast(Table, QueueRow.__table__)
@@ -34,6 +36,8 @@ class QueuedRequest:
     client_site: str
     input_tokens: int
     output_tokens: int
+    # The client's quota of live sessions (0: none): checked again when admitted.
+    max_sessions: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class BookingQueue:
             "client_site": request.client_site,
             "input_tokens": request.input_tokens,
             "output_tokens": request.output_tokens,
+            "max_sessions": request.max_sessions,
             "enqueued_at": now,
             "deadline": deadline,
             "seen_at": now,
@@ -131,6 +136,7 @@ class BookingQueue:
             client_site=row.client_site,
             input_tokens=row.input_tokens,
             output_tokens=row.output_tokens,
+            max_sessions=row.max_sessions,
         )
         return Ticket(row.seq, request, row.enqueued_at, row.deadline)
 
@@ -139,11 +145,10 @@ class BookingQueue:
             update(_QUEUE).where(_QUEUE.c.seq == seq).values(state=ADMITTED, reply=reply)
         )
 
-    def refuse(self, seq: int, reason: str) -> None:
-        """Take a head that can never be served out of the line; its holder answers it."""
-        self.db.execute(
-            update(_QUEUE).where(_QUEUE.c.seq == seq).values(state=REFUSED, reply=reason)
-        )
+    def refuse(self, seq: int, reason: str, state: str = REFUSED) -> None:
+        """Take a head that cannot be served out of the line (REFUSED, or OVER_QUOTA); its
+        holder answers it."""
+        self.db.execute(update(_QUEUE).where(_QUEUE.c.seq == seq).values(state=state, reply=reason))
 
     def touch(self, holder: str, now: float) -> None:
         """Renew every waiting ticket of this holder."""
@@ -158,7 +163,7 @@ class BookingQueue:
         deleted as they are read."""
         rows = self.db.execute(
             delete(_QUEUE)
-            .where(_QUEUE.c.holder == holder, _QUEUE.c.state.in_([ADMITTED, REFUSED]))
+            .where(_QUEUE.c.holder == holder, _QUEUE.c.state.in_([ADMITTED, REFUSED, OVER_QUOTA]))
             .returning(_QUEUE.c.session_id, _QUEUE.c.state, _QUEUE.c.reply)
         ).all()
         return {row.session_id: (row.state, row.reply or "") for row in rows}
@@ -194,6 +199,15 @@ class BookingQueue:
             )
         )
         return None if found is None else str(found)
+
+    def waiting_for(self, client: str) -> int:
+        """The client's tickets still in the line (they count against its session quota)."""
+        query = (
+            select(func.count())
+            .select_from(_QUEUE)
+            .where(_QUEUE.c.client == client, _QUEUE.c.state == WAITING)
+        )
+        return int(self.db.scalar(query) or 0)
 
     def seqs(self, session_ids: Sequence[str]) -> dict[str, int]:
         rows = self.db.execute(

@@ -11,7 +11,7 @@ same Idempotency-Key finds the session it booked. Tokens are stored as SHA-256 h
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Float, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Float, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.store.models import Base
@@ -60,7 +60,19 @@ class QueueRow(Base):
     the reason)."""
 
     __tablename__ = "booking_queue"
-    __table_args__ = (Index("ix_booking_queue_state_seq", "state", "seq"),)
+    __table_args__ = (
+        Index("ix_booking_queue_state_seq", "state", "seq"),
+        # One ticket per client's Idempotency-Key: two requests racing with one key cannot
+        # both enqueue (the second gets the first's answer or a 409).
+        Index(
+            "uq_booking_queue_client_idempotency_key",
+            "client",
+            "idempotency_key",
+            unique=True,
+            sqlite_where=text("idempotency_key IS NOT NULL"),
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
+    )
 
     seq: Mapped[int] = mapped_column(_SEQUENCE, primary_key=True, autoincrement=True)
     # The session it becomes, chosen at enqueue (with its token's hash).
@@ -73,6 +85,8 @@ class QueueRow(Base):
     client_site: Mapped[str] = mapped_column(String(200))
     input_tokens: Mapped[int] = mapped_column(Integer)
     output_tokens: Mapped[int] = mapped_column(Integer)
+    # The client's quota of live sessions when it asked (0: none), applied at admission.
+    max_sessions: Mapped[int] = mapped_column(Integer, server_default="0")
     enqueued_at: Mapped[float] = mapped_column(Float)
     deadline: Mapped[float] = mapped_column(Float)
     # Renewed by the holder while its client waits; a stale ticket (holder gone) is dropped.

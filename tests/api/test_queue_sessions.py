@@ -4,8 +4,11 @@ and two coordinator instances on one PostgreSQL: never over-admitted, never out 
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -15,9 +18,12 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select
 
+from app.api.deps import run_write
 from app.service import telemetry
+from app.service.errors import Conflict
 from app.service.queue import TooManyRequests
 from app.service.session_schemas import BookingIn
+from app.store.booking_queue import QueuedRequest
 from app.store.session_tables import QueueRow
 from tests.api.conftest import ADMIN, AppFactory, admin, bearer, example_scenario
 from tests.api.helpers import route_params, small_swarm
@@ -261,3 +267,96 @@ def test_two_processes_share_one_queue_never_over_admitted_in_order(
         assert [future.result(timeout=60) for future in futures] == [201] * 16
     assert done == order, "admitted out of arrival order"
     assert_within_capacity(pg_url)
+
+
+def _hold_the_writer_lock(coordinator: Any, seconds: float) -> threading.Thread:
+    """Another writer holds this process's SQLite writer lock for ``seconds``."""
+    held = threading.Event()
+
+    def hold() -> None:
+        with coordinator.core._writer():
+            held.set()
+            time.sleep(seconds)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait()
+    return thread
+
+
+def test_a_ticket_whose_key_booked_meanwhile_gets_that_session_and_the_queue_moves_on(
+    client: TestClient, database_url: str
+) -> None:
+    """Two requests raced with one Idempotency-Key: one booked directly, the other queued.
+    The ticket's admission hits the record's unique key: it gets the booked session (with
+    its own token), the ticket behind it is admitted in the same round."""
+    small_swarm(client, count=3, memory_gb=4.0)
+    sessions = client.app.state.coordinator.sessions  # type: ignore[attr-defined]
+    first = sessions.book(BookingIn(**route_params()), None, "K1")
+    booked = fill(client)
+    sessions.queue._stop.set()  # rounds run here only
+    params = route_params()
+    raced = QueuedRequest(
+        uuid.uuid4().hex, "h" * 64, "internal", "K1", params["client_site"], 10, 10
+    )
+    raced_future = sessions.queue.enqueue(raced, 60)
+    behind = sessions.start(BookingIn(**route_params(), wait_s=60))
+    for session in booked[:3]:
+        release(client, session)
+    assert sessions.queue.run_round() == 2
+    assert json.loads(raced_future.result(timeout=5))["id"] == first.id
+    assert json.loads(behind.future.result(timeout=5))["id"] == behind.session_id
+    assert queue_rows(database_url) == []
+
+
+def test_a_second_ticket_with_one_key_is_a_409_not_a_second_ticket(
+    client: TestClient, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race at enqueue: a request with the key of a waiting ticket that looked before
+    that ticket was in (its replay found nothing) meets the unique index: a 409."""
+    small_swarm(client, count=3, memory_gb=4.0)
+    fill(client)
+    sessions = client.app.state.coordinator.sessions  # type: ignore[attr-defined]
+    sessions.queue._stop.set()
+    waiting = sessions.start(BookingIn(**route_params(), wait_s=60), None, "K2")
+    replay = sessions._replay
+    looked: list[bool] = []
+
+    def too_early(*args: Any) -> Any:
+        if not looked:  # the first look ran before the waiting ticket was in
+            looked.append(True)
+            return None
+        return replay(*args)
+
+    monkeypatch.setattr(sessions, "_replay", too_early)
+    with pytest.raises(Conflict):
+        sessions.start(BookingIn(**route_params(), wait_s=60), None, "K2")
+    assert [row.session_id for row in queue_rows(database_url)] == [waiting.session_id]
+
+
+def test_a_disconnected_client_s_admitted_session_is_released_with_the_writer_lock_busy(
+    make_client: AppFactory, sqlite_url: str
+) -> None:
+    """run_write on the event loop (SQLite's path): the release would block, so it is
+    retried in a thread (it used to be swallowed as "orphan not released", the units held
+    until expiry)."""
+    database_url = sqlite_url
+    client = make_client(sqlite_url)
+    small_swarm(client, count=3, memory_gb=4.0)
+    booked = fill(client)
+    coordinator = client.app.state.coordinator  # type: ignore[attr-defined]
+    sessions = coordinator.sessions
+    sessions.queue._stop.set()
+    pending = sessions.start(BookingIn(**route_params(), wait_s=60))
+    release(client, booked[0])
+    assert sessions.queue.run_round() == 1
+    assert pending.future.result(timeout=5)
+    before = sum(units for units, _ in units_by_server(database_url).values())
+    holder = _hold_the_writer_lock(coordinator, 0.3)
+    try:
+        asyncio.run(run_write(coordinator, sessions.abandon, pending))
+    finally:
+        holder.join()
+    assert sum(units for units, _ in units_by_server(database_url).values()) < before
+    status = client.get(f"/v1/sessions/{pending.session_id}", headers=bearer(ADMIN)).json()
+    assert status["state"] == "ended" and status["end_reason"] == "abandoned"
