@@ -20,6 +20,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -277,7 +278,8 @@ class Swarm:
         """After the stop: processes of this run still alive after ``grace_s`` (helpers such
         as torch_shm_manager or a multiprocessing forkserver exit on their own once their
         parent is gone) are listed under ``lingered`` and killed; ``processes`` is what is
-        left after that, and ``sockets`` the hivemind socket files this run left in /tmp."""
+        left after that, and ``sockets`` the hivemind socket files this run left in /tmp
+        (stale ones, or ones still live in this run's network namespace)."""
         deadline = time.monotonic() + grace_s
         while self.marked() and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -287,12 +289,35 @@ class Swarm:
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.5)
         alive = [f"{pid}: {cmd}" for pid, cmd in self.marked().items()]
-        sockets = sorted(set(glob.glob(HIVEMIND_SOCKETS)) - self.sockets_before)
+        sockets = sorted(
+            path
+            for path in set(glob.glob(HIVEMIND_SOCKETS)) - self.sockets_before
+            if path in namespace_sockets() or not listening(path)
+        )
         return {
             "processes": alive,
             "sockets": sockets,
             "lingered": [f"{pid}: {cmd}" for pid, cmd in lingered.items()],
         }
+
+
+def namespace_sockets() -> set[str]:
+    """The unix socket paths bound in this network namespace: /proc/net/unix is per
+    namespace, so a live hivemind socket of another run on the machine (outside the test's
+    namespace) is not counted as this run's."""
+    with open("/proc/net/unix", encoding="utf-8", errors="replace") as table:
+        rows = table.read().splitlines()[1:]
+    return {fields[7] for row in rows if len(fields := row.split()) >= 8}
+
+
+def listening(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+        return True
 
 
 def scenario(work: Path) -> dict[str, Any]:

@@ -90,10 +90,10 @@ def test_sites_on_a_bridge_with_relay_delay_then_everything_gone() -> None:
             return float(out.stdout)
 
         delayed, direct = rtt(7002), rtt(7003)
-        # east -> bridge -> west through the relay: 2 x 20 ms added, within 10 ms
-        assert 40.0 <= delayed < 50.0, delayed
-        assert direct < 10.0, direct
-        assert delayed - direct >= 35.0
+        # east -> bridge -> west through the relay: 2 x 20 ms added (a floor; no upper bound,
+        # a busy machine may add any amount on top), and the relay is what adds it
+        assert delayed >= 40.0, delayed
+        assert delayed - direct >= 35.0, (delayed, direct)
         # the root namespace does not reach the site's loopback-only echo server directly
         probe = subprocess.run(
             [sys.executable, "-c", f"import socket; socket.create_connection(('{west}', 7001), 2)"],
