@@ -13,8 +13,8 @@ Transaction boundaries:
   write transaction); the queue admits it later in its own transaction (app.service.queue).
 - ``release``: one ``booking_tx`` (the record ended, the session deleted, units given back).
 - ``status``: one read transaction.
-- ``sweep``: one read transaction to find expired and lost sessions, then one ``booking_tx``
-  releasing them (each release commits by itself on PostgreSQL), then one deleting old records.
+- ``sweep``: app.service.session_sweep (a booking's own sweep ends at most
+  BOOKING_SWEEP_LIMIT expired sessions).
 The route view mirrors units taken and given back (and JFFC's jobs per chain) until its next
 rebuild.
 """
@@ -58,6 +58,7 @@ from app.service.session_replies import (
 )
 from app.service.session_schemas import BookingIn, BookingOut, SessionStatusOut
 from app.service.session_settings import SessionSettings
+from app.service.session_sweep import BOOKING_SWEEP_LIMIT, SessionSweeper
 from app.service.workload_window import WorkloadWindow
 from app.store.booking_queue import BookingQueue, QueuedRequest, Ticket
 from app.store.bookings import Bookings, NewSession, Released
@@ -67,8 +68,6 @@ from app.store.sessions import Sessions
 
 log = get_logger("bprr.sessions")
 BOOK_ATTEMPTS = 4
-# How often ended sessions' records past their retention are deleted (by the sweep).
-RECORD_PRUNE_S = 60.0
 INTERNAL = ClientIdentity("internal", 0, 0.0, 1)  # the coordinator's own callers (tests)
 
 
@@ -84,7 +83,7 @@ class SessionService:
         self.clients = ClientDirectory(self.config)
         self.limiter = RateLimiter()
         self.window = WorkloadWindow()
-        self._records_pruned_at = -math.inf
+        self.sweeper = SessionSweeper(core, self.config, self._forget, self._units_freed)
         self.queue = CentralQueue(
             core.tx,
             core.clock,
@@ -244,7 +243,7 @@ class SessionService:
             view = self.core.view()
             now = self.core.clock()
             if view.earliest_expiry() <= now:
-                self._sweep(now, lost=False)
+                self.sweeper.sweep(now, lost=False, limit=BOOKING_SWEEP_LIMIT)
             plan = self._plan(view, site, inputs, outputs, now)
             if plan is None or not math.isfinite(plan.wait_ms):
                 self._refused(site, "refused", None, "no chain with enough cache")
@@ -602,36 +601,7 @@ class SessionService:
         gone (lease expired, left, re-registered): their clients learn it from
         GET /v1/sessions/{id} ("expired", "server_lost"). Run by every replica's planner
         tick; a booking that finds an expired reservation sweeps the expired ones only."""
-        return self._sweep(self.core.clock(), lost=True)
-
-    def _sweep(self, now: float, lost: bool) -> int:
-        with self.core.read_tx() as db:
-            expired = Sessions(db).expired_ids(now)
-            gone = set(expired)
-            through_lost = [s for s in Bookings(db).lost_ids(now) if s not in gone] if lost else []
-        if not expired and not through_lost:
-            return 0
-        released: list[Held] = []
-        ended: list[Released] = []
-        # On PostgreSQL every release commits by itself (booking_tx): one transaction holding
-        # many sessions' server rows would lock them out of id order and could deadlock.
-        with self.core.booking_tx() as db:
-            bookings = Bookings(db)
-            for ids, reason in ((expired, "expired"), (through_lost, "server_lost")):
-                for session_id in ids:
-                    outcome = bookings.release(session_id, None, now, reason)
-                    released.extend(outcome.held)
-                    ended.append(outcome)
-        self._forget(released, ended)
-        if released:
-            self._units_freed()
-        if through_lost:
-            audit("sessions_ended", reason="server_lost", count=len(through_lost))
-        if lost and now - self._records_pruned_at >= RECORD_PRUNE_S:
-            self._records_pruned_at = now
-            with self.core.booking_tx() as db:
-                Bookings(db).forget_ended(now - self.config.record_retention_s)
-        return len(expired) + len(through_lost)
+        return self.sweeper.sweep(self.core.clock(), lost=True)
 
     def active(self) -> int:
         with self.core.read_tx() as db:
