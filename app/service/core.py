@@ -23,6 +23,7 @@ background thread while the stale one keeps answering.
 from __future__ import annotations
 
 import math
+import sqlite3
 import threading
 import time
 import uuid
@@ -70,6 +71,20 @@ class WouldBlock(Exception):
 _no_wait: ContextVar[bool] = ContextVar("bprr_no_wait", default=False)
 
 
+# SQLite's OperationalError also says "no such column" or "syntax error": only these are
+# the database being busy or unreachable for a moment.
+_SQLITE_TRANSIENT = ("locked", "busy", "disk i/o error", "unable to open", "disk is full")
+
+
+def transient(error: OperationalError) -> bool:
+    """Whether the error is the database busy or unreachable (PostgreSQL's OperationalError:
+    a lost connection, a deadlock, a statement past its timeout) rather than a bug."""
+    if isinstance(error.orig, sqlite3.Error):
+        message = str(error.orig).lower()
+        return any(reason in message for reason in _SQLITE_TRANSIENT)
+    return True
+
+
 @contextmanager
 def database_errors() -> Iterator[None]:
     """A database that cannot be reached, or that aborted the work (a deadlock, a lost
@@ -79,6 +94,8 @@ def database_errors() -> Iterator[None]:
     try:
         yield
     except OperationalError as error:
+        if not transient(error):
+            raise  # a bug (no such column, a syntax error): a 500, logged as one
         if _no_wait.get() and "locked" in str(error.orig or error):
             raise WouldBlock() from None
         log.warning("database unavailable", error=type(error.orig or error).__name__)

@@ -10,7 +10,10 @@ from typing import Any
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import OperationalError
 
+from app.service.core import database_errors
+from app.service.errors import Unavailable
 from tests.api.conftest import AppFactory, admin
 from tests.api.helpers import route_params, small_swarm
 
@@ -89,3 +92,22 @@ def test_a_held_postgres_lock_is_a_503_after_the_timeout_and_livez_answers(
     assert order[0] == "livez", order
     reply = booked["reply"]
     assert reply.status_code == 503 and "Retry-After" in reply.headers, reply.text
+
+
+@pytest.mark.parametrize(
+    ("message", "busy"),
+    [
+        ("database is locked", True),
+        ("database table is locked", True),
+        ("disk I/O error", True),
+        ("unable to open database file", True),
+        ("no such column: servers.nope", False),
+        ('near "SELEC": syntax error', False),
+    ],
+)
+def test_only_a_busy_or_unreachable_sqlite_is_a_503(message: str, busy: bool) -> None:
+    """A locked or unreachable database is a 503 to retry; a statement the database cannot
+    run is a bug, raised as such (a 500, logged), never dressed up as "retry"."""
+    error = OperationalError("SELECT 1", {}, sqlite3.OperationalError(message))
+    with pytest.raises(Unavailable if busy else OperationalError), database_errors():
+        raise error
