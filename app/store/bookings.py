@@ -51,6 +51,13 @@ assert {ServerRow.__tablename__, ReservationRow.__tablename__, QueueRow.__tablen
     "booking_queue",
 }
 
+# The per-client booking lock's key space (two-int advisory keys: apart from the queue's
+# one-bigint lock).
+CLIENT_LOCK_SPACE = 0x71756F74
+_CLIENT_LOCK = "SELECT pg_advisory_lock(:space, hashtext(:client))"
+_CLIENT_UNLOCK = "SELECT pg_advisory_unlock(:space, hashtext(:client))"
+_CLIENT_XACT_LOCK = "SELECT pg_advisory_xact_lock(:space, hashtext(:client))"
+
 _QUEUE_CLEAR = (
     "NOT EXISTS (SELECT 1 FROM booking_queue AS q WHERE q.state = 'waiting' "
     "AND q.deadline > :b_now AND q.seen_at > :b_stale)"
@@ -330,6 +337,27 @@ class Bookings:
             return self.db.dialect.name == "postgresql"
         return self.db.get_bind().dialect.name == "postgresql"
 
+    @contextmanager
+    def _client_lock(self, client: str) -> Iterator[None]:
+        """PostgreSQL: one booking under a quota per client at a time, so that the quota's
+        count (a snapshot taken when the booking statement starts, after this lock) sees the
+        client's booking committed just before. An autocommitted booking (Core.booking_tx)
+        holds a session-level lock around its one statement; inside a transaction (the
+        queue's admission) the lock lasts until its commit."""
+        key = {"space": CLIENT_LOCK_SPACE, "client": client}
+        autocommit = isinstance(self.db, Connection) and (
+            self.db.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+        )
+        if not autocommit:
+            self.db.execute(text(_CLIENT_XACT_LOCK), key)
+            yield
+            return
+        self.db.execute(text(_CLIENT_LOCK), key)
+        try:
+            yield
+        finally:
+            self.db.execute(text(_CLIENT_UNLOCK), key)
+
     def _session(self) -> Session:
         if not isinstance(self.db, Session):
             raise TypeError("reading records as rows needs an ORM session")
@@ -360,7 +388,11 @@ class Bookings:
                 b_units=[units for _, units in new.holds],
             )
             statement = _BOOK[(queue_stale_before is not None, quota > 0)]
-            free, clear, within = self.db.execute(statement, parameters).one()
+            if quota > 0:
+                with self._client_lock(new.client):
+                    free, clear, within = self.db.execute(statement, parameters).one()
+            else:
+                free, clear, within = self.db.execute(statement, parameters).one()
             return BookingCheck(bool(free), bool(clear), bool(within))
         want = dict(new.holds)
         if len(want) != len(new.holds):

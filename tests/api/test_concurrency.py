@@ -20,7 +20,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, delete, func, select, text
 from sqlalchemy.orm import Session
 
+from app.service.clients import ClientIdentity
 from app.service.errors import Unavailable
+from app.service.queue import TooManyRequests
 from app.service.schemas import SessionIn
 from app.store import db as store_db
 from app.store import repositories as repo
@@ -339,3 +341,31 @@ def test_reregistration_keeps_a_booking_committed_meanwhile_counted(
     finally:
         engine.dispose()
     assert reserved == held == 1
+
+
+def test_concurrent_bookings_of_one_client_never_pass_its_quota(
+    make_client: AppFactory, pg_url: str
+) -> None:
+    """PostgreSQL: the quota's count is a snapshot; without the per-client lock two of one
+    client's bookings at once both saw the other not yet committed. Eight at once, a few
+    times over: exactly one is booked each time."""
+    client = make_client(pg_url)
+    small_swarm(client, count=3, memory_gb=40.0)
+    sessions = client.app.state.coordinator.sessions  # type: ignore[attr-defined]
+    who = ClientIdentity("token:one", 1, 0.0, 1)
+    threads = 8
+
+    def book(barrier: threading.Barrier) -> str | None:
+        barrier.wait()
+        try:
+            return str(sessions.book(SessionIn(**route_params()), who).id)
+        except TooManyRequests:
+            return None
+
+    for _ in range(5):
+        barrier = threading.Barrier(threads)
+        with ThreadPoolExecutor(threads) as pool:
+            answers = list(pool.map(book, [barrier] * threads))
+        booked = [s for s in answers if s is not None]
+        assert len(booked) == 1, booked
+        sessions.release(booked[0], ADMIN)
