@@ -14,7 +14,11 @@ between a client and a server takes the RTT between them more, half each way). A
 processes are on 127.0.0.1 and the kernel has no netem, so the PETALS client process holds
 each hop's inference traffic back by that RTT (``petals_replay.HopDelays``, which says why a
 relay in front of the servers cannot do it, and what stays undelayed), and every hop goes
-through the client (no server-to-server pushes), as in the model.
+through the client (no server-to-server pushes), as in the model. The client counts what the
+delays did: each request's row carries its exchanges with servers, how many were delayed (and
+of them prefills) and the time slept (``delayed_exchanges``, ``delayed_prefills``,
+``delay_slept_ms``), and each server's measured speeds the calibration's exchanges and delayed
+exchanges (none: it runs undelayed).
 
 What is compared: each request's first-token and per-token time against
 ``perf.request_timing`` on its route, with the scenario's RTTs, the servers' speeds as
@@ -417,5 +421,11 @@ def petals_predictions(result: PetalsResult, run: PetalsRun) -> list[dict[str, A
         row = compared_row(instance, r, hops, prefill, decode)
         row["wait_ms"] = r["booking_ms"]
         row["e2e_ms"] = r["e2e_ms"]
+        row["attempts"] = r["attempts"]
+        delays = r["delays"]  # petals_replay.HopDelays.take(), this request's
+        row["exchanges"] = int(delays["exchanges"])
+        row["delayed_exchanges"] = int(delays["delayed_exchanges"])
+        row["delayed_prefills"] = int(delays["delayed_prefills"])
+        row["delay_slept_ms"] = delays["slept_ms"]
         rows.append(row)
     return rows

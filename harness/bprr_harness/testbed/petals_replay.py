@@ -14,7 +14,8 @@ of ``REPEATS``): the per-block compute (the slope) and PETALS' own per-hop trans
 loopback (the rest). Then the requests one after the other through ``BookedSwarm``, each
 hop's traffic delayed by the RTT between the request's client and that server
 (``HopDelays``): booking, first-token and per-token times. Writes OUT: {"servers": {id:
-speeds}, "requests": [...]}.
+speeds, with the calibration's exchanges and delayed exchanges}, "requests": [..., each with
+"delays": its exchanges, delayed exchanges, delayed prefills and the time slept]}.
 
 The delays, and why here: the kernel has no netem, and a delaying TCP relay in front of a
 server's libp2p port (the emulated backend's way) cannot give each client site its own delay,
@@ -27,9 +28,18 @@ server takes one RTT more than on loopback, as through the emulated backend's re
 RTT each way, order kept, no bandwidth limit). Server-to-server pushes (``rpc_push``, where a
 server forwards its output to the next server of the chain beside the reply to the client)
 are switched off (``use_server_to_server=False``): that traffic would cross no delay here, and
-the model and the emulated backend route every hop through the client. Left undelayed, off
-the timed path or absent from the model: the DHT's traffic and the opening of a hop's stream
-(libp2p negotiates it on the connection the client already holds).
+the model and the emulated backend route every hop through the client. The DHT's traffic is
+left undelayed (off the timed path).
+
+A known difference, kept: opening a hop's stream (``_ServerInferenceSession.create``, inside
+the first-token time) is not delayed, and the model has no term for it. On a WAN it costs 0 to
+1 RTT per hop: go-libp2p sends the protocol header with the first message when it knows the
+peer speaks the protocol (from identify), and waits one round trip of multistream-select when
+it does not; a peer not yet connected costs the dial's handshakes more. No fixed delay here
+would be faithful to that, and one added here alone would only open a gap to the model that
+the model should close itself, so measured and predicted first-token times both leave it out
+and read low against a real WAN's by up to one RTT per hop. The close of each hop's stream
+(after the last token) is undelayed too: it is in the request's e2e time, not its token times.
 """
 
 from __future__ import annotations
@@ -43,28 +53,62 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPEATS = 5
 _SLICES: dict[tuple[str, int, int], Any] = {}
 PROMPTS = (8, 32)
+T = TypeVar("T")
 
 
 class HopDelays:
     """The one-way delay (half the RTT) of each server's traffic for the current client;
-    none while no client is set (the calibration)."""
+    none while no client is set (the calibration). Counts what it did since the last
+    ``take()``: every exchange through ``_step``, those it delayed (and of them the first of
+    each hop's session, the prefill), and the time it actually slept, so that a run shows
+    its delays were applied, and applied nowhere else."""
 
     def __init__(self, rtt_ms: dict[str, dict[str, float]], peers: dict[str, str]) -> None:
         self.rtt_ms = rtt_ms  # client id -> server id -> RTT
         self.peers = peers  # server id -> PETALS peer id (base58)
         self.one_way_s: dict[str, float] = {}  # peer id -> seconds
+        self.counts = self._zero()
+
+    @staticmethod
+    def _zero() -> dict[str, float]:
+        return {"exchanges": 0, "delayed_exchanges": 0, "delayed_prefills": 0, "slept_ms": 0.0}
 
     def use(self, client: str | None) -> None:
         rtts = {} if client is None else self.rtt_ms[client]
         self.one_way_s = {
             peer: rtts[server] / 2000.0 for server, peer in self.peers.items() if server in rtts
         }
+
+    def take(self) -> dict[str, float]:
+        """The counts since the last call; starts new ones."""
+        counts, self.counts = self.counts, self._zero()
+        return counts
+
+    async def exchange(self, peer: str, prefill: bool, send: Callable[[], Awaitable[T]]) -> T:
+        """One step's request to ``peer`` and its reply (``send``), each held back half the
+        RTT; the sleeps are timed, not assumed."""
+        one_way = self.one_way_s.get(peer, 0.0)
+        self.counts["exchanges"] += 1
+        if one_way <= 0:
+            return await send()
+        self.counts["delayed_exchanges"] += 1
+        self.counts["delayed_prefills"] += int(prefill)
+        began = time.perf_counter()
+        await asyncio.sleep(one_way)
+        slept = time.perf_counter() - began
+        reply = await send()
+        began = time.perf_counter()
+        await asyncio.sleep(one_way)
+        slept += time.perf_counter() - began
+        self.counts["slept_ms"] += slept * 1000.0
+        return reply
 
     def install(self) -> None:
         """Wrap PETALS' per-hop step (see the module docstring)."""
@@ -74,13 +118,12 @@ class HopDelays:
         delays = self
 
         async def delayed_step(session: Any, request: Any) -> Any:
-            one_way = delays.one_way_s.get(session.span.peer_id.to_base58(), 0.0)
-            if one_way > 0:
-                await asyncio.sleep(one_way)
-            reply = await step(session, request)
-            if one_way > 0:
-                await asyncio.sleep(one_way)
-            return reply
+            # not yet stepped: this exchange opens the hop's session with the prefill
+            return await delays.exchange(
+                session.span.peer_id.to_base58(),
+                not session.stepped,
+                lambda: step(session, request),
+            )
 
         _ServerInferenceSession._step = delayed_step
 
@@ -114,12 +157,16 @@ def _step_ms(manager: Any, peer: Any, start: int, end: int, tokens: int, hidden:
     return statistics.median(samples[1:])  # the first one warms up
 
 
-def calibrate(manager: Any, servers: dict[str, list[Any]], hidden: int) -> dict[str, Any]:
-    """Per server: decode ms per block, the prefill line per block (fixed + per token), and
-    the per-hop transport (the one-block step less one block's compute)."""
+def calibrate(
+    manager: Any, servers: dict[str, list[Any]], hidden: int, delays: HopDelays
+) -> dict[str, Any]:
+    """Per server: decode ms per block, the prefill line per block (fixed + per token), the
+    per-hop transport (the one-block step less one block's compute), and the exchanges its
+    calibration made and of them those ``delays`` held back (none: no client is set)."""
     from hivemind import PeerID
 
     speeds: dict[str, Any] = {}
+    delays.take()
     for server_id, (peer, start, end) in servers.items():
         peer_id = PeerID.from_base58(peer)
         blocks = end - start
@@ -138,6 +185,9 @@ def calibrate(manager: Any, servers: dict[str, list[Any]], hidden: int) -> dict[
             "transport_decode_ms": max(0.0, one[0] - per_block[0]),
             "transport_prefill_ms": max(0.0, one[low] - per_block[low]),
         }
+        counts = delays.take()
+        speeds[server_id]["calibration_exchanges"] = counts["exchanges"]
+        speeds[server_id]["calibration_delayed_exchanges"] = counts["delayed_exchanges"]
     return speeds
 
 
@@ -148,7 +198,9 @@ def _stamper(stamps: list[float]) -> Any:
     return stamp
 
 
-def replay(swarm: Any, requests: list[dict[str, Any]], vocab: int, seed: int) -> list[Any]:
+def replay(
+    swarm: Any, requests: list[dict[str, Any]], vocab: int, seed: int, delays: HopDelays
+) -> list[Any]:
     import torch
 
     generator = torch.Generator().manual_seed(seed)
@@ -157,6 +209,7 @@ def replay(swarm: Any, requests: list[dict[str, Any]], vocab: int, seed: int) ->
         ids = torch.randint(3, vocab, (1, request["input_tokens"]), generator=generator)
         stamps: list[float] = []
         on_token = _stamper(stamps)
+        delays.take()
         began = time.perf_counter()
         with torch.inference_mode():
             swarm.generate(
@@ -177,6 +230,7 @@ def replay(swarm: Any, requests: list[dict[str, Any]], vocab: int, seed: int) ->
                 "token_ms": gaps,
                 "e2e_ms": (stamps[-1] - began) * 1000.0,
                 "attempts": len(swarm.report.attempts),
+                "delays": delays.take(),  # this request's exchanges (HopDelays.take)
             }
         )
     return rows
@@ -203,18 +257,19 @@ def main() -> int:
         swarm = BookedSwarm(model, routes, request_timeout=30.0)
         if swarm.manager.config.use_server_to_server:
             raise RuntimeError("PETALS kept server-to-server pushes on: they would skip the delays")
+        delays.use(None)  # the calibration: PETALS' own transport, undelayed
         with torch.inference_mode():
-            speeds = calibrate(swarm.manager, plan["servers"], model.config.hidden_size)
+            speeds = calibrate(swarm.manager, plan["servers"], model.config.hidden_size, delays)
         if plan["requests"]:  # untimed: the first session's connections and caches
             first = plan["requests"][0]
             swarm.client_site = first["client_site"]
             delays.use(first["client"])
-            replay(swarm, plan["requests"][:1], model.config.vocab_size, plan["seed"] + 1)
+            replay(swarm, plan["requests"][:1], model.config.vocab_size, plan["seed"] + 1, delays)
         rows = []
         for request in plan["requests"]:
             swarm.client_site = request["client_site"]
             delays.use(request["client"])
-            rows += replay(swarm, [request], model.config.vocab_size, plan["seed"])
+            rows += replay(swarm, [request], model.config.vocab_size, plan["seed"], delays)
     Path(sys.argv[2]).write_text(json.dumps({"servers": speeds, "requests": rows}))
     # Done: leave without interpreter finalization, where a PETALS session finalized after
     # hivemind's event-loop thread stopped waits on that loop forever.
