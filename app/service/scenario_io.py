@@ -35,7 +35,6 @@ from app.service.schemas import (
     ModelIn,
     ModelOut,
     Overheads,
-    PrefillSpeed,
     ScenarioLoadOut,
     ServerRegistration,
     text_problem,
@@ -221,20 +220,8 @@ class ScenarioService:
             given = extra.get("address")
             address = given if isinstance(given, str) and given else f"{spec.id}:31337"
             try:
-                ServerRegistration(
-                    id=spec.id,
-                    site=spec.site,
-                    gpu=spec.gpu,
-                    memory_gb=spec.memory_gb,
-                    decode_ms_per_block=spec.decode_ms_per_block,
-                    prefill_ms_per_block=PrefillSpeed(
-                        fixed=spec.prefill_ms_per_block.fixed,
-                        per_token=spec.prefill_ms_per_block.per_token,
-                    ),
-                    network_mbps=spec.network_mbps,
-                    address=address,
-                    boot_epoch=0,
-                )
+                # a scenario server's fields are the registration's, less address and epoch
+                ServerRegistration(**spec.model_dump(), address=address, boot_epoch=0)
             except ValidationError as error:
                 raise Invalid(_first_error(f"servers[{i}]", error)) from None
             servers.append((spec, address))

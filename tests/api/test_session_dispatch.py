@@ -42,6 +42,18 @@ def engine_standin(view: Any, client: int, tokens: int, now_s: float) -> SimpleN
     )
 
 
+def publish_chains(database_url: str, chains: list[dict[str, Any]]) -> None:
+    """Make the current placement a JFFC plan over ``chains`` (written as the planner does)."""
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                update(PlacementRow).values(dispatcher="jffc", chains=json.dumps(chains))
+            )
+    finally:
+        engine.dispose()
+
+
 def test_wsrr_same_decision_in_the_simulator_and_the_coordinator(client: TestClient) -> None:
     small_swarm(client, count=5, memory_gb=4.0)
     coordinator = client.app.state.coordinator  # type: ignore[attr-defined]
@@ -79,14 +91,7 @@ def test_jffc_same_decision_in_the_simulator_and_the_coordinator(
         {"hops": hops, "capacity": 2, "service_ms": 100.0},
         {"hops": hops, "capacity": 3, "service_ms": 150.0},
     ]
-    engine = create_engine(database_url)
-    try:
-        with engine.begin() as connection:
-            connection.execute(
-                update(PlacementRow).values(dispatcher="jffc", chains=json.dumps(chains))
-            )
-    finally:
-        engine.dispose()
+    publish_chains(database_url, chains)
     coordinator.invalidate()
     picked: list[int | None] = []
     booked = []
@@ -145,14 +150,7 @@ def test_jffc_takes_the_chains_fastest_for_the_clients_site(
     if not per_site:
         for chain in chains:
             chain["client_ms"] = {"elsewhere": 1.0}  # no time for this view's sites
-    engine = create_engine(database_url)
-    try:
-        with engine.begin() as connection:
-            connection.execute(
-                update(PlacementRow).values(dispatcher="jffc", chains=json.dumps(chains))
-            )
-    finally:
-        engine.dispose()
+    publish_chains(database_url, chains)
     coordinator.invalidate()
     view = coordinator.view()
     assert [c.client_ms for c in view.chains] == ([(300.0,), (120.0,)] if per_site else [(), ()])

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
-from bprr_client import PrefillSpeed, ServerAgent, ServerInfo, Span
+from bprr_client import ServerAgent, ServerInfo, Span
 
 from app.allocation.scenario import Scenario
 
@@ -130,19 +130,8 @@ class ScenarioProber:
 
 def server_info(scenario: Scenario, index: int) -> ServerInfo:
     spec = scenario.servers[index]
-    return ServerInfo(
-        id=spec.id,
-        site=spec.site,
-        gpu=spec.gpu,
-        memory_gb=spec.memory_gb,
-        decode_ms_per_block=spec.decode_ms_per_block,
-        prefill_ms_per_block=PrefillSpeed(
-            fixed=spec.prefill_ms_per_block.fixed,
-            per_token=spec.prefill_ms_per_block.per_token,
-        ),
-        network_mbps=spec.network_mbps,
-        address=server_address(spec.id),
-    )
+    # a scenario server's fields are the registration's (docs/SCENARIO.md), less the address
+    return ServerInfo(**spec.model_dump(), address=server_address(spec.id))
 
 
 def make_agents(
