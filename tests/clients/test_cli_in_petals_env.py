@@ -14,7 +14,7 @@ from tests.api.conftest import ADMIN, JOIN
 from tests.clients.conftest import MODEL, wait_until
 from tests.petals.swarm import PETALS_PYTHON, ROOT
 
-pytestmark = [pytest.mark.petals, pytest.mark.xdist_group("petals")]
+pytestmark = [pytest.mark.petals]
 
 RUN = ["run", "--site", "east", "--memory-gb", "40", "--decode-ms-per-block", "2"]
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.petals.swarm import ROOT
 
-pytestmark = [pytest.mark.petals, pytest.mark.xdist_group("petals")]
+pytestmark = [pytest.mark.petals]
 
 
 def test_agent_without_petals_says_so_once_and_exits() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from tests.petals.conftest import in_namespace
 
-pytestmark = [pytest.mark.petals, pytest.mark.slow, pytest.mark.xdist_group("petals")]
+pytestmark = [pytest.mark.petals, pytest.mark.slow]
 
 
 def test_respan_in_process(petals_python: Path, namespaces: None, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from tests.petals.conftest import once_per_session
 
-pytestmark = [pytest.mark.petals, pytest.mark.slow, pytest.mark.xdist_group("petals")]
+pytestmark = [pytest.mark.petals, pytest.mark.slow]
 # Stated bound for the failover, failure to first token on the new chain (a correctness
 # bound, not a speed target: the client gives up after its failover timeout, 60 s); the
 # measured figures are in docs/PETALS.md.

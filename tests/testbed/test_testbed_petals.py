@@ -50,8 +50,6 @@ def test_petals_backend_errors_are_one_line(capsys: pytest.CaptureFixture[str]) 
     assert "--backend" in capsys.readouterr().err
 
 
-# beside the real run (its bprr-tbp- processes), the leftover check would see that run's
-@pytest.mark.xdist_group("petals")
 def test_an_agent_that_exits_stops_the_run_at_once(capsys: pytest.CaptureFixture[str]) -> None:
     """An interpreter without PETALS: the first agent exits (status 2) and the run says so
     at once, with the agent's own error line, instead of waiting for its server."""
@@ -168,7 +166,6 @@ def rtt_floor_ms(scenario: dict[str, Any], client: str, route: list[str]) -> flo
 
 @pytest.mark.petals
 @pytest.mark.slow
-@pytest.mark.xdist_group("petals")
 def test_real_petals_run_with_the_scenario_delays(petals_python: Path, namespaces: None) -> None:
     command = (
         f"ip link set lo up && exec {sys.executable} -m app.cli testbed {TINY} "
