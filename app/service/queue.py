@@ -87,6 +87,19 @@ class HeadOverQuota(HeadRefused):
     state = OVER_QUOTA
 
 
+def replay_ticket(db: Session, request: QueuedRequest) -> str:
+    """A ticket's answer when its Idempotency-Key already booked a session (two requests with
+    one key raced): that session's reply, with the ticket's token (as a retried booking gets
+    it); the queue moves on."""
+    key = request.idempotency_key
+    bookings = Bookings(db)
+    record = None if key is None else bookings.by_key(request.client, key)
+    if record is None:
+        raise HeadRefused("the booking conflicts with another session; retry")
+    bookings.rotate_token(record.id, request.token_hash)
+    return record.reply
+
+
 class CentralQueue:
     def __init__(
         self,

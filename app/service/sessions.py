@@ -45,6 +45,7 @@ from app.service.queue import (
     HeadRefused,
     QuotaHeld,
     TooManyRequests,
+    replay_ticket,
 )
 from app.service.routeview import RoutePlan, RouteView
 from app.service.schemas import RouteOut, SessionIn
@@ -490,7 +491,7 @@ class SessionService:
                 db=db,
             )
         except IntegrityError:  # a session was booked with this Idempotency-Key meanwhile
-            return self._replay_ticket(db, request)
+            return replay_ticket(db, request)
         if reserved.outcome == "quota":
             raise HeadOverQuota(
                 f"client {request.client!r} holds its quota of {request.max_sessions} live "
@@ -500,18 +501,6 @@ class SessionService:
             self.core.invalidate()  # the view was stale; the next round looks again
             return None
         return reserved.reply
-
-    def _replay_ticket(self, db: Session, request: QueuedRequest) -> str:
-        """The ticket's answer when its Idempotency-Key already booked a session (two
-        requests with one key raced): that session's reply, with the ticket's token (as a
-        retried booking gets it); the queue moves on."""
-        key = request.idempotency_key
-        bookings = Bookings(db)
-        record = None if key is None else bookings.by_key(request.client, key)
-        if record is None:
-            raise HeadRefused("the booking conflicts with another session; retry")
-        bookings.rotate_token(record.id, request.token_hash)
-        return record.reply
 
     def _release_orphan(self, session_id: str) -> None:
         try:
