@@ -221,95 +221,23 @@ class SiteNetwork:
         """Per-destination delays with netem: site i's egress towards site k waits half of
         RTT(i, k); its loopback (same-site traffic) half of RTT(i, i) each way."""
         for i, site in enumerate(self.sites):
-            tc = ["ip", "netns", "exec", self.namespace(site), "tc"]
-            _run(
-                [*tc, "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "1"]
-            )
-            _run(
-                [
-                    *tc,
-                    "class",
-                    "add",
-                    "dev",
-                    "eth0",
-                    "parent",
-                    "1:",
-                    "classid",
-                    "1:1",
-                    "htb",
-                    "rate",
-                    "10gbit",
-                ]
-            )
+            namespace = self.namespace(site)
+
+            def tc(arguments: str, ns: str = namespace) -> None:
+                _run(["ip", "netns", "exec", ns, "tc", *arguments.split()])
+
+            tc("qdisc add dev eth0 root handle 1: htb default 1")
+            tc("class add dev eth0 parent 1: classid 1:1 htb rate 10gbit")
             for k, other in enumerate(self.sites):
                 if k == i:
                     continue
                 cls = f"1:{10 + k}"
-                _run(
-                    [
-                        *tc,
-                        "class",
-                        "add",
-                        "dev",
-                        "eth0",
-                        "parent",
-                        "1:",
-                        "classid",
-                        cls,
-                        "htb",
-                        "rate",
-                        "10gbit",
-                    ]
-                )
-                _run(
-                    [
-                        *tc,
-                        "qdisc",
-                        "add",
-                        "dev",
-                        "eth0",
-                        "parent",
-                        cls,
-                        "handle",
-                        f"{10 + k}:",
-                        "netem",
-                        "delay",
-                        f"{site_rtt_ms[i][k] / 2:.3f}ms",
-                    ]
-                )
-                _run(
-                    [
-                        *tc,
-                        "filter",
-                        "add",
-                        "dev",
-                        "eth0",
-                        "parent",
-                        "1:",
-                        "protocol",
-                        "ip",
-                        "u32",
-                        "match",
-                        "ip",
-                        "dst",
-                        f"{self.address(other)}/32",
-                        "flowid",
-                        cls,
-                    ]
-                )
-            _run(
-                [
-                    *tc,
-                    "qdisc",
-                    "add",
-                    "dev",
-                    "lo",
-                    "root",
-                    "netem",
-                    "delay",
-                    f"{site_rtt_ms[i][i] / 2:.3f}ms",
-                ]
-            )
+                tc(f"class add dev eth0 parent 1: classid {cls} htb rate 10gbit")
+                delay = f"{site_rtt_ms[i][k] / 2:.3f}ms"
+                tc(f"qdisc add dev eth0 parent {cls} handle {10 + k}: netem delay {delay}")
+                match = f"u32 match ip dst {self.address(other)}/32 flowid {cls}"
+                tc(f"filter add dev eth0 parent 1: protocol ip {match}")
+            tc(f"qdisc add dev lo root netem delay {site_rtt_ms[i][i] / 2:.3f}ms")
         self.netem = True
 
     def down(self) -> list[str]:
