@@ -43,9 +43,12 @@ def test_api_conforms_to_its_schema(case: schemathesis.Case) -> None:
     # swarm, an infeasible concurrency: 4xx naming the field), so positive_data_acceptance is
     # off. The documented examples (a known site, realistic lengths) fill the swarm's cache,
     # after which routes and bookings are refused with the documented 503 + Retry-After: the
-    # only 5xx allowed, checked below instead of schemathesis' blanket "no 5xx".
+    # only 5xx allowed, checked below instead of schemathesis' blanket "no 5xx"; so is a
+    # placement whose solver ran past the time limit the request gave (on a busy machine a
+    # second is not always enough to start the solver's process).
     response = case.call_and_validate(
         headers={"Authorization": f"Bearer {ADMIN}"},
+        timeout=180,  # a hang guard: a placement starts a solver process (~10 s under load)
         excluded_checks=[
             schemathesis.checks.positive_data_acceptance,
             schemathesis.checks.not_a_server_error,
@@ -54,5 +57,9 @@ def test_api_conforms_to_its_schema(case: schemathesis.Case) -> None:
     if response.status_code >= 500:
         assert response.status_code == 503, response.text
         assert "retry-after" in {name.lower() for name in response.headers}, response.text
-        assert case.path in {"/v1/routes", "/v1/sessions"}, (case.path, response.text)
-        assert "no chain" in response.json()["detail"], response.text
+        detail = response.json()["detail"]
+        if case.path == "/v1/placements":
+            assert "ran past its time limit" in detail, response.text
+        else:
+            assert case.path in {"/v1/routes", "/v1/sessions"}, (case.path, response.text)
+            assert "no chain" in detail, response.text
