@@ -46,8 +46,12 @@ def test_api_conforms_to_its_schema(case: schemathesis.Case) -> None:
     # only 5xx allowed, checked below instead of schemathesis' blanket "no 5xx"; so is a
     # placement whose solver ran past the time limit the request gave (on a busy machine a
     # second is not always enough to start the solver's process).
+    # Removing a server is called without a token (its documented 401): with the admin token
+    # it would remove one of the seeded servers, and later cases on that id (its unknown-id
+    # 404, ids being public) would depend on the order hypothesis runs them in.
+    removes_a_server = case.method == "DELETE" and case.path == "/v1/servers/{server_id}"
     response = case.call_and_validate(
-        headers={"Authorization": f"Bearer {ADMIN}"},
+        headers={} if removes_a_server else {"Authorization": f"Bearer {ADMIN}"},
         timeout=180,  # a hang guard: a placement starts a solver process (~10 s under load)
         excluded_checks=[
             schemathesis.checks.positive_data_acceptance,
